@@ -1,0 +1,72 @@
+"""DiscoLens: look inside text-to-image diffusion models as discriminators (Gradio UI; thin wiring only).
+
+    python app.py            # serves on http://127.0.0.1:7860 with the bundled model
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+import gradio as gr
+
+from interp.workbench import traced_generation
+from models.loading import ModelLoadError, bundled_models, load_pipeline
+
+MAX_STEPS = 100
+
+
+def _pipe(model: str | None):
+    try:
+        return load_pipeline(model or None)
+    except ModelLoadError as e:
+        raise gr.Error(str(e))
+
+
+def generate(prompt: str, model: str, seed: float, steps: float, guidance: float):
+    """Generate an image and its per-word cross-attention maps."""
+    if seed is None or steps is None or guidance is None:
+        raise gr.Error("seed, steps and guidance must be numbers")
+    if not (1 <= int(steps) <= MAX_STEPS):
+        raise gr.Error(f"steps must be between 1 and {MAX_STEPS}")
+    if not (0 <= float(guidance) <= 30):
+        raise gr.Error("guidance must be between 0 and 30")
+    if int(seed) < 0:
+        raise gr.Error("seed must be non-negative")
+    pipe = _pipe(model)
+    try:
+        res = traced_generation(pipe, prompt, seed=int(seed), steps=int(steps), guidance=float(guidance))
+    except ValueError as e:
+        raise gr.Error(str(e))
+    return res.image.resize((256, 256), resample=0), res.overlays()
+
+
+def build_demo() -> gr.Blocks:
+    models = list(bundled_models()) or ["shapes-v1"]
+    with gr.Blocks(title="DiscoLens") as demo:
+        gr.Markdown("# DiscoLens\nText-to-image diffusion models as discriminators: "
+                    "generate, then see where each word's cross-attention goes.")
+        with gr.Row():
+            with gr.Column(scale=1):
+                prompt = gr.Textbox(label="Prompt", value="a red circle left of a blue square", elem_id="prompt")
+                model = gr.Dropdown(models, value=models[0], label="Model (bundled name, local folder or hub id)",
+                                    allow_custom_value=True, elem_id="model")
+                with gr.Row():
+                    seed = gr.Number(value=0, precision=0, label="Seed", elem_id="seed")
+                    steps = gr.Slider(1, MAX_STEPS, value=25, step=1, label="Steps", elem_id="steps")
+                    guidance = gr.Slider(0, 15, value=3.0, step=0.5, label="Guidance", elem_id="guidance")
+                go = gr.Button("Generate", variant="primary", elem_id="generate")
+            with gr.Column(scale=1):
+                image = gr.Image(label="Generated image", type="pil", elem_id="image")
+        maps = gr.Gallery(label="Cross-attention per word (all layers, heads and steps averaged)",
+                          columns=8, height=220, elem_id="word-maps")
+        go.click(generate, [prompt, model, seed, steps, guidance], [image, maps], api_name="generate")
+    return demo
+
+
+demo = build_demo()
+
+if __name__ == "__main__":
+    demo.launch(server_name=os.environ.get("DISCOLENS_HOST", "127.0.0.1"),
+                server_port=int(os.environ.get("DISCOLENS_PORT", "7860")))

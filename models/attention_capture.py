@@ -1,0 +1,166 @@
+"""Cross-attention capture through diffusers' attention-processor API.
+
+`CaptureProcessor` is diffusers' explicit `AttnProcessor` maths (it materialises the attention
+probabilities) that hands each call's probabilities (and, on request, pre-softmax logits) to a sink.
+`capture_cross_attention(unet, sink)` installs it on the cross-attention layers (`attn2`) only and
+restores the original processors on exit, also after an exception.
+
+Layer naming: a captured layer is named by its diffusers module path (the `attn_processors` key
+without `.processor`), with a short alias (`down.1.attn.0`, `mid.attn.0`, `up.2.attn.1`, with a
+`.t{k}` suffix where a block stacks several transformer blocks), in UNet execution order.
+
+Example:
+    >>> got = []
+    >>> with capture_cross_attention(unet, lambda name, probs, logits: got.append(probs)):
+    ...     unet(latents, t, encoder_hidden_states=emb)
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import re
+from typing import Callable, Iterator, Protocol
+
+import torch
+from diffusers.models.attention_processor import Attention
+
+__all__ = ["CaptureProcessor", "CrossAttnLayer", "cross_attention_layers", "capture_cross_attention", "layer_alias"]
+
+
+class Sink(Protocol):
+    def __call__(self, name: str, probs: torch.Tensor, logits: torch.Tensor | None) -> None: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class CrossAttnLayer:
+    """A cross-attention layer of a UNet: its module path, alias, heads and position in the UNet."""
+
+    name: str  # diffusers module path, e.g. "down_blocks.1.attentions.0.transformer_blocks.0.attn2"
+    alias: str  # e.g. "down.1.attn.0"
+    heads: int
+    stage: str  # "down" | "mid" | "up"
+    block: int
+
+
+_PATH = re.compile(r"^(down_blocks|mid_block|up_blocks)\.?(\d*)\.?attentions\.(\d+)\.transformer_blocks\.(\d+)\.attn2$")
+
+
+def layer_alias(name: str, n_transformer_blocks: int = 1) -> str:
+    """Short alias of a cross-attention module path ('down_blocks.1.attentions.0...attn2' -> 'down.1.attn.0')."""
+    m = _PATH.match(name)
+    if not m:
+        return name
+    stage, block, att, tb = m.groups()
+    stage = {"down_blocks": "down", "mid_block": "mid", "up_blocks": "up"}[stage]
+    alias = f"mid.attn.{att}" if stage == "mid" else f"{stage}.{block}.attn.{att}"
+    return alias + (f".t{tb}" if n_transformer_blocks > 1 else "")
+
+
+def _stage_order(name: str) -> tuple[int, int, int, int]:
+    m = _PATH.match(name)
+    if not m:
+        return (3, 0, 0, 0)
+    stage, block, att, tb = m.groups()
+    return ({"down_blocks": 0, "mid_block": 1, "up_blocks": 2}[stage], int(block or 0), int(att), int(tb))
+
+
+def cross_attention_layers(unet: torch.nn.Module) -> list[CrossAttnLayer]:
+    """The UNet's cross-attention layers, in execution order (down, mid, up)."""
+    mods = {n: m for n, m in unet.named_modules() if isinstance(m, Attention) and n.endswith("attn2")}
+    names = sorted(mods, key=_stage_order)
+    multi = any(_stage_order(n)[3] > 0 for n in names)
+    out = []
+    for n in names:
+        o = _stage_order(n)
+        out.append(CrossAttnLayer(n, layer_alias(n, 2 if multi else 1), mods[n].heads,
+                                  ("down", "mid", "up", "other")[o[0]], o[1]))
+    return out
+
+
+class CaptureProcessor:
+    """Explicit attention (diffusers' `AttnProcessor` maths) that reports probabilities to a sink.
+
+    The sink receives `probs` of shape `[batch, heads, queries, keys]` (queries = h*w of the layer,
+    keys = text tokens incl. padding) and, when `want_logits`, the pre-softmax scores of the same shape.
+    """
+
+    def __init__(self, name: str, sink: Sink, want_logits: bool = False) -> None:
+        self.name = name
+        self.sink = sink
+        self.want_logits = want_logits
+
+    def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None, *args, **kwargs) -> torch.Tensor:
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch_size, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
+        batch_size, sequence_length, _ = (
+            hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
+        )
+        attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        query = attn.to_q(hidden_states)
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key = attn.to_k(encoder_hidden_states)
+        value = attn.to_v(encoder_hidden_states)
+        query = attn.head_to_batch_dim(query)
+        key = attn.head_to_batch_dim(key)
+        value = attn.head_to_batch_dim(value)
+
+        # get_attention_scores, split so that the logits are visible
+        dtype = query.dtype
+        q, k = (query.float(), key.float()) if attn.upcast_attention else (query, key)
+        scores = torch.bmm(q, k.transpose(-1, -2)) * attn.scale  # [batch*heads, queries, keys]
+        if attention_mask is not None:
+            scores = scores + attention_mask
+        if attn.upcast_softmax:
+            scores = scores.float()
+        probs = scores.softmax(dim=-1).to(dtype)
+        b = probs.shape[0] // attn.heads
+        self.sink(self.name, probs.view(b, attn.heads, *probs.shape[1:]),
+                  scores.view(b, attn.heads, *scores.shape[1:]) if self.want_logits else None)
+
+        hidden_states = torch.bmm(probs, value)
+        hidden_states = attn.batch_to_head_dim(hidden_states)
+        hidden_states = attn.to_out[0](hidden_states)
+        hidden_states = attn.to_out[1](hidden_states)
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+
+@contextlib.contextmanager
+def capture_cross_attention(unet: torch.nn.Module, sink: Sink, want_logits: bool = False,
+                            layers: list[str] | None = None,
+                            processor_factory: Callable[[str, Sink, bool], object] = CaptureProcessor,
+                            ) -> Iterator[list[CrossAttnLayer]]:
+    """Install capture processors on the cross-attention layers (all, or those named), restore on exit.
+
+    Yields the list of captured layers. Self-attention layers keep their processors.
+    """
+    all_layers = cross_attention_layers(unet)
+    if layers is not None:
+        wanted = set(layers)
+        unknown = wanted - {l.name for l in all_layers} - {l.alias for l in all_layers}
+        if unknown:
+            raise ValueError(f"unknown cross-attention layers: {sorted(unknown)}")
+        all_layers = [l for l in all_layers if l.name in wanted or l.alias in wanted]
+    modules = dict(unet.named_modules())
+    originals = {l.name: modules[l.name].processor for l in all_layers}
+    try:
+        for l in all_layers:
+            modules[l.name].set_processor(processor_factory(l.name, sink, want_logits))
+        yield all_layers
+    finally:
+        for name, proc in originals.items():
+            modules[name].set_processor(proc)

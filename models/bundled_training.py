@@ -1,0 +1,496 @@
+"""Training the bundled shapes-world model (VAE, then UNet + text encoder), resumable, CPU or GPU.
+
+Stages (each resumable, state under `work_dir`):
+  1. data     — seeded scenes rendered once; per-object coverage masks at latent resolution.
+  2. vae      — AutoencoderKL 64x64 -> 16x16x4, L1 + MSE + 1e-4 KL.
+  3. latents  — posterior means of every image, cached; the VAE scaling factor = 1 / latent std.
+  4. unet     — UNet2DConditionModel + CLIPTextModel jointly: v-prediction, zero-terminal-SNR betas,
+                10 % caption dropout to exactly the pipeline's "" encoding, EMA, grad clip, and the
+                TokenCompose-style token loss on cross-attention (option `token_loss_weight`).
+
+The pipeline (EMA weights) is exported to `out_dir` in diffusers format every `export_every` steps;
+a later run on a new machine resumes from the exported weights + `training_state.json`.
+
+Example:
+    >>> cfg = TrainConfig(out_dir="assets/models/shapes-v1", work_dir="/tmp/discolens-train")
+    >>> train_bundled(cfg)
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import dataclasses
+import json
+import math
+import os
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from . import world
+from .attention_capture import capture_cross_attention
+from .vocab import MODEL_MAX_LENGTH, build_clip_tokenizer_files
+
+LATENT = 16
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    out_dir: str = "assets/models/shapes-v1"
+    work_dir: str = os.path.expanduser("~/.cache/discolens/train-shapes-v1")
+    seed: int = 0
+    n_images: int = 60_000
+    mix: dict = dataclasses.field(default_factory=lambda: {"single": 0.25, "relation": 0.45, "count": 0.30})
+    # VAE
+    vae_steps: int = 1000
+    vae_batch: int = 32
+    vae_lr: float = 1e-3
+    vae_channels: tuple = (16, 32, 64)
+    # UNet + text encoder
+    unet_steps: int = 30_000  # total target; a run stops earlier when interrupted and resumes later
+    batch: int = 64
+    lr: float = 1e-3
+    warmup: int = 200
+    ema_decay: float = 0.999
+    caption_dropout: float = 0.1
+    token_loss_weight: float = 0.1  # 0 = the plain model
+    unet_channels: tuple = (64, 128, 128)
+    heads: int = 4
+    text_layers: int = 3
+    text_hidden: int = 64
+    grad_clip: float = 1.0
+    checkpoint_every: int = 100
+    export_every: int = 500
+    max_minutes: float | None = None  # stop (checkpoint + export) after this wall time
+    threads: int | None = None
+    device: str | None = None
+
+
+# ------------------------------------------------------------------------------------------------
+# Components (configs of the real diffusers / transformers classes)
+# ------------------------------------------------------------------------------------------------
+def make_vae(cfg: TrainConfig):
+    from diffusers import AutoencoderKL
+
+    n = len(cfg.vae_channels)
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, sample_size=world.IMAGE_SIZE,
+        down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
+        block_out_channels=tuple(cfg.vae_channels), layers_per_block=1, norm_num_groups=min(16, cfg.vae_channels[0]),
+    )
+
+
+def make_unet(cfg: TrainConfig):
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=LATENT, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=tuple(cfg.unet_channels),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        mid_block_type="UNetMidBlock2DCrossAttn",
+        attention_head_dim=cfg.heads,  # diffusers' historic name: this is the number of heads
+        cross_attention_dim=cfg.text_hidden, norm_num_groups=32,
+    )
+
+
+def make_text_encoder(cfg: TrainConfig, tokenizer):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    conf = CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=cfg.text_hidden, intermediate_size=4 * cfg.text_hidden,
+        num_hidden_layers=cfg.text_layers, num_attention_heads=4, max_position_embeddings=MODEL_MAX_LENGTH,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        projection_dim=cfg.text_hidden,
+    )
+    return CLIPTextModel(conf)
+
+
+def noise_scheduler_kwargs() -> dict:
+    return dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                prediction_type="v_prediction", rescale_betas_zero_snr=True)
+
+
+def make_inference_scheduler():
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(**noise_scheduler_kwargs(), timestep_spacing="trailing", clip_sample=False,
+                         set_alpha_to_one=False, steps_offset=1)
+
+
+# ------------------------------------------------------------------------------------------------
+# Stage 1: data
+# ------------------------------------------------------------------------------------------------
+def token_object_bits(scene: world.Scene, length: int = MODEL_MAX_LENGTH) -> np.ndarray:
+    """`[length]` int8: bit k set where the token (BOS at 0, word i at i+1) refers to object k."""
+    bits = np.zeros(length, np.int8)
+    for i, refs in enumerate(world.word_objects(scene)):
+        for k in refs:
+            bits[i + 1] |= 1 << k
+    return bits
+
+
+def build_data(cfg: TrainConfig, tokenizer) -> dict[str, np.ndarray]:
+    path = Path(cfg.work_dir) / "data.npz"
+    if path.exists():
+        d = dict(np.load(path))
+        if len(d["input_ids"]) == cfg.n_images:
+            return d
+    scenes = world.sample_dataset(cfg.seed, cfg.n_images, cfg.mix)
+    images = np.zeros((len(scenes), world.IMAGE_SIZE, world.IMAGE_SIZE, 3), np.uint8)
+    masks = np.zeros((len(scenes), 3, LATENT, LATENT), np.float16)
+    bits = np.zeros((len(scenes), MODEL_MAX_LENGTH), np.int8)
+    for i, s in enumerate(tqdm(scenes, desc="render", mininterval=5)):
+        images[i] = np.asarray(world.render(s))
+        m = world.object_masks(s)  # [objects, 64, 64]
+        pooled = m.reshape(len(m), LATENT, 4, LATENT, 4).mean((2, 4))
+        masks[i, : len(m)] = pooled
+        bits[i] = token_object_bits(s)
+    ids = tokenizer([s.caption for s in scenes], padding="max_length", max_length=MODEL_MAX_LENGTH,
+                    truncation=True, return_tensors="np").input_ids.astype(np.int32)
+    kinds = np.array([world.KINDS.index(s.kind) for s in scenes], np.int8)
+    d = dict(images=images, masks=masks, bits=bits, input_ids=ids, kinds=kinds)
+    Path(cfg.work_dir).mkdir(parents=True, exist_ok=True)
+    np.savez(path, **d)
+    return d
+
+
+def images_to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 `[b, h, w, 3]` -> float `[b, 3, h, w]` in [-1, 1]."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+# ------------------------------------------------------------------------------------------------
+# Checkpointing
+# ------------------------------------------------------------------------------------------------
+def _atomic_save(obj, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+class _StopFlag:
+    def __init__(self) -> None:
+        self.stop = False
+        self._old = {}
+
+    def __enter__(self):
+        for s in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[s] = signal.signal(s, self._handler)
+            except ValueError:  # not in the main thread
+                pass
+        return self
+
+    def _handler(self, *_):
+        self.stop = True
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+# ------------------------------------------------------------------------------------------------
+# Stage 2: VAE
+# ------------------------------------------------------------------------------------------------
+def train_vae(cfg: TrainConfig, data: dict, device: torch.device, log) -> "AutoencoderKL":
+    from diffusers import AutoencoderKL
+
+    work = Path(cfg.work_dir)
+    final = work / "vae"
+    if (final / "config.json").exists():
+        return AutoencoderKL.from_pretrained(final).to(device)
+    exported = Path(cfg.out_dir) / "vae"
+    if (exported / "config.json").exists():  # resuming on a new machine from committed weights
+        return AutoencoderKL.from_pretrained(exported).to(device)
+    torch.manual_seed(cfg.seed)
+    vae = make_vae(cfg).to(device)
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    ck = work / "vae_ckpt.pt"
+    step = 0
+    if ck.exists():
+        st = torch.load(ck, map_location=device, weights_only=False)
+        vae.load_state_dict(st["model"])
+        opt.load_state_dict(st["opt"])
+        step = st["step"]
+    n_train = min(len(data["images"]), 20_000)
+    gen = np.random.default_rng(cfg.seed + 1)
+    with _StopFlag() as flag, tqdm(total=cfg.vae_steps, initial=step, desc="vae") as bar:
+        while step < cfg.vae_steps:
+            idx = gen.integers(n_train, size=cfg.vae_batch)
+            x = images_to_tensor(data["images"][idx]).to(device)
+            post = vae.encode(x).latent_dist
+            rec = vae.decode(post.sample()).sample
+            kl = post.kl().mean() / (4 * LATENT * LATENT)
+            loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + 1e-4 * kl
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+            opt.step()
+            step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+            log("vae", step, {"loss": loss.item(), "mse": F.mse_loss(rec, x).item()})
+            if step % 100 == 0 or flag.stop:
+                _atomic_save({"model": vae.state_dict(), "opt": opt.state_dict(), "step": step}, ck)
+            if flag.stop:
+                raise KeyboardInterrupt("stopped during VAE training (checkpoint saved)")
+    vae.save_pretrained(final)
+    return vae
+
+
+# ------------------------------------------------------------------------------------------------
+# Stage 3: latents
+# ------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def cache_latents(cfg: TrainConfig, data: dict, vae, device) -> tuple[torch.Tensor, float]:
+    path = Path(cfg.work_dir) / "latents.pt"
+    if path.exists():
+        st = torch.load(path, weights_only=False)
+        if len(st["latents"]) == len(data["images"]):
+            return st["latents"], st["scaling_factor"]
+    vae.eval()
+    out = torch.zeros(len(data["images"]), 4, LATENT, LATENT)
+    for i in tqdm(range(0, len(out), 256), desc="latents", mininterval=5):
+        x = images_to_tensor(data["images"][i : i + 256]).to(device)
+        out[i : i + 256] = vae.encode(x).latent_dist.mean.cpu()
+    sf = float(1.0 / out.std())
+    _atomic_save({"latents": out, "scaling_factor": sf}, path)
+    return out, sf
+
+
+# ------------------------------------------------------------------------------------------------
+# Stage 4: UNet + text encoder
+# ------------------------------------------------------------------------------------------------
+def token_masks(masks16: torch.Tensor, bits: torch.Tensor, size: int) -> torch.Tensor:
+    """Binary token masks `[b, tokens, size*size]` from object coverage `[b, 3, 16, 16]` and token bits.
+
+    A token's mask is the union of its objects' cells with coverage >= min(0.25, the object's max);
+    tokens that refer to no object get an all-zero mask.
+    """
+    m = masks16.float()
+    if size != m.shape[-1]:
+        m = F.adaptive_avg_pool2d(m, size)
+    peak = m.flatten(2).amax(-1).clamp(max=0.25)[..., None, None]
+    obj = ((m >= peak) & (m > 0)).float().flatten(2)  # [b, 3, hw]
+    sel = torch.stack([(bits.long() >> k) & 1 for k in range(3)], -1).float()  # [b, tokens, 3]
+    return (torch.einsum("bto,boq->btq", sel, obj) > 0).float()
+
+
+def token_loss(probs: torch.Tensor, tmask: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """TokenCompose-style grounding loss for one layer: mean over heads and valid tokens of (1 - share)^2.
+
+    Args:
+        probs: `[b, heads, hw, tokens]` attention probabilities.
+        tmask: `[b, tokens, hw]` binary token masks.
+        valid: `[b, tokens]` 1 where the token has an object (and the caption was not dropped).
+    Returns:
+        (loss summed over valid tokens and heads, number of terms) as a 2-tuple of tensors.
+    """
+    mass = probs.sum(2)  # [b, heads, tokens]
+    inside = torch.einsum("bhqt,btq->bht", probs, tmask)
+    share = inside / (mass + 1e-8)
+    per = (1 - share) ** 2 * valid[:, None, :]
+    return per.sum(), valid.sum() * probs.shape[1]
+
+
+def _lr_at(step: int, cfg: TrainConfig, warm_start: int = 0) -> float:
+    return cfg.lr * min(1.0, (step - warm_start + 1) / cfg.warmup)
+
+
+def export_pipeline(cfg: TrainConfig, unet, text_encoder, tokenizer, vae, step: int, extra: dict) -> Path:
+    """Save the pipeline (given weights) in diffusers format + training_state.json to cfg.out_dir."""
+    from diffusers import StableDiffusionPipeline
+
+    out = Path(cfg.out_dir)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=make_inference_scheduler(), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    tmp = out.with_name(out.name + ".exporting")
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    cfg_d = dataclasses.asdict(cfg)
+    cfg_d.pop("work_dir")
+    state = {"unet_step": step, "config": cfg_d, **extra}
+    (tmp / "training_state.json").write_text(json.dumps(state, indent=2))
+    log_src = Path(cfg.work_dir) / "loss_log.csv"
+    if log_src.exists():
+        (tmp / "training_log.csv").write_text(log_src.read_text())
+    if (out / "README.md").exists():
+        (tmp / "README.md").write_text((out / "README.md").read_text())
+    if out.exists():
+        old = out.with_name(out.name + ".old")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        import shutil
+
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, out)
+    return out
+
+
+class _Logger:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.new = not path.exists()
+        self.f = open(path, "a", newline="")
+        self.w = csv.writer(self.f)
+        if self.new:
+            self.w.writerow(["stage", "step", "time", "key", "value"])
+
+    def __call__(self, stage: str, step: int, values: dict) -> None:
+        if step % 10 and stage == "vae":
+            return
+        t = f"{time.time():.0f}"
+        for k, v in values.items():
+            self.w.writerow([stage, step, t, k, f"{v:.6g}"])
+        self.f.flush()
+
+
+def train_bundled(cfg: TrainConfig) -> Path:
+    """Run every stage that is not done yet; returns the exported pipeline folder."""
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from diffusers.training_utils import EMAModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    work = Path(cfg.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    log = _Logger(work / "loss_log.csv")
+    t_start = time.time()
+
+    tok_dir = build_clip_tokenizer_files(work / "tokenizer")
+    tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
+    data = build_data(cfg, tokenizer)
+    vae = train_vae(cfg, data, device, log)
+    latents, sf = cache_latents(cfg, data, vae, device)
+    vae.register_to_config(scaling_factor=sf)
+    vae.requires_grad_(False)
+
+    # --- models: fresh, from the work-dir checkpoint, or from the committed export ---
+    torch.manual_seed(cfg.seed)
+    unet = make_unet(cfg)
+    text = make_text_encoder(cfg, tokenizer)
+    ck = work / "unet_ckpt.pt"
+    exported = Path(cfg.out_dir)
+    step, warm_start = 0, 0
+    ema_unet = EMAModel(unet.parameters(), decay=cfg.ema_decay)
+    ema_text = EMAModel(text.parameters(), decay=cfg.ema_decay)
+    opt_state = None
+    if ck.exists():
+        st = torch.load(ck, map_location="cpu", weights_only=False)
+        unet.load_state_dict(st["unet"])
+        text.load_state_dict(st["text"])
+        ema_unet.load_state_dict(st["ema_unet"])
+        ema_text.load_state_dict(st["ema_text"])
+        opt_state, step = st["opt"], st["step"]
+        warm_start = st.get("warm_start", 0)
+    elif (exported / "training_state.json").exists() and (exported / "unet").exists():
+        state = json.loads((exported / "training_state.json").read_text())
+        unet = UNet2DConditionModel.from_pretrained(exported / "unet")
+        text = CLIPTextModel.from_pretrained(exported / "text_encoder")
+        ema_unet = EMAModel(unet.parameters(), decay=cfg.ema_decay)
+        ema_text = EMAModel(text.parameters(), decay=cfg.ema_decay)
+        step = warm_start = int(state["unet_step"])
+        print(f"resuming from exported EMA weights at step {step} with a fresh optimizer")
+    unet.to(device).train()
+    text.to(device).train()
+    ema_unet.to(device)
+    ema_text.to(device)
+    params = list(unet.parameters()) + list(text.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-2)
+    if opt_state is not None:
+        opt.load_state_dict(opt_state)
+    noise_sched = DDPMScheduler(**noise_scheduler_kwargs())
+    alphas = noise_sched.alphas_cumprod.to(device)
+
+    empty_ids = tokenizer([""], padding="max_length", max_length=MODEL_MAX_LENGTH, return_tensors="pt").input_ids[0]
+    input_ids = torch.from_numpy(data["input_ids"]).long()
+    masks = torch.from_numpy(data["masks"])
+    bits = torch.from_numpy(data["bits"])
+    n = len(latents)
+
+    captured: list[torch.Tensor] = []
+
+    def sink(name, probs, logits):
+        captured.append(probs)
+
+    def save_ckpt():
+        _atomic_save({"unet": unet.state_dict(), "text": text.state_dict(), "ema_unet": ema_unet.state_dict(),
+                      "ema_text": ema_text.state_dict(), "opt": opt.state_dict(), "step": step,
+                      "warm_start": warm_start}, ck)
+
+    def export():
+        u, t = copy.deepcopy(unet).cpu(), copy.deepcopy(text).cpu()
+        ema_unet.copy_to(u.parameters())
+        ema_text.copy_to(t.parameters())
+        export_pipeline(cfg, u.eval(), t.eval(), tokenizer, vae.cpu(), step,
+                        {"train_minutes_this_run": round((time.time() - t_start) / 60, 1)})
+        vae.to(device)
+
+    use_tok = cfg.token_loss_weight > 0
+    ctx = capture_cross_attention(unet, sink) if use_tok else _null()
+    with _StopFlag() as flag, ctx, tqdm(total=cfg.unet_steps, initial=step, desc="unet") as bar:
+        while step < cfg.unet_steps:
+            g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+            idx = torch.randint(0, n, (cfg.batch,), generator=g)
+            x0 = (latents[idx] * sf).to(device)
+            ids = input_ids[idx].clone()
+            drop = torch.rand(cfg.batch, generator=g) < cfg.caption_dropout
+            ids[drop] = empty_ids
+            noise = torch.randn(x0.shape, generator=g).to(device)
+            t = torch.randint(0, 1000, (cfg.batch,), generator=g).to(device)
+            xt = noise_sched.add_noise(x0, noise, t)
+            target = noise_sched.get_velocity(x0, noise, t)
+            captured.clear()
+            emb = text(ids.to(device))[0]
+            pred = unet(xt, t, encoder_hidden_states=emb).sample
+            mse = F.mse_loss(pred.float(), target.float())
+            loss = mse
+            tl_val = 0.0
+            if use_tok:
+                valid = ((bits[idx] != 0) & ~drop[:, None]).float().to(device)
+                tot, cnt = 0.0, 0.0
+                for probs in captured:
+                    side = int(math.isqrt(probs.shape[2]))
+                    tm = token_masks(masks[idx], bits[idx], side).to(device)
+                    s, c = token_loss(probs, tm, valid)
+                    tot, cnt = tot + s, cnt + c
+                tl = tot / cnt.clamp(min=1)
+                loss = loss + cfg.token_loss_weight * tl
+                tl_val = float(tl)
+            for gparam in opt.param_groups:
+                gparam["lr"] = _lr_at(step, cfg, warm_start)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            gn = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            opt.step()
+            ema_unet.step(unet.parameters())
+            ema_text.step(text.parameters())
+            step += 1
+            bar.update(1)
+            bar.set_postfix(mse=f"{mse.item():.4f}", tok=f"{tl_val:.3f}")
+            log("unet", step, {"mse": mse.item(), "token_loss": tl_val, "grad_norm": float(gn)})
+            over = cfg.max_minutes is not None and (time.time() - t_start) / 60 > cfg.max_minutes
+            if step % cfg.checkpoint_every == 0 or flag.stop or over:
+                save_ckpt()
+            if step % cfg.export_every == 0 or flag.stop or over or step == cfg.unet_steps:
+                export()
+            if flag.stop or over:
+                break
+    return Path(cfg.out_dir)
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *a):
+        return False

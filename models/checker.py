@@ -1,0 +1,295 @@
+"""Scene checker: detect the shapes in an image and judge it against a caption of the shapes world.
+
+Detection works without any learned model, so it can score generated (imperfect) images:
+
+1. Every pixel is explained as an alpha blend between the background and one palette color
+   (`world.BACKGROUND`, `world.COLORS`): for each color the best blend weight ``alpha`` in [0, 1] and the
+   residual distance to that blend are computed, and the color with the smallest residual wins. A pixel is
+   foreground if its alpha is at least 0.5 (half covered), its residual is small (close to a palette color or
+   a blend of it) and it is saturated (grey-ish pixels are background). Anti-aliased edges therefore keep the
+   object's color instead of snapping to a neighbouring palette color.
+2. Foreground pixels are grouped into 8-connected components (`scipy.ndimage.label`); a component is named
+   after the color most of its pixels vote for (a component with two strong colors is split by color), and
+   components smaller than ~12 pixels (at 64x64; scaled with the image area) are dropped.
+3. The shape comes from simple geometry of the component: the fill ratio (area / bounding-box area: a square
+   fills ~1, a circle ~pi/4, an upward triangle ~1/2) and the share of the mass in the lower half of the box
+   (~3/4 for a triangle, ~1/2 for a circle or square).
+
+`check` then parses the caption with `world.parse_caption` and applies the rules of its kind (see `check`).
+
+Example:
+    >>> rng = np.random.default_rng(0)
+    >>> scene = world.sample_scene(rng, "relation")
+    >>> image = world.render(scene)
+    >>> check(image, scene.caption)["correct"]
+    True
+    >>> check(image, world.negatives(scene)["flip_relation"])["relation_ok"]
+    False
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from scipy import ndimage
+
+from models import world
+
+_PALETTE_NAMES: tuple[str, ...] = tuple(world.COLORS)
+_PALETTE = np.array([world.COLORS[c] for c in _PALETTE_NAMES], np.float32)  # [C, 3]
+_BG = np.array(world.BACKGROUND, np.float32)
+
+# Pixel classification (RGB units 0..255).
+MIN_ALPHA = 0.5  # blend weight from which a pixel counts as covered by an object
+MAX_RESIDUAL = 60.0  # distance to the best background/color blend above which a pixel is ignored
+MIN_SATURATION = 40.0  # max(rgb) - min(rgb) below which a pixel is grey-ish, i.e. background
+# Components.
+MIN_AREA_64 = 12  # smallest kept component, in pixels at 64x64 (scaled with the image area)
+SPLIT_SHARE = 0.3  # a second color with at least this share of a component (and MIN_AREA pixels) splits it
+# Shape: the ideal shape (circle, square, upward triangle) filling the box that best matches the soft coverage.
+TEMPLATE_SUPERSAMPLE = 4
+BOX_GROW = (0.0, 0.5, 1.0)  # pixels each side of the detected box is grown by when fitting a shape
+BOX_GROW_TOP = (0.0, 1.0, 2.0)  # extra pixels at the top
+TEMPLATE_BLUR = (0.0, 0.7, 1.4)  # gaussian blurs (pixels) the ideal shapes are also compared with
+# Size: extents (in pixels at 64x64) below this are "small", above "big" (midway between world.SIZE_PX ranges).
+SIZE_THRESHOLD_64 = (world.SIZE_PX["small"][1] + world.SIZE_PX["big"][0]) / 2
+SQUARE_INSET = 0.88  # world._draw draws squares at 88% of the object's extent
+
+
+@dataclasses.dataclass(frozen=True)
+class Detection:
+    """One detected object.
+
+    Attributes:
+        color: Palette color name (a key of `world.COLORS`).
+        shape: "circle", "square" or "triangle".
+        box: Bounding box (x0, y0, x1, y1) in pixels of the input image (x1, y1 exclusive).
+        center: Center (cx, cy) of the box, like `world.Obj.center`.
+        area: Number of pixels of the component.
+    """
+
+    color: str
+    shape: str
+    box: tuple[float, float, float, float]
+    center: tuple[float, float]
+    area: int
+
+
+def _to_array(image: Image.Image | np.ndarray) -> np.ndarray:
+    """Return the image as float32 [H, W, 3] in 0..255."""
+    if isinstance(image, Image.Image):
+        image = np.asarray(image.convert("RGB"))
+    arr = np.asarray(image)
+    if arr.ndim != 3 or arr.shape[2] < 3:
+        raise ValueError(f"expected an RGB image [H, W, 3], got shape {arr.shape}")
+    arr = arr[..., :3]
+    if arr.dtype != np.uint8 and arr.max() <= 1.0:  # tolerate float images in [0, 1]
+        arr = arr * 255.0
+    return arr.astype(np.float32)
+
+
+def _pixel_model(image: Image.Image | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-pixel color labels (-1: background / ignored) and blend weights `alpha` [H, W, C] per color."""
+    x = _to_array(image) - _BG  # [H, W, 3], offset from the background
+    d = _PALETTE - _BG  # [C, 3], direction of each color from the background
+    alpha = np.clip(np.einsum("hwk,ck->hwc", x, d) / (d * d).sum(1), 0.0, 1.0)  # [H, W, C]
+    resid = np.linalg.norm(x[:, :, None, :] - alpha[..., None] * d, axis=-1)  # [H, W, C]
+    best = resid.argmin(-1)
+    a = np.take_along_axis(alpha, best[..., None], -1)[..., 0]
+    r = np.take_along_axis(resid, best[..., None], -1)[..., 0]
+    rgb = x + _BG
+    saturation = rgb.max(-1) - rgb.min(-1)
+    fg = (a >= MIN_ALPHA) & (r <= MAX_RESIDUAL) & (saturation >= MIN_SATURATION)
+    return np.where(fg, best, -1), alpha
+
+
+def classify_pixels(image: Image.Image | np.ndarray) -> np.ndarray:
+    """Label every pixel with a palette color index or -1 for background / ignored.
+
+    Args:
+        image: PIL image or uint8 array [H, W, 3].
+
+    Returns:
+        int array [H, W]: index into `world.COLORS` (in its order), or -1.
+    """
+    return _pixel_model(image)[0]
+
+
+def _templates(boxes: np.ndarray, x0: int, y0: int, h: int, w: int) -> np.ndarray:
+    """Coverage of each ideal shape filling each box, on the [h, w] pixel grid starting at (x0, y0).
+
+    Args:
+        boxes: [M, 4] boxes (x0, y0, x1, y1) in image pixels.
+
+    Returns:
+        [3, M, h, w] coverage in [0, 1], shapes in the order of `world.SHAPES`.
+    """
+    ss = TEMPLATE_SUPERSAMPLE
+    off = (np.arange(ss) + 0.5) / ss
+    u = (x0 + np.arange(w)[:, None] + off).reshape(1, 1, -1)  # [1, 1, w*ss] sample x
+    v = (y0 + np.arange(h)[:, None] + off).reshape(1, -1, 1)  # [1, h*ss, 1] sample y
+    bx0, by0, bx1, by1 = (boxes[:, i, None, None] for i in range(4))
+    cx, cy, rx, ry = (bx0 + bx1) / 2, (by0 + by1) / 2, (bx1 - bx0) / 2, (by1 - by0) / 2
+    inside_y = (v >= by0) & (v <= by1)
+    masks = {
+        "circle": ((u - cx) / rx) ** 2 + ((v - cy) / ry) ** 2 <= 1.0,
+        "square": (u >= bx0) & (u <= bx1) & inside_y,
+        "triangle": inside_y & (np.abs(u - cx) <= rx * (v - by0) / (by1 - by0)),
+    }
+    m = np.stack([masks[k] for k in world.SHAPES]).astype(np.float32)  # [3, M, h*ss, w*ss]
+    return m.reshape(3, len(boxes), h, ss, w, ss).mean((3, 5))
+
+
+def _blur_matrix(n: int, sigma: float) -> np.ndarray:
+    """[n, n] matrix of a 1-D gaussian blur with zero padding (identity for sigma 0)."""
+    if sigma <= 0:
+        return np.eye(n, dtype=np.float32)
+    r = int(np.ceil(4 * sigma))
+    norm = np.exp(-np.arange(-r, r + 1) ** 2 / (2 * sigma**2)).sum()
+    i = np.arange(n)
+    return (np.exp(-((i[:, None] - i[None, :]) ** 2) / (2 * sigma**2)) / norm).astype(np.float32)
+
+
+def _shape_scores(alpha: np.ndarray, box: tuple[float, float, float, float], x0: int, y0: int) -> dict[str, float]:
+    """Best soft IoU between the coverage `alpha` (a crop at (x0, y0)) and each ideal shape.
+
+    Each shape is fitted to the detected box grown by up to a pixel per side (a triangle also by up to two more
+    pixels at the top: blur thins out its apex first) and compared unblurred and slightly blurred, so that
+    blurred or noisy edges do not bias the comparison.
+    """
+    h, w = alpha.shape
+    grow = [(g, t) for g in BOX_GROW for t in BOX_GROW_TOP]
+    boxes = np.array([(box[0] - g, box[1] - g - t, box[2] + g, box[3] + g) for g, t in grow], np.float32)
+    temps = _templates(boxes, x0, y0, h, w)  # [3, M, h, w]
+    allowed = np.array([[t == 0 or k == "triangle" for _, t in grow] for k in world.SHAPES])  # [3, M]
+    best = np.zeros(len(world.SHAPES))
+    a = alpha.astype(np.float32)
+    for sigma in TEMPLATE_BLUR:
+        tb = _blur_matrix(h, sigma) @ temps @ _blur_matrix(w, sigma).T
+        iou = np.minimum(a, tb).sum((2, 3)) / np.maximum(np.maximum(a, tb).sum((2, 3)), 1e-6)
+        best = np.maximum(best, np.where(allowed, iou, 0.0).max(1))
+    return {k: float(v) for k, v in zip(world.SHAPES, best)}
+
+
+def detect(image: Image.Image | np.ndarray) -> list[Detection]:
+    """Detect the colored shapes of an image.
+
+    Args:
+        image: PIL image or uint8 array [H, W, 3] (any square-ish size; thresholds scale with the width).
+
+    Returns:
+        Detections sorted top-to-bottom, then left-to-right.
+    """
+    labels, alpha = _pixel_model(image)
+    h, w = labels.shape
+    min_area = max(3, int(round(MIN_AREA_64 * (w / world.IMAGE_SIZE) * (h / world.IMAGE_SIZE))))
+    eight = np.ones((3, 3), int)
+    comps, _ = ndimage.label(labels >= 0, structure=eight)
+    parts: list[tuple[int, np.ndarray]] = []  # (color index, full-image mask)
+    sizes = np.bincount(comps.ravel())
+    for k in np.nonzero(sizes >= min_area)[0]:
+        if k == 0:  # background
+            continue
+        comp = comps == k
+        n = int(sizes[k])
+        votes = np.bincount(labels[comp], minlength=len(_PALETTE_NAMES))
+        strong = [int(c) for c in np.argsort(-votes) if votes[c] >= max(min_area, SPLIT_SHARE * n)]
+        if len(strong) <= 1:
+            parts.append((int(votes.argmax()), comp))
+            continue
+        for c in strong:  # differently colored objects touch: split the component by color
+            sub, m = ndimage.label(comp & (labels == c), structure=eight)
+            parts += [(c, sub == j) for j in range(1, m + 1) if (sub == j).sum() >= min_area]
+    fg = labels >= 0
+    out: list[Detection] = []
+    for c, m in parts:
+        ys, xs = np.nonzero(m)
+        box = (float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1))
+        # compare shapes on the soft coverage around the box, other objects' pixels removed
+        y0, y1 = max(int(box[1]) - 3, 0), min(int(box[3]) + 2, h)
+        x0, x1 = max(int(box[0]) - 2, 0), min(int(box[2]) + 2, w)
+        cov = np.where(fg[y0:y1, x0:x1] & ~m[y0:y1, x0:x1], 0.0, alpha[y0:y1, x0:x1, c])
+        scores = _shape_scores(cov, box, x0, y0)
+        out.append(Detection(
+            color=_PALETTE_NAMES[c],
+            shape=max(scores, key=scores.get),
+            box=box,
+            center=((box[0] + box[2]) / 2, (box[1] + box[3]) / 2),
+            area=int(m.sum()),
+        ))
+    return sorted(out, key=lambda d: (d.center[1], d.center[0]))
+
+
+def size_of(det: Detection, image_width: int = world.IMAGE_SIZE) -> str:
+    """"small" or "big" from the detection's extent (squares are corrected for their inset)."""
+    ext = max(det.box[2] - det.box[0], det.box[3] - det.box[1]) * world.IMAGE_SIZE / image_width
+    if det.shape == "square":
+        ext /= SQUARE_INSET
+    return "small" if ext < SIZE_THRESHOLD_64 else "big"
+
+
+def relation_holds(subject: Detection, obj: Detection, relation: str) -> bool:
+    """Whether `subject RELATION obj` holds: the center displacement's dominant axis and sign match."""
+    ux, uy = world.REL_DIRECTION[relation]
+    dx, dy = subject.center[0] - obj.center[0], subject.center[1] - obj.center[1]
+    along = dx * ux + dy * uy
+    across = abs(dx * uy - dy * ux)
+    return along > across
+
+
+def _matches(det: Detection, phrase: world.Phrase) -> bool:
+    return det.color == phrase.color and det.shape == phrase.shape
+
+
+def check(image: Image.Image | np.ndarray, caption: str | world.Scene) -> dict[str, Any]:
+    """Judge an image against a caption (or a scene's caption) of the shapes world.
+
+    Rules by caption kind:
+        single: exactly one object, of the caption's color and shape. If the caption has a size word,
+            "size_ok" reports whether the object's extent agrees (not part of "correct").
+        relation: exactly two objects, the phrases matched to distinct detections of the right color and
+            shape ("objects_ok"), and the relation holding between them ("relation_ok");
+            correct = objects_ok and relation_ok.
+        count: exactly N objects ("count_ok"), all of the caption's color and shape; "found" is the number of
+            matching detections.
+
+    Args:
+        image: PIL image or uint8 array [H, W, 3].
+        caption: A caption of the grammar or a `world.Scene` (its caption is used).
+
+    Returns:
+        Dict with "kind", "correct", "detections" (list of dicts) and the kind's details above.
+
+    Raises:
+        world.CaptionError: If the caption is outside the grammar.
+    """
+    text = caption.caption if isinstance(caption, world.Scene) else caption
+    parsed = world.parse_caption(text)
+    arr = _to_array(image)
+    dets = detect(arr)
+    out: dict[str, Any] = {"kind": parsed.kind, "caption": " ".join(parsed.words),
+                           "detections": [dataclasses.asdict(d) for d in dets]}
+    if parsed.kind == "single":
+        ph = parsed.phrases[0]
+        ok = len(dets) == 1 and _matches(dets[0], ph)
+        out["correct"] = ok
+        if ph.size is not None:
+            out["size_ok"] = len(dets) == 1 and size_of(dets[0], arr.shape[1]) == ph.size
+    elif parsed.kind == "relation":
+        p_subj, p_obj = parsed.phrases
+        objects_ok = relation_ok = False
+        if len(dets) == 2:
+            for s, o in itertools.permutations(dets, 2):
+                if _matches(s, p_subj) and _matches(o, p_obj):
+                    objects_ok = True
+                    relation_ok = relation_ok or relation_holds(s, o, parsed.relation)
+        out.update(objects_ok=objects_ok, relation_ok=relation_ok, correct=objects_ok and relation_ok)
+    else:
+        ph = parsed.phrases[0]
+        found = sum(_matches(d, ph) for d in dets)
+        count_ok = len(dets) == ph.count
+        out.update(count_ok=count_ok, found=found, correct=count_ok and found == ph.count)
+    return out

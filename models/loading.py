@@ -1,0 +1,104 @@
+"""Loading pipelines: the bundled model (default), a local diffusers folder, or a hub id.
+
+The bundled model loads with the very same `StableDiffusionPipeline.from_pretrained` call as a hub id.
+
+Example:
+    >>> pipe = load_pipeline()                                         # bundled shapes-world model
+    >>> pipe = load_pipeline("stabilityai/stable-diffusion-2-1-base")  # where there is a network
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+BUNDLED_NAME = "shapes-v1"
+BUNDLED_DIR = REPO / "assets" / "models" / BUNDLED_NAME
+
+
+class ModelLoadError(RuntimeError):
+    """A model that cannot be loaded; the message is one line meant for the user."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelDefaults:
+    """Sampling defaults of a model: its native image size and the guidance it works best at."""
+
+    guidance: float = 7.5
+    steps: int = 25
+    size: int | None = None  # None: the pipeline's own default
+
+
+def bundled_models() -> dict[str, Path]:
+    """Bundled model folders under assets/models, by name."""
+    root = REPO / "assets" / "models"
+    return {p.name: p for p in sorted(root.glob("*")) if (p / "model_index.json").exists()}
+
+
+def resolve_model_id(model_id: str | None) -> str:
+    """None or a bundled model's name -> its folder; anything else is returned unchanged."""
+    if model_id is None or model_id == "" or model_id == "bundled":
+        return str(BUNDLED_DIR)
+    if model_id in bundled_models():
+        return str(bundled_models()[model_id])
+    return model_id
+
+
+def model_defaults(path_or_id: str) -> ModelDefaults:
+    """Defaults stored beside a DiscoLens-trained model (`discolens.json`), else diffusers' usual ones."""
+    p = Path(path_or_id)
+    meta = p / "discolens.json"
+    if meta.exists():
+        d = json.loads(meta.read_text())
+        return ModelDefaults(**{k: d[k] for k in ("guidance", "steps", "size") if k in d})
+    if (p / "training_state.json").exists():
+        return ModelDefaults(guidance=3.0, steps=25, size=64)
+    return ModelDefaults()
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_pipeline(model_id: str | None = None, device: str | torch.device | None = None,
+                  dtype: torch.dtype | None = None):
+    """Load a StableDiffusionPipeline (cached per arguments).
+
+    Args:
+        model_id: None for the bundled model, a bundled model's name, a local folder or a hub id.
+        device: default CUDA when available, else CPU.
+        dtype: default fp16 on CUDA, fp32 on CPU.
+    Returns:
+        The pipeline, on `device`, progress bar off, with `.discolens_defaults` (ModelDefaults).
+    Raises:
+        ModelLoadError: one clear line (unknown id offline, a folder that is not a pipeline, ...).
+    """
+    dev = torch.device(device) if device is not None else default_device()
+    dt = dtype or (torch.float16 if dev.type == "cuda" else torch.float32)
+    return _load_cached(resolve_model_id(model_id), str(dev), dt)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_cached(path_or_id: str, device: str, dtype: torch.dtype):
+    from diffusers import StableDiffusionPipeline
+
+    p = Path(path_or_id)
+    looks_local = p.is_absolute() or path_or_id.startswith(".") or p.exists()
+    if looks_local and not (p / "model_index.json").exists():
+        if p == BUNDLED_DIR:
+            raise ModelLoadError(f"the bundled model is missing at {p} (train it: python cli.py train-bundled)")
+        raise ModelLoadError(f"{path_or_id} is not a diffusers pipeline folder (no model_index.json)")
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(path_or_id, torch_dtype=dtype, use_safetensors=True,
+                                                       safety_checker=None, requires_safety_checker=False)
+    except Exception as e:  # hub / file errors come in many classes; report one line
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelLoadError(f"cannot load model {path_or_id!r}: {first[:300]}") from None
+    pipe = pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.discolens_defaults = model_defaults(path_or_id)
+    return pipe

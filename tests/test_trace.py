@@ -1,0 +1,202 @@
+"""Cross-attention tracing: processors restored, exactness, shapes, token alignment, selection, persistence."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from models.attention_capture import CaptureProcessor, capture_cross_attention, cross_attention_layers
+from models.trace import AttentionTrace, real_token_count, trace
+
+PROMPT = "a red circle left of a blue square"
+
+
+def _gen(pipe, prompt=PROMPT, steps=3, guidance=3.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return pipe(prompt, num_inference_steps=steps, guidance_scale=guidance, generator=g, output_type="pt").images
+
+
+def _procs(unet):
+    return {k: type(v) for k, v in unet.attn_processors.items()}
+
+
+class TestProcessors:
+    def test_only_cross_attention_is_replaced(self, tiny_pipe):
+        """Inside the context attn2 layers run the capture processor, attn1 keeps its own."""
+        with capture_cross_attention(tiny_pipe.unet, lambda *a: None):
+            procs = tiny_pipe.unet.attn_processors
+            assert all(isinstance(v, CaptureProcessor) for k, v in procs.items() if ".attn2." in k)
+            assert not any(isinstance(v, CaptureProcessor) for k, v in procs.items() if ".attn1." in k)
+
+    def test_restored_on_exit(self, tiny_pipe):
+        """The original processors come back after the context."""
+        before = _procs(tiny_pipe.unet)
+        with trace(tiny_pipe):
+            _gen(tiny_pipe, steps=1)
+        assert _procs(tiny_pipe.unet) == before
+
+    def test_restored_after_exception(self, tiny_pipe):
+        """An exception inside the context still restores processors and removes hooks."""
+        before = _procs(tiny_pipe.unet)
+        with pytest.raises(RuntimeError, match="boom"):
+            with trace(tiny_pipe):
+                raise RuntimeError("boom")
+        assert _procs(tiny_pipe.unet) == before
+        assert not tiny_pipe.unet._forward_pre_hooks and not tiny_pipe.text_encoder._forward_pre_hooks
+
+    def test_layers_in_unet_order(self, tiny_pipe):
+        """Layers are listed down, mid, up with readable aliases."""
+        aliases = [l.alias for l in cross_attention_layers(tiny_pipe.unet)]
+        assert aliases == ["down.0.attn.0", "down.1.attn.0", "mid.attn.0", "up.1.attn.0", "up.1.attn.1",
+                           "up.2.attn.0", "up.2.attn.1"]
+
+    def test_unknown_layer_selection_errors(self, tiny_pipe):
+        """Selecting a layer that does not exist is an error naming it."""
+        with pytest.raises(ValueError, match="nope"):
+            with capture_cross_attention(tiny_pipe.unet, lambda *a: None, layers=["nope"]):
+                pass
+
+
+class TestExactness:
+    def test_traced_generation_equals_untraced(self, tiny_pipe):
+        """Same seed, tracing on vs off: max abs difference <= 1e-5 (fp32, CPU)."""
+        a = _gen(tiny_pipe)
+        with trace(tiny_pipe, logits=True, uncond=True):
+            b = _gen(tiny_pipe)
+        assert (a - b).abs().max().item() <= 1e-5
+
+    def test_probabilities_sum_to_one_over_all_keys(self, tiny_pipe):
+        """Before the token restriction, each query's probabilities sum to 1."""
+        got = []
+        with capture_cross_attention(tiny_pipe.unet, lambda n, p, l: got.append(p)):
+            _gen(tiny_pipe, steps=1)
+        assert got
+        for p in got:
+            torch.testing.assert_close(p.sum(-1), torch.ones_like(p.sum(-1)), atol=1e-5, rtol=0)
+
+
+class TestTraceLayout:
+    @pytest.fixture(scope="class")
+    def tr(self, tiny_pipe):
+        with trace(tiny_pipe, logits=True, uncond=True) as t:
+            _gen(tiny_pipe, steps=3)
+        return t.trace
+
+    def test_shapes(self, tr, tiny_pipe):
+        """Each layer holds [steps, heads, h, w, tokens] at its own resolution."""
+        n_tok = len(PROMPT.split()) + 2
+        res = {"down.0.attn.0": 16, "down.1.attn.0": 8, "mid.attn.0": 4, "up.2.attn.1": 16}
+        for alias, side in res.items():
+            assert tr.probs[alias].shape == (3, 4, side, side, n_tok)
+            assert tr.probs[alias].dtype == torch.float16
+        assert len(tr.timesteps) == 3 and tr.timesteps[0] > tr.timesteps[-1]
+
+    def test_tokens_are_the_real_ones(self, tr):
+        """Tokens run BOS ... EOS with no padding."""
+        assert tr.tokens == ["<|startoftext|>", *PROMPT.split(), "<|endoftext|>"]
+        assert tr.prompt == PROMPT
+
+    def test_token_alignment(self, tiny_pipe, tr):
+        """The map of 'red' is the column at that token's position in the padded sequence."""
+        got = []
+        with capture_cross_attention(tiny_pipe.unet, lambda n, p, l: got.append((n, p))):
+            _gen(tiny_pipe, steps=3)
+        name, probs = got[0]  # first layer, first UNet call: [2 (uncond, cond), heads, hw, keys]
+        ids = tiny_pipe.tokenizer(PROMPT).input_ids
+        red_pos = ids.index(tiny_pipe.tokenizer.convert_tokens_to_ids("red</w>"))
+        j = tr.tokens.index("red")
+        col = probs[1, :, :, red_pos].reshape(4, 16, 16)
+        torch.testing.assert_close(tr.probs["down.0.attn.0"][0, :, :, :, j].float(), col, atol=1e-3, rtol=1e-3)
+
+    def test_logits_softmax_matches_probs_on_full_axis(self, tiny_pipe):
+        """Softmax of the captured logits over all keys gives the captured probabilities."""
+        got = []
+        with capture_cross_attention(tiny_pipe.unet, lambda n, p, l: got.append((p, l)), want_logits=True):
+            _gen(tiny_pipe, steps=1)
+        p, l = got[0]
+        torch.testing.assert_close(l.softmax(-1), p, atol=1e-6, rtol=1e-5)
+
+    def test_uncond_branch_kept_separately(self, tr):
+        """The unconditional branch has its own tokens (BOS, EOS) when asked for."""
+        assert tr.uncond_tokens == ["<|startoftext|>", "<|endoftext|>"]
+        assert tr.uncond_probs["mid.attn.0"].shape[-1] == 2
+
+    def test_uncond_off_by_default(self, tiny_pipe):
+        """Without uncond=True only the conditional branch is kept."""
+        with trace(tiny_pipe) as t:
+            _gen(tiny_pipe, steps=1)
+        assert t.trace.uncond_probs == {} and t.trace.logits == {}
+
+
+class TestSelection:
+    def test_selection_bounds_memory(self, tiny_pipe):
+        """Selecting layers, steps, heads and tokens keeps exactly those and shrinks the bytes."""
+        with trace(tiny_pipe) as full:
+            _gen(tiny_pipe, steps=4)
+        with trace(tiny_pipe, layers=["mid.attn.0", "up.2.attn.1"], steps=[1, 3], heads=[0, 2], tokens=[2, 3]) as sel:
+            _gen(tiny_pipe, steps=4)
+        t = sel.trace
+        assert t.layer_names == ["mid.attn.0", "up.2.attn.1"]
+        assert t.probs["up.2.attn.1"].shape == (2, 2, 16, 16, 2)
+        assert t.tokens == ["red", "circle"]
+        assert t.timesteps == [full.trace.timesteps[1], full.trace.timesteps[3]]
+        expect = 2 * 2 * (16 * 16 + 4 * 4) * 2 * 2  # steps*heads*hw*tokens*2 bytes
+        assert t.nbytes() == expect < full.trace.nbytes()
+        torch.testing.assert_close(t.probs["up.2.attn.1"][1, 1], full.trace.probs["up.2.attn.1"][3, 2][..., [2, 3]])
+
+    def test_nbytes_is_the_floor_in_fp16(self, tiny_pipe):
+        """A full trace holds exactly sum(heads*h*w*real tokens*2 bytes) per step."""
+        with trace(tiny_pipe) as t:
+            _gen(tiny_pipe, steps=2)
+        tr = t.trace
+        floor = sum(l.heads * l.h * l.w * len(tr.tokens) * 2 for l in tr.layers)
+        assert tr.nbytes() == 2 * floor
+
+
+class TestBatchAndDirectCalls:
+    def test_direct_unet_call_with_prompts(self, tiny_pipe):
+        """A single UNet forward (scoring) is traced per prompt of the batch, each with its own tokens."""
+        prompts = ["a red circle", "two blue squares", "a big green triangle"]
+        tok = tiny_pipe.tokenizer(prompts, padding="max_length", max_length=tiny_pipe.tokenizer.model_max_length,
+                                  return_tensors="pt")
+        with torch.no_grad():
+            emb = tiny_pipe.text_encoder(tok.input_ids)[0]
+            with trace(tiny_pipe, prompts=prompts) as t:
+                tiny_pipe.unet(torch.randn(3, 4, 16, 16), torch.tensor(500), encoder_hidden_states=emb)
+        assert [tr.prompt for tr in t.traces] == prompts
+        assert [tr.probs["mid.attn.0"].shape[-1] for tr in t.traces] == [5, 5, 6]
+        assert t.traces[0].timesteps == [500.0]
+
+    def test_batch_mismatch_is_a_clear_error(self, tiny_pipe):
+        """A UNet batch that fits neither the prompts nor their CFG pair raises."""
+        emb = tiny_pipe.text_encoder(tiny_pipe.tokenizer(["a red circle"] * 3, padding="max_length",
+                                                         return_tensors="pt").input_ids)[0]
+        with pytest.raises(RuntimeError, match="does not match"):
+            with torch.no_grad(), trace(tiny_pipe, prompts=["a red circle", "a blue square"]):
+                tiny_pipe.unet(torch.randn(3, 4, 16, 16), torch.tensor(10), encoder_hidden_states=emb)
+
+    def test_real_token_count(self):
+        """BOS ... first EOS inclusive."""
+        assert real_token_count([9, 1, 2, 8, 8, 8], eos_id=8) == 4
+        assert real_token_count([9, 1, 2], eos_id=8) == 3
+
+
+class TestPersistence:
+    def test_save_load_round_trip(self, tiny_pipe, tmp_path):
+        """Saved and loaded traces hold the same tensors and metadata."""
+        with trace(tiny_pipe, logits=True, uncond=True) as t:
+            _gen(tiny_pipe, steps=2)
+        a = t.trace
+        b = AttentionTrace.load(a.save(tmp_path / "t.safetensors"))
+        assert (b.tokens, b.timesteps, b.layers, b.uncond_tokens, b.prompt) == (
+            a.tokens, a.timesteps, a.layers, a.uncond_tokens, a.prompt)
+        for d1, d2 in ((a.probs, b.probs), (a.logits, b.logits), (a.uncond_probs, b.uncond_probs)):
+            assert d1.keys() == d2.keys()
+            assert all(torch.equal(d1[k], d2[k]) for k in d1)
+
+    def test_load_rejects_other_files(self, tmp_path):
+        """A safetensors file without trace metadata is refused."""
+        from safetensors.torch import save_file
+
+        save_file({"x": torch.zeros(2)}, str(tmp_path / "x.safetensors"))
+        with pytest.raises(ValueError, match="not a DiscoLens trace"):
+            AttentionTrace.load(tmp_path / "x.safetensors")
