@@ -118,6 +118,14 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # known user-facing error classes give one line, anything else a traceback
+        from models.loading import ModelLoadError
+        from models.world import CaptionError
+
+        if isinstance(e, (ModelLoadError, CaptionError)):
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        raise
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

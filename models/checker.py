@@ -2,18 +2,21 @@
 
 Detection works without any learned model, so it can score generated (imperfect) images:
 
-1. Every pixel is explained as an alpha blend between the background and one palette color
-   (`world.BACKGROUND`, `world.COLORS`): for each color the best blend weight ``alpha`` in [0, 1] and the
-   residual distance to that blend are computed, and the color with the smallest residual wins. A pixel is
-   foreground if its alpha is at least 0.5 (half covered), its residual is small (close to a palette color or
-   a blend of it) and it is saturated (grey-ish pixels are background). Anti-aliased edges therefore keep the
-   object's color instead of snapping to a neighbouring palette color.
+1. Every pixel is explained as an alpha blend between the background and one palette color (`world.COLORS`;
+   the background is the median grey of the image, `world.BACKGROUND` if too little of it is grey): for each
+   color the best blend weight ``alpha`` in [0, 1] and the residual distance to that blend are computed, and
+   the color with the smallest residual wins. A pixel is foreground if its alpha is at least 0.5 (half
+   covered), its residual is small (close to a palette color or a blend of it) and it is saturated (grey-ish
+   pixels are background). Anti-aliased edges therefore keep the object's color instead of snapping to a
+   neighbouring palette color (a red/background blend is nearer to orange than to red or the background).
 2. Foreground pixels are grouped into 8-connected components (`scipy.ndimage.label`); a component is named
    after the color most of its pixels vote for (a component with two strong colors is split by color), and
    components smaller than ~12 pixels (at 64x64; scaled with the image area) are dropped.
-3. The shape comes from simple geometry of the component: the fill ratio (area / bounding-box area: a square
-   fills ~1, a circle ~pi/4, an upward triangle ~1/2) and the share of the mass in the lower half of the box
-   (~3/4 for a triangle, ~1/2 for a circle or square).
+3. The shape is the ideal circle / square / upward triangle filling the component's box whose coverage best
+   matches the component's soft coverage (alpha), by soft IoU. The box may grow by a pixel or so, and the
+   ideal shape may be blurred a little, which keeps the decision robust to noise and blurry edges (a fill-ratio
+   rule, area / box area: ~1 square, ~pi/4 circle, ~1/2 triangle, is the same idea but breaks when a single
+   stray pixel widens the box).
 
 `check` then parses the caption with `world.parse_caption` and applies the rules of its kind (see `check`).
 
@@ -51,6 +54,7 @@ MIN_AREA_64 = 12  # smallest kept component, in pixels at 64x64 (scaled with the
 SPLIT_SHARE = 0.3  # a second color with at least this share of a component (and MIN_AREA pixels) splits it
 # Shape: the ideal shape (circle, square, upward triangle) filling the box that best matches the soft coverage.
 TEMPLATE_SUPERSAMPLE = 4
+# Pixel sizes below are at 64x64 and scale with the image width.
 BOX_GROW = (0.0, 0.5, 1.0)  # pixels each side of the detected box is grown by when fitting a shape
 BOX_GROW_TOP = (0.0, 1.0, 2.0)  # extra pixels at the top
 TEMPLATE_BLUR = (0.0, 0.7, 1.4)  # gaussian blurs (pixels) the ideal shapes are also compared with
@@ -93,15 +97,18 @@ def _to_array(image: Image.Image | np.ndarray) -> np.ndarray:
 
 def _pixel_model(image: Image.Image | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-pixel color labels (-1: background / ignored) and blend weights `alpha` [H, W, C] per color."""
-    x = _to_array(image) - _BG  # [H, W, 3], offset from the background
-    d = _PALETTE - _BG  # [C, 3], direction of each color from the background
+    rgb = _to_array(image)
+    saturation = rgb.max(-1) - rgb.min(-1)
+    greyish = saturation < MIN_SATURATION / 2
+    # the background is the grey the image actually has (generated images drift a little); default: world's
+    bg = np.median(rgb[greyish], axis=0) if greyish.mean() >= 0.25 else _BG
+    x = rgb - bg  # [H, W, 3], offset from the background
+    d = _PALETTE - bg  # [C, 3], direction of each color from the background
     alpha = np.clip(np.einsum("hwk,ck->hwc", x, d) / (d * d).sum(1), 0.0, 1.0)  # [H, W, C]
     resid = np.linalg.norm(x[:, :, None, :] - alpha[..., None] * d, axis=-1)  # [H, W, C]
     best = resid.argmin(-1)
     a = np.take_along_axis(alpha, best[..., None], -1)[..., 0]
     r = np.take_along_axis(resid, best[..., None], -1)[..., 0]
-    rgb = x + _BG
-    saturation = rgb.max(-1) - rgb.min(-1)
     fg = (a >= MIN_ALPHA) & (r <= MAX_RESIDUAL) & (saturation >= MIN_SATURATION)
     return np.where(fg, best, -1), alpha
 
@@ -153,22 +160,24 @@ def _blur_matrix(n: int, sigma: float) -> np.ndarray:
     return (np.exp(-((i[:, None] - i[None, :]) ** 2) / (2 * sigma**2)) / norm).astype(np.float32)
 
 
-def _shape_scores(alpha: np.ndarray, box: tuple[float, float, float, float], x0: int, y0: int) -> dict[str, float]:
+def _shape_scores(
+    alpha: np.ndarray, box: tuple[float, float, float, float], x0: int, y0: int, scale: float = 1.0
+) -> dict[str, float]:
     """Best soft IoU between the coverage `alpha` (a crop at (x0, y0)) and each ideal shape.
 
     Each shape is fitted to the detected box grown by up to a pixel per side (a triangle also by up to two more
     pixels at the top: blur thins out its apex first) and compared unblurred and slightly blurred, so that
-    blurred or noisy edges do not bias the comparison.
+    blurred or noisy edges do not bias the comparison. `scale` is the image width / 64.
     """
     h, w = alpha.shape
-    grow = [(g, t) for g in BOX_GROW for t in BOX_GROW_TOP]
+    grow = [(g * scale, t * scale) for g in BOX_GROW for t in BOX_GROW_TOP]
     boxes = np.array([(box[0] - g, box[1] - g - t, box[2] + g, box[3] + g) for g, t in grow], np.float32)
     temps = _templates(boxes, x0, y0, h, w)  # [3, M, h, w]
     allowed = np.array([[t == 0 or k == "triangle" for _, t in grow] for k in world.SHAPES])  # [3, M]
     best = np.zeros(len(world.SHAPES))
     a = alpha.astype(np.float32)
     for sigma in TEMPLATE_BLUR:
-        tb = _blur_matrix(h, sigma) @ temps @ _blur_matrix(w, sigma).T
+        tb = _blur_matrix(h, sigma * scale) @ temps @ _blur_matrix(w, sigma * scale).T
         iou = np.minimum(a, tb).sum((2, 3)) / np.maximum(np.maximum(a, tb).sum((2, 3)), 1e-6)
         best = np.maximum(best, np.where(allowed, iou, 0.0).max(1))
     return {k: float(v) for k, v in zip(world.SHAPES, best)}
@@ -185,7 +194,8 @@ def detect(image: Image.Image | np.ndarray) -> list[Detection]:
     """
     labels, alpha = _pixel_model(image)
     h, w = labels.shape
-    min_area = max(3, int(round(MIN_AREA_64 * (w / world.IMAGE_SIZE) * (h / world.IMAGE_SIZE))))
+    scale = w / world.IMAGE_SIZE
+    min_area = max(3, int(round(MIN_AREA_64 * scale * (h / world.IMAGE_SIZE))))
     eight = np.ones((3, 3), int)
     comps, _ = ndimage.label(labels >= 0, structure=eight)
     parts: list[tuple[int, np.ndarray]] = []  # (color index, full-image mask)
@@ -209,10 +219,11 @@ def detect(image: Image.Image | np.ndarray) -> list[Detection]:
         ys, xs = np.nonzero(m)
         box = (float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1))
         # compare shapes on the soft coverage around the box, other objects' pixels removed
-        y0, y1 = max(int(box[1]) - 3, 0), min(int(box[3]) + 2, h)
-        x0, x1 = max(int(box[0]) - 2, 0), min(int(box[2]) + 2, w)
+        pad = int(np.ceil(2 * scale))
+        y0, y1 = max(int(box[1]) - pad - pad // 2, 0), min(int(box[3]) + pad, h)
+        x0, x1 = max(int(box[0]) - pad, 0), min(int(box[2]) + pad, w)
         cov = np.where(fg[y0:y1, x0:x1] & ~m[y0:y1, x0:x1], 0.0, alpha[y0:y1, x0:x1, c])
-        scores = _shape_scores(cov, box, x0, y0)
+        scores = _shape_scores(cov, box, x0, y0, scale)
         out.append(Detection(
             color=_PALETTE_NAMES[c],
             shape=max(scores, key=scores.get),

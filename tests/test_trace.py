@@ -200,3 +200,74 @@ class TestPersistence:
         save_file({"x": torch.zeros(2)}, str(tmp_path / "x.safetensors"))
         with pytest.raises(ValueError, match="not a DiscoLens trace"):
             AttentionTrace.load(tmp_path / "x.safetensors")
+
+
+class TestRealArchitectures:
+    """Tracing on pipelines built from the real SD-1.5 / SD-2.1-base configs (scaled down, random init)."""
+
+    @pytest.fixture(scope="class", params=["sd15", "sd21base"])
+    def ref_pipe(self, request, tmp_path_factory):
+        from diffusers import StableDiffusionPipeline
+
+        from models.reference_configs import save_reference_pipeline
+
+        folder = tmp_path_factory.mktemp(request.param) / "pipe"
+        save_reference_pipeline(request.param, folder, scale="tiny")
+        pipe = StableDiffusionPipeline.from_pretrained(folder)  # the hub-id code path, offline
+        pipe.set_progress_bar_config(disable=True)
+        return request.param, pipe
+
+    def test_all_sixteen_layers_with_real_head_counts(self, ref_pipe):
+        """16 cross-attention layers; SD-1.5 has 8 heads everywhere, SD-2.1 5/10/20 by level."""
+        arch, pipe = ref_pipe
+        with trace(pipe) as t:
+            _gen(pipe, "a red circle", steps=2)
+        tr = t.trace
+        assert len(tr.layers) == 16
+        heads = {l.alias: l.heads for l in tr.layers}
+        if arch == "sd15":
+            assert set(heads.values()) == {8}
+        else:
+            assert heads["down.0.attn.0"] == 5 and heads["down.1.attn.0"] == 10 and heads["mid.attn.0"] == 20
+            assert heads["up.3.attn.2"] == 5
+        for l in tr.layers:
+            assert tr.probs[l.alias].shape == (len(tr.timesteps), l.heads, l.h, l.w, 5)  # PNDM: 3 calls for 2 steps
+
+    def test_exact_on_real_architecture(self, ref_pipe):
+        """Tracing does not change the generation (linear projections, head-dim lists included)."""
+        _, pipe = ref_pipe
+        a = _gen(pipe, "a red circle", steps=2)
+        with trace(pipe, logits=True):
+            b = _gen(pipe, "a red circle", steps=2)
+        assert (a - b).abs().max().item() <= 1e-5
+
+
+@pytest.mark.slow
+def test_full_size_sd15_unet_forward_traced():
+    """One full-size SD-1.5 UNet forward (random init) traced: 16 layers, 8 heads, 64x64 at the top."""
+    from diffusers import UNet2DConditionModel
+
+    from models.reference_configs import load_reference_config
+    from models.trace import Tracer
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel.from_config(load_reference_config("sd15", "unet")).eval()
+
+    class _Tok:  # the real CLIP vocabulary is not available offline: a stand-in with its ids
+        model_max_length, eos_token_id, bos_token, eos_token = 77, 49407, "<|startoftext|>", "<|endoftext|>"
+
+        def __call__(self, prompts, **kw):
+            ids = torch.full((len(prompts), 77), 49407)
+            ids[:, 0], ids[:, 1:4] = 49406, torch.tensor([320, 736, 2866])
+            return type("T", (), {"input_ids": ids})()
+
+        def convert_ids_to_tokens(self, ids):
+            return [str(i) for i in ids]
+
+    tr = Tracer(unet, _Tok(), prompts=["a red circle"])
+    with torch.no_grad(), tr._active():
+        unet(torch.randn(1, 4, 64, 64), torch.tensor(500), encoder_hidden_states=torch.randn(1, 77, 768))
+    t = tr.trace
+    assert len(t.layers) == 16 and t.layers[0].heads == 8
+    assert t.probs["down.0.attn.0"].shape == (1, 8, 64, 64, 5)
+    assert t.probs["mid.attn.0"].shape == (1, 8, 8, 8, 5)

@@ -1,0 +1,102 @@
+"""Training the bundled model: the loss goes down, runs resume, the export loads with plain diffusers."""
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+
+from conftest import tiny_train_config
+from models.bundled_training import token_loss, token_masks, train_bundled
+
+
+def _unet_log(work):
+    rows = list(csv.DictReader(open(work / "loss_log.csv")))
+    return [(int(r["step"]), float(r["value"])) for r in rows if r["stage"] == "unet" and r["key"] == "mse"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("train")
+    cfg = tiny_train_config(tmp, vae_steps=10, unet_steps=20, export_every=10, checkpoint_every=5)
+    train_bundled(cfg)
+    return cfg, tmp
+
+
+@pytest.mark.slow
+class TestTraining:
+    def test_twenty_steps_lower_the_loss(self, trained):
+        """The mean v-prediction loss of the last 5 steps is below that of the first 5."""
+        cfg, tmp = trained
+        log = _unet_log(tmp / "work")
+        assert [s for s, _ in log] == list(range(1, 21))
+        first, last = sum(v for _, v in log[:5]) / 5, sum(v for _, v in log[-5:]) / 5
+        assert last < first
+
+    def test_export_loads_with_plain_diffusers(self, trained):
+        """The exported folder loads with StableDiffusionPipeline.from_pretrained and generates 64x64."""
+        from diffusers import StableDiffusionPipeline
+
+        cfg, tmp = trained
+        pipe = StableDiffusionPipeline.from_pretrained(cfg.out_dir)
+        pipe.set_progress_bar_config(disable=True)
+        img = pipe("a red circle", num_inference_steps=2, guidance_scale=3.0, output_type="np").images
+        assert img.shape == (1, 64, 64, 3) and torch.isfinite(torch.from_numpy(img)).all()
+        assert json.loads((tmp / "out" / "training_state.json").read_text())["unet_step"] == 20
+
+    def test_resume_from_checkpoint_continues_the_count(self, trained):
+        """A second run with a higher target resumes at the checkpoint's step."""
+        cfg, tmp = trained
+        cfg.unet_steps = 23
+        train_bundled(cfg)
+        steps = [s for s, _ in _unet_log(tmp / "work")]
+        assert steps == list(range(1, 24))
+
+    def test_resume_from_export_on_a_new_machine(self, trained):
+        """Without the work-dir checkpoint, training resumes from the exported weights and step count."""
+        cfg, tmp = trained
+        (tmp / "work" / "unet_ckpt.pt").unlink()
+        cfg.unet_steps = 25
+        train_bundled(cfg)
+        state = json.loads((tmp / "out" / "training_state.json").read_text())
+        assert state["unet_step"] == 25
+        assert [s for s, _ in _unet_log(tmp / "work")][-2:] == [24, 25]
+
+
+class TestTokenLoss:
+    def test_zero_for_a_map_inside_its_mask(self):
+        """A token whose attention lies entirely inside its object's mask costs nothing."""
+        masks = torch.zeros(1, 3, 16, 16)
+        masks[0, 0, 2:6, 2:6] = 1.0
+        bits = torch.zeros(1, 4, dtype=torch.int8)
+        bits[0, 1] = 1  # token 1 -> object 0
+        tm = token_masks(masks, bits, 16)  # [1, 4, 256]
+        probs = torch.zeros(1, 2, 256, 4)
+        probs[..., 0] = 1.0
+        inside = tm[0, 1].bool()
+        probs[0, :, inside, 0] = 0.5
+        probs[0, :, inside, 1] = 0.5
+        valid = (bits != 0).float()
+        s, n = token_loss(probs, tm, valid)
+        assert n.item() == 2 and s.item() == 0.0
+
+    def test_positive_for_a_map_outside_its_mask(self):
+        """Attention outside the mask is penalised, more when more of it is outside."""
+        masks = torch.zeros(1, 3, 16, 16)
+        masks[0, 0, 2:6, 2:6] = 1.0
+        bits = torch.tensor([[0, 1, 0]], dtype=torch.int8)
+        tm = token_masks(masks, bits, 16)
+        uniform = torch.full((1, 1, 256, 3), 1 / 3)
+        s, n = token_loss(uniform, tm, (bits != 0).float())
+        share = 16 / 256
+        assert s.item() == pytest.approx((1 - share) ** 2, rel=1e-5)
+
+    def test_masks_downsample_to_every_resolution(self):
+        """Token masks exist at 16, 8 and 4 cells a side and stay non-empty for small objects."""
+        masks = torch.zeros(1, 3, 16, 16)
+        masks[0, 1, 7:9, 7:9] = 1.0
+        bits = torch.tensor([[0, 2]], dtype=torch.int8)
+        for side in (16, 8, 4):
+            tm = token_masks(masks, bits, side)
+            assert tm.shape == (1, 2, side * side) and tm[0, 1].sum() >= 1 and tm[0, 0].sum() == 0
