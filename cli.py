@@ -70,6 +70,111 @@ def _cmd_eval_generation(a: argparse.Namespace) -> int:
     return 0
 
 
+def _read_image(path: str):
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except FileNotFoundError:
+        raise UserError(f"image not found: {path}")
+    except (UnidentifiedImageError, OSError) as e:
+        raise UserError(f"cannot read image {path}: {type(e).__name__}")
+
+
+def _check_vocab(pipe, prompts) -> None:
+    from interp.matching import out_of_vocabulary
+
+    for p in prompts:
+        bad = out_of_vocabulary(pipe.tokenizer, p)
+        if bad:
+            raise UserError(f"words outside the model's vocabulary in {p!r}: {', '.join(bad)}")
+
+
+def _match_options(a: argparse.Namespace):
+    from interp.matching import MatchOptions
+
+    n_train = 1000
+    ts = tuple(a.timesteps) if a.timesteps else MatchOptions().timesteps
+    if any(t < 0 or t >= n_train for t in ts):
+        raise UserError(f"--timesteps must lie in 0..{n_train - 1}")
+    return MatchOptions(scorer=a.scorer, source=a.source, layers=a.layers, pooling=a.pooling, timesteps=ts,
+                        noise_seed=a.noise_seed)
+
+
+def _cmd_maps(a: argparse.Namespace) -> int:
+    from interp.matching import word_maps_for_image
+    from models.loading import load_pipeline
+
+    img = _read_image(a.image)
+    if not a.prompt or not a.prompt.strip():
+        raise UserError("--prompt is empty")
+    pipe = load_pipeline(a.model)
+    n_train = pipe.scheduler.config.num_train_timesteps
+    if not 0 <= a.timestep < n_train:
+        raise UserError(f"--timestep must lie in 0..{n_train - 1}, got {a.timestep}")
+    _check_vocab(pipe, [a.prompt])
+    words, maps = word_maps_for_image(pipe, img, a.prompt, timestep=a.timestep)
+    out = {"tokens": words, "maps": [[[round(float(v), 6) for v in row] for row in m] for m in maps.clamp(min=0)],
+           "timestep": a.timestep, "aggregate": "mean over layers, heads; one noised UNet call",
+           "size": [img.height, img.width]}
+    print(json.dumps(out))
+    return 0
+
+
+def _cmd_rank(a: argparse.Namespace) -> int:
+    from interp.matching import rank_image_captions, validate_captions
+    from models.loading import load_pipeline
+
+    img = _read_image(a.image)
+    try:
+        caps = validate_captions(a.captions, min_count=2)
+    except ValueError as e:
+        raise UserError(str(e))
+    opts = _match_options(a)
+    pipe = load_pipeline(a.model)
+    _check_vocab(pipe, caps)
+    ranked = rank_image_captions(pipe, img, caps, opts)
+    if a.json:
+        print(json.dumps(ranked))
+    else:
+        for r in ranked:
+            print(f"{r['score']:+.5f}  {r['caption']}")
+    return 0
+
+
+def _cmd_score(a: argparse.Namespace) -> int:
+    from interp.matching import score_image_captions, validate_captions
+    from models.loading import load_pipeline
+
+    img = _read_image(a.image)
+    try:
+        caps = validate_captions(a.captions, min_count=1)
+    except ValueError as e:
+        raise UserError(str(e))
+    opts = _match_options(a)
+    pipe = load_pipeline(a.model)
+    _check_vocab(pipe, caps)
+    res = score_image_captions(pipe, img, caps, opts)
+    out = {"scores": res["scores"], "unet_evals": res["unet_evals"],
+           "breakdowns": {c: b.as_dict() for c, b in res["breakdowns"].items()}}
+    print(json.dumps(out) if a.json else "\n".join(f"{v:+.5f}  {c}" for c, v in res["scores"].items()))
+    return 0
+
+
+def _add_match_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--image", required=True)
+    p.add_argument("--captions", nargs="*", required=True)
+    p.add_argument("--model", default=None)
+    p.add_argument("--scorer", choices=["lse", "denoise", "denoise_norm"], default="lse")
+    p.add_argument("--source", choices=["probs", "logits"], default="logits")
+    p.add_argument("--layers", default=None, help="default all; 'last_per_stage' = the authors' code")
+    p.add_argument("--pooling", choices=["lse", "mean", "max_rows", "max_cols"], default="lse")
+    p.add_argument("--timesteps", type=int, nargs="+", default=None)
+    p.add_argument("--noise-seed", dest="noise_seed", type=int, default=0)
+    p.add_argument("--json", action="store_true")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cli.py", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -108,6 +213,21 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=1234)
     e.add_argument("--json", action="store_true")
     e.set_defaults(fn=_cmd_eval_generation)
+
+    m = sub.add_parser("maps", help="word maps of a real image and a prompt (one noised UNet call)")
+    m.add_argument("--image", required=True)
+    m.add_argument("--prompt", required=True)
+    m.add_argument("--timestep", type=int, default=300)
+    m.add_argument("--model", default=None)
+    m.add_argument("--json", action="store_true")
+    m.set_defaults(fn=_cmd_maps)
+
+    r = sub.add_parser("rank", help="rank captions for an image, best first")
+    _add_match_args(r)
+    r.set_defaults(fn=_cmd_rank)
+    sc = sub.add_parser("score", help="score captions for an image (with the per-layer x per-timestep breakdown)")
+    _add_match_args(sc)
+    sc.set_defaults(fn=_cmd_score)
     return p
 
 

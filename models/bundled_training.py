@@ -320,8 +320,11 @@ def export_pipeline(cfg: TrainConfig, unet, text_encoder, tokenizer, vae, step: 
     log_src = Path(cfg.work_dir) / "loss_log.csv"
     if log_src.exists():
         (tmp / "training_log.csv").write_text(log_src.read_text())
-    if (out / "README.md").exists():
-        (tmp / "README.md").write_text((out / "README.md").read_text())
+    for keep in ("README.md", "discolens.json"):
+        if (out / keep).exists():
+            (tmp / keep).write_text((out / keep).read_text())
+    if not (tmp / "discolens.json").exists():
+        (tmp / "discolens.json").write_text(json.dumps({"guidance": 3.0, "steps": 25, "size": world.IMAGE_SIZE}))
     if out.exists():
         old = out.with_name(out.name + ".old")
         os.replace(out, old)

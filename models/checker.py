@@ -53,7 +53,7 @@ MIN_SATURATION = 40.0  # max(rgb) - min(rgb) below which a pixel is grey-ish, i.
 MIN_AREA_64 = 12  # smallest kept component, in pixels at 64x64 (scaled with the image area)
 SPLIT_SHARE = 0.3  # a second color with at least this share of a component (and MIN_AREA pixels) splits it
 # Shape: the ideal shape (circle, square, upward triangle) filling the box that best matches the soft coverage.
-TEMPLATE_SUPERSAMPLE = 4
+TEMPLATE_SUPERSAMPLE = 4  # samples per pixel and axis at 64x64 (fewer in larger images)
 # Pixel sizes below are at 64x64 and scale with the image width.
 BOX_GROW = (0.0, 0.5, 1.0)  # pixels each side of the detected box is grown by when fitting a shape
 BOX_GROW_TOP = (0.0, 1.0, 2.0)  # extra pixels at the top
@@ -125,16 +125,16 @@ def classify_pixels(image: Image.Image | np.ndarray) -> np.ndarray:
     return _pixel_model(image)[0]
 
 
-def _templates(boxes: np.ndarray, x0: int, y0: int, h: int, w: int) -> np.ndarray:
+def _templates(boxes: np.ndarray, x0: int, y0: int, h: int, w: int, ss: int = 4) -> np.ndarray:
     """Coverage of each ideal shape filling each box, on the [h, w] pixel grid starting at (x0, y0).
 
     Args:
         boxes: [M, 4] boxes (x0, y0, x1, y1) in image pixels.
+        ss: Samples per pixel and axis.
 
     Returns:
         [3, M, h, w] coverage in [0, 1], shapes in the order of `world.SHAPES`.
     """
-    ss = TEMPLATE_SUPERSAMPLE
     off = (np.arange(ss) + 0.5) / ss
     u = (x0 + np.arange(w)[:, None] + off).reshape(1, 1, -1)  # [1, 1, w*ss] sample x
     v = (y0 + np.arange(h)[:, None] + off).reshape(1, -1, 1)  # [1, h*ss, 1] sample y
@@ -160,6 +160,16 @@ def _blur_matrix(n: int, sigma: float) -> np.ndarray:
     return (np.exp(-((i[:, None] - i[None, :]) ** 2) / (2 * sigma**2)) / norm).astype(np.float32)
 
 
+def _blur(x: np.ndarray, sigma: float) -> np.ndarray:
+    """Gaussian blur (zero padding) of the last two axes of `x`, as two matrix products."""
+    if sigma <= 0:
+        return x
+    *lead, h, w = x.shape
+    y = x.reshape(-1, w) @ _blur_matrix(w, sigma).T  # rows
+    y = _blur_matrix(h, sigma) @ y.reshape(-1, h, w).transpose(1, 0, 2).reshape(h, -1)  # columns
+    return y.reshape(h, -1, w).transpose(1, 0, 2).reshape(*lead, h, w)
+
+
 def _shape_scores(
     alpha: np.ndarray, box: tuple[float, float, float, float], x0: int, y0: int, scale: float = 1.0
 ) -> dict[str, float]:
@@ -172,12 +182,13 @@ def _shape_scores(
     h, w = alpha.shape
     grow = [(g * scale, t * scale) for g in BOX_GROW for t in BOX_GROW_TOP]
     boxes = np.array([(box[0] - g, box[1] - g - t, box[2] + g, box[3] + g) for g, t in grow], np.float32)
-    temps = _templates(boxes, x0, y0, h, w)  # [3, M, h, w]
+    ss = max(1, round(TEMPLATE_SUPERSAMPLE / scale))
+    temps = _templates(boxes, x0, y0, h, w, ss)  # [3, M, h, w]
     allowed = np.array([[t == 0 or k == "triangle" for _, t in grow] for k in world.SHAPES])  # [3, M]
     best = np.zeros(len(world.SHAPES))
     a = alpha.astype(np.float32)
     for sigma in TEMPLATE_BLUR:
-        tb = _blur_matrix(h, sigma * scale) @ temps @ _blur_matrix(w, sigma * scale).T
+        tb = _blur(temps, sigma * scale)
         iou = np.minimum(a, tb).sum((2, 3)) / np.maximum(np.maximum(a, tb).sum((2, 3)), 1e-6)
         best = np.maximum(best, np.where(allowed, iou, 0.0).max(1))
     return {k: float(v) for k, v in zip(world.SHAPES, best)}
@@ -255,6 +266,10 @@ def _matches(det: Detection, phrase: world.Phrase) -> bool:
     return det.color == phrase.color and det.shape == phrase.shape
 
 
+def _agreement(det: Detection, phrase: world.Phrase) -> int:
+    return int(det.color == phrase.color) + int(det.shape == phrase.shape)
+
+
 def check(image: Image.Image | np.ndarray, caption: str | world.Scene) -> dict[str, Any]:
     """Judge an image against a caption (or a scene's caption) of the shapes world.
 
@@ -263,7 +278,9 @@ def check(image: Image.Image | np.ndarray, caption: str | world.Scene) -> dict[s
             "size_ok" reports whether the object's extent agrees (not part of "correct").
         relation: exactly two objects, the phrases matched to distinct detections of the right color and
             shape ("objects_ok"), and the relation holding between them ("relation_ok");
-            correct = objects_ok and relation_ok.
+            correct = objects_ok and relation_ok. If the objects are wrong but one assignment of the two
+            detections to the phrases agrees on more attributes than the other, "relation_ok" is judged
+            on it (so a relation can be right while an attribute is wrong); otherwise it is False.
         count: exactly N objects ("count_ok"), all of the caption's color and shape; "found" is the number of
             matching detections.
 
@@ -293,10 +310,14 @@ def check(image: Image.Image | np.ndarray, caption: str | world.Scene) -> dict[s
         p_subj, p_obj = parsed.phrases
         objects_ok = relation_ok = False
         if len(dets) == 2:
-            for s, o in itertools.permutations(dets, 2):
-                if _matches(s, p_subj) and _matches(o, p_obj):
-                    objects_ok = True
-                    relation_ok = relation_ok or relation_holds(s, o, parsed.relation)
+            # assignments (subject, object) ranked by how many attributes agree with the phrases
+            agree = {pair: _agreement(pair[0], p_subj) + _agreement(pair[1], p_obj)
+                     for pair in itertools.permutations(dets, 2)}
+            top = max(agree.values())
+            best = [pair for pair, v in agree.items() if v == top]
+            objects_ok = top == 4
+            if objects_ok or (top > 0 and len(best) == 1):
+                relation_ok = any(relation_holds(s, o, parsed.relation) for s, o in best)
         out.update(objects_ok=objects_ok, relation_ok=relation_ok, correct=objects_ok and relation_ok)
     else:
         ph = parsed.phrases[0]

@@ -271,3 +271,36 @@ def test_full_size_sd15_unet_forward_traced():
     assert len(t.layers) == 16 and t.layers[0].heads == 8
     assert t.probs["down.0.attn.0"].shape == (1, 8, 64, 64, 5)
     assert t.probs["mid.attn.0"].shape == (1, 8, 8, 8, 5)
+
+
+def test_sdxl_unet_traced_with_transformer_depth():
+    """SDXL's UNet (real config, scaled down): stacked transformer blocks get '.t{k}' aliases, all traced."""
+    from diffusers import UNet2DConditionModel
+
+    from models.reference_configs import load_reference_config, scaled_config
+    from models.trace import Tracer
+
+    torch.manual_seed(0)
+    cfg = scaled_config(load_reference_config("sdxl", "unet"), 8)
+    unet = UNet2DConditionModel.from_config(cfg).eval()
+
+    class _Tok:
+        model_max_length, eos_token_id, bos_token, eos_token = 8, 2, "<s>", "</s>"
+
+        def __call__(self, prompts, **kw):
+            return type("T", (), {"input_ids": torch.tensor([[1, 5, 6, 2, 2, 2, 2, 2]] * len(prompts))})()
+
+        def convert_ids_to_tokens(self, ids):
+            return [str(i) for i in ids]
+
+    tr = Tracer(unet, _Tok(), prompts=["p"])
+    added = {"text_embeds": torch.randn(1, cfg["projection_class_embeddings_input_dim"] - 6 * cfg["addition_time_embed_dim"]),
+             "time_ids": torch.zeros(1, 6)}
+    with torch.no_grad(), tr._active():
+        unet(torch.randn(1, 4, 16, 16), torch.tensor(500), encoder_hidden_states=torch.randn(1, 8, cfg["cross_attention_dim"]),
+             added_cond_kwargs=added)
+    t = tr.trace
+    n_attn2 = sum(1 for n, _ in unet.named_modules() if n.endswith("attn2"))
+    assert len(t.layers) == n_attn2 == 70
+    assert "mid.attn.0.t9" in t.layer_names and "down.2.attn.1.t9" in t.layer_names
+    assert t.probs["down.1.attn.0.t1"].shape == (1, 10, 8, 8, 4)

@@ -1,0 +1,100 @@
+"""Command line: output contracts and one-line errors (run in-process on a tiny pipeline)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image
+
+import cli
+from models import world
+
+
+@pytest.fixture(scope="module")
+def render_png(tmp_path_factory):
+    import numpy as np
+
+    p = tmp_path_factory.mktemp("img") / "scene.png"
+    world.render(world.scene_from_caption("a red circle left of a blue square", np.random.default_rng(0))).save(p)
+    return p
+
+
+def _run(capsys, *argv):
+    code = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+class TestGenerate:
+    def test_generate_writes_image_and_json(self, capsys, tiny_pipe_dir, tmp_path):
+        """generate writes the PNG and prints one JSON object."""
+        code, out, _ = _run(capsys, "generate", "--prompt", "a red circle", "--seed", 0, "--steps", 2,
+                            "--out", tmp_path / "x.png", "--model", tiny_pipe_dir, "--json")
+        assert code == 0
+        meta = json.loads(out)
+        assert meta["seed"] == 0 and Image.open(tmp_path / "x.png").size == (64, 64)
+
+    @pytest.mark.parametrize("args,match", [
+        (["--prompt", " "], "prompt is empty"),
+        (["--prompt", "a red circle", "--steps", "0"], "steps"),
+    ])
+    def test_bad_inputs(self, capsys, tmp_path, args, match):
+        """Bad inputs exit 2 with one line on stderr."""
+        code, _, err = _run(capsys, "generate", *args, "--out", tmp_path / "x.png")
+        assert code == 2 and match in err and err.count("\n") == 1
+
+    def test_unknown_model(self, capsys, tmp_path):
+        """An unknown model exits 2 with one line."""
+        code, _, err = _run(capsys, "generate", "--prompt", "a red circle", "--out", tmp_path / "x.png",
+                            "--model", tmp_path / "nope")
+        assert code == 2 and err.count("\n") == 1
+
+
+class TestMaps:
+    def test_maps_json_contract(self, capsys, tiny_pipe_dir, render_png):
+        """maps prints tokens (the prompt's words) and one non-negative 2-D map per word at image size."""
+        prompt = "a red circle left of a blue square"
+        code, out, _ = _run(capsys, "maps", "--image", render_png, "--prompt", prompt, "--model", tiny_pipe_dir, "--json")
+        assert code == 0
+        d = json.loads(out)
+        assert d["tokens"] == prompt.split()
+        assert len(d["maps"]) == 8 and all(len(m) == 64 and len(m[0]) == 64 for m in d["maps"])
+        assert min(v for m in d["maps"] for row in m for v in row) >= 0
+
+    @pytest.mark.parametrize("args,match", [
+        (["--image", "/no/such.png", "--prompt", "a red circle"], "image not found"),
+        (["--prompt", "a red zebra"], "outside the model's vocabulary"),
+        (["--prompt", "a red circle", "--timestep", "1000"], "timestep"),
+        (["--prompt", "a red circle", "--timestep", "-1"], "timestep"),
+    ])
+    def test_maps_bad_inputs(self, capsys, tiny_pipe_dir, render_png, args, match):
+        """Unreadable image, out-of-vocabulary prompt, out-of-range timestep: exit 2, one line."""
+        if "--image" not in args:
+            args = ["--image", str(render_png), *args]
+        code, _, err = _run(capsys, "maps", *args, "--model", tiny_pipe_dir)
+        assert code == 2 and match in err and err.count("\n") == 1
+
+    def test_unreadable_image(self, capsys, tiny_pipe_dir, tmp_path):
+        """A file that is not an image is reported in one line."""
+        bad = tmp_path / "bad.png"
+        bad.write_text("not an image")
+        code, _, err = _run(capsys, "maps", "--image", bad, "--prompt", "a red circle", "--model", tiny_pipe_dir)
+        assert code == 2 and "cannot read image" in err
+
+
+class TestRank:
+    def test_rank_json_sorted(self, capsys, tiny_pipe_dir, render_png):
+        """rank prints a JSON list of {caption, score} sorted best first."""
+        caps = ["a red circle left of a blue square", "a blue square left of a red circle", "two green triangles"]
+        code, out, _ = _run(capsys, "rank", "--image", render_png, "--captions", *caps, "--model", tiny_pipe_dir, "--json")
+        assert code == 0
+        r = json.loads(out)
+        assert sorted(x["caption"] for x in r) == sorted(caps)
+        assert [x["score"] for x in r] == sorted((x["score"] for x in r), reverse=True)
+
+    @pytest.mark.parametrize("caps,match", [([], "no captions"), (["a red circle"], "at least 2"),
+                                            (["a red circle", " "], "caption 2 is empty")])
+    def test_rank_bad_captions(self, capsys, render_png, caps, match):
+        """No captions, one caption, an empty caption: exit 2 with one line."""
+        code, _, err = _run(capsys, "rank", "--image", render_png, "--captions", *caps)
+        assert code == 2 and match in err and err.count("\n") == 1
