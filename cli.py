@@ -162,6 +162,25 @@ def _cmd_score(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval_grounding(a: argparse.Namespace) -> int:
+    from interp.grounding_eval import evaluate_grounding
+    from models.loading import load_pipeline
+
+    if a.n_scenes < 2:
+        raise UserError("--n-scenes must be at least 2 (half calibrate the best layer / head)")
+    if any(t < 0 or t >= 1000 for t in a.timesteps):
+        raise UserError("--timesteps must lie in 0..999")
+    pipe = load_pipeline(a.model)
+    res = evaluate_grounding(pipe, n_scenes=a.n_scenes, timesteps=a.timesteps)
+    if a.json:
+        print(json.dumps(res))
+    else:
+        for name, by in res["aggregates"].items():
+            line = "  ".join(f"{c}: pt {m['pointing']:.2f} en {m['energy']:.2f} iou {m['iou']:.2f}" for c, m in by.items())
+            print(f"{name:10s} {line}")
+    return 0
+
+
 def _add_match_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image", required=True)
     p.add_argument("--captions", nargs="*", required=True)
@@ -221,6 +240,13 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--model", default=None)
     m.add_argument("--json", action="store_true")
     m.set_defaults(fn=_cmd_maps)
+
+    eg = sub.add_parser("eval-grounding", help="faithfulness of attention maps on held-out renders")
+    eg.add_argument("--model", default=None)
+    eg.add_argument("--n-scenes", dest="n_scenes", type=int, default=60)
+    eg.add_argument("--timesteps", type=int, nargs="+", default=[100, 300, 500, 700])
+    eg.add_argument("--json", action="store_true")
+    eg.set_defaults(fn=_cmd_eval_grounding)
 
     r = sub.add_parser("rank", help="rank captions for an image, best first")
     _add_match_args(r)
