@@ -1,0 +1,59 @@
+"""The bundled model: standard diffusers/transformers classes, loadable like a hub id, small, generating."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from models import world
+from models.attention_capture import cross_attention_layers
+from models.loading import BUNDLED_DIR, load_pipeline
+
+
+@pytest.fixture(scope="module")
+def bundled():
+    return load_pipeline(device="cpu")
+
+
+class TestBundledModel:
+    def test_loads_with_plain_from_pretrained(self):
+        """StableDiffusionPipeline.from_pretrained(folder) loads it with no project code."""
+        from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        p = StableDiffusionPipeline.from_pretrained(BUNDLED_DIR, use_safetensors=True)
+        assert isinstance(p.unet, UNet2DConditionModel) and isinstance(p.vae, AutoencoderKL)
+        assert isinstance(p.text_encoder, CLIPTextModel) and isinstance(p.tokenizer, CLIPTokenizer)
+        assert isinstance(p.scheduler, DDIMScheduler)
+
+    def test_size_and_safetensors_only(self):
+        """At most 50 MB in all, weights in safetensors only."""
+        files = [f for f in Path(BUNDLED_DIR).rglob("*") if f.is_file()]
+        assert sum(f.stat().st_size for f in files) <= 50 * 2**20
+        assert any(f.suffix == ".safetensors" for f in files)
+        assert not any(f.suffix in (".bin", ".pt", ".ckpt", ".pkl") for f in files)
+
+    def test_architecture(self, bundled):
+        """64x64 images -> 16x16x4 latents; cross-attention at >= 2 resolutions plus mid, >= 4 heads each."""
+        assert bundled.vae.config.latent_channels == 4 and bundled.unet.config.sample_size == 16
+        layers = cross_attention_layers(bundled.unet)
+        assert {l.stage for l in layers} >= {"down", "mid", "up"}
+        assert len({l.block for l in layers if l.stage == "down"}) >= 2
+        assert min(l.heads for l in layers) >= 4
+
+    def test_tokenizer_round_trip(self, bundled):
+        """Every world word is one token, and captions decode back to themselves."""
+        tok = bundled.tokenizer
+        for w in world.WORDS:
+            assert len(tok.tokenize(w)) == 1, w
+        for cap in ["a small red circle", "a green square above a purple triangle", "three orange triangles"]:
+            ids = tok(cap).input_ids
+            assert ids[0] == tok.bos_token_id and ids[-1] == tok.eos_token_id
+            assert tok.decode(ids, skip_special_tokens=True).strip() == cap
+
+    def test_short_generation_is_finite_and_64px(self, bundled):
+        """Three DDIM steps give a finite 64x64 image."""
+        out = bundled("a red circle", num_inference_steps=3, guidance_scale=3.0, output_type="pt",
+                      generator=torch.Generator().manual_seed(0)).images
+        assert out.shape == (1, 3, 64, 64) and torch.isfinite(out).all()
