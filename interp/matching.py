@@ -68,10 +68,12 @@ def score_image_captions(pipe, image: Image.Image, captions: Sequence[str],
                          options: MatchOptions = MatchOptions()) -> dict:
     """Score every caption against the image. Returns {"scores": {caption: float}, "breakdowns", "unet_evals"}."""
     caps = validate_captions(captions, min_count=1)
+    if options.scorer not in ("lse", "denoise", "denoise_norm"):
+        raise ValueError(f"unknown scorer {options.scorer!r}; expected lse, denoise or denoise_norm")
     latent = encode_image(pipe, image)
     need_uncond = options.scorer == "denoise_norm"
     res = noised_unet_pass(pipe, latent, caps, list(options.timesteps), noise_seed=options.noise_seed,
-                           logits=options.source == "logits", uncond=need_uncond)
+                           logits=options.scorer == "lse" and options.source == "logits", uncond=need_uncond)
     breakdowns = {}
     if options.scorer == "lse":
         for c, tr in zip(caps, res.traces):

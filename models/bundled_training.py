@@ -468,7 +468,7 @@ def train_bundled(cfg: TrainConfig) -> Path:
                     tot, cnt = tot + s, cnt + c
                 tl = tot / cnt.clamp(min=1)
                 loss = loss + cfg.token_loss_weight * tl
-                tl_val = float(tl)
+                tl_val = float(tl.detach())
             for gparam in opt.param_groups:
                 gparam["lr"] = _lr_at(step, cfg, warm_start)
             opt.zero_grad(set_to_none=True)

@@ -93,7 +93,7 @@ def _load_cached(path_or_id: str, device: str, dtype: torch.dtype):
             raise ModelLoadError(f"the bundled model is missing at {p} (train it: python cli.py train-bundled)")
         raise ModelLoadError(f"{path_or_id} is not a diffusers pipeline folder (no model_index.json)")
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(path_or_id, torch_dtype=dtype, use_safetensors=True,
+        pipe = StableDiffusionPipeline.from_pretrained(path_or_id, dtype=dtype, use_safetensors=True,
                                                        safety_checker=None, requires_safety_checker=False)
     except Exception as e:  # hub / file errors come in many classes; report one line
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -98,3 +98,19 @@ class TestRank:
         """No captions, one caption, an empty caption: exit 2 with one line."""
         code, _, err = _run(capsys, "rank", "--image", render_png, "--captions", *caps)
         assert code == 2 and match in err and err.count("\n") == 1
+
+
+class TestEvalMatching:
+    def test_eval_matching_json(self, capsys, tiny_pipe_dir):
+        """eval-matching prints metrics, per-split accuracies and unet_calls_per_pair as one JSON object."""
+        code, out, _ = _run(capsys, "eval-matching", "--benchmark", "counting", "--limit", 1, "--timesteps", 500,
+                            "--model", tiny_pipe_dir, "--json")
+        assert code == 0
+        d = json.loads(out)
+        assert 0 <= d["metrics"]["accuracy"] <= 1 and d["unet_calls_per_pair"] == 1
+        assert set(d["per_split"]) <= {"change_count", "change_color"} and d["per_split"]
+
+    def test_unknown_benchmark(self, capsys):
+        """An unknown benchmark exits 2 with one line naming the known ones."""
+        code, _, err = _run(capsys, "eval-matching", "--benchmark", "nope")
+        assert code == 2 and "winoground" in err and err.count("\n") == 1

@@ -244,7 +244,7 @@ class TestRealArchitectures:
 
 @pytest.mark.slow
 def test_full_size_sd15_unet_forward_traced():
-    """One full-size SD-1.5 UNet forward (random init) traced: 16 layers, 8 heads, 64x64 at the top."""
+    """One full-size SD-1.5 UNet forward (random init) traced: 16 layers, 8 heads, 32x32 at the top."""
     from diffusers import UNet2DConditionModel
 
     from models.reference_configs import load_reference_config
@@ -266,11 +266,11 @@ def test_full_size_sd15_unet_forward_traced():
 
     tr = Tracer(unet, _Tok(), prompts=["a red circle"])
     with torch.no_grad(), tr._active():
-        unet(torch.randn(1, 4, 64, 64), torch.tensor(500), encoder_hidden_states=torch.randn(1, 77, 768))
+        unet(torch.randn(1, 4, 32, 32), torch.tensor(500), encoder_hidden_states=torch.randn(1, 77, 768))
     t = tr.trace
     assert len(t.layers) == 16 and t.layers[0].heads == 8
-    assert t.probs["down.0.attn.0"].shape == (1, 8, 64, 64, 5)
-    assert t.probs["mid.attn.0"].shape == (1, 8, 8, 8, 5)
+    assert t.probs["down.0.attn.0"].shape == (1, 8, 32, 32, 5)
+    assert t.probs["mid.attn.0"].shape == (1, 8, 4, 4, 5)
 
 
 def test_sdxl_unet_traced_with_transformer_depth():
