@@ -1,0 +1,142 @@
+"""Figures over analysis tables (matplotlib for files, plotly for the app). No model is run here.
+
+Head atlas (`interp.head_atlas.atlas_table`):
+
+    >>> fig = atlas_figure(table, metric="energy")    # matplotlib Figure: layers x heads, hue = best class
+    >>> fig.savefig("atlas.png")
+    >>> atlas_plotly(table)                           # plotly Figure (heatmap with hover text) for the app
+
+Figures are built on `matplotlib.figure.Figure` directly (no pyplot state, no GUI backend needed).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from .head_atlas import atlas_grid
+
+__all__ = ["CLASS_COLORS", "class_color", "atlas_figure", "atlas_plotly"]
+
+# one hue per word class (colorblind-friendly Okabe-Ito)
+CLASS_COLORS: dict[str, tuple[float, float, float]] = {
+    "color": (0.835, 0.369, 0.0),    # vermillion
+    "shape": (0.0, 0.447, 0.698),    # blue
+    "count": (0.0, 0.62, 0.451),     # bluish green
+    "size": (0.8, 0.475, 0.655),     # reddish purple
+}
+_EXTRA = [(0.902, 0.624, 0.0), (0.337, 0.706, 0.914), (0.941, 0.894, 0.259), (0.3, 0.3, 0.3)]
+_EMPTY = (0.93, 0.93, 0.93)
+
+
+def class_color(cls: str, classes: Sequence[str] = ()) -> tuple[float, float, float]:
+    """RGB in [0, 1] of a word class (classes outside CLASS_COLORS get further palette colors in order)."""
+    if cls in CLASS_COLORS:
+        return CLASS_COLORS[cls]
+    extra = [c for c in classes if c not in CLASS_COLORS]
+    return _EXTRA[(extra.index(cls) if cls in extra else 0) % len(_EXTRA)]
+
+
+def _tint(rgb, intensity: float) -> np.ndarray:
+    """White blended toward `rgb` by `intensity` in [0, 1]."""
+    a = float(np.clip(intensity, 0.0, 1.0))
+    return (1 - a) * np.ones(3) + a * np.asarray(rgb, float)
+
+
+def _classes_of(cells) -> list[str]:
+    return list(dict.fromkeys(c["class"] for row in cells for c in row if c is not None))
+
+
+def atlas_figure(table: Sequence[dict], metric: str = "energy", timestep: float | None = None,
+                 vmax: float = 1.0, annotate: bool = True, cell_inches: float = 0.55):
+    """The head atlas as a layers (rows) x heads (columns) grid.
+
+    Each cell is colored by its best word class (one hue per class, legend below) with intensity
+    score / vmax (the metrics are in [0, 1], so vmax 1 keeps intensities comparable across figures), and
+    shows the score as text; cells without rows are light gray. `timestep` shows that timestep's best.
+    Returns a matplotlib Figure with one image (`ax.images[0]`, `[layers, heads, 3]`) and one text per
+    filled cell.
+    """
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
+
+    layers, heads, cells = atlas_grid(table, metric, timestep)
+    if not layers:
+        raise ValueError("the atlas table is empty")
+    classes = _classes_of(cells)
+    rgb = np.empty((len(layers), len(heads), 3))
+    for i, row in enumerate(cells):
+        for j, c in enumerate(row):
+            rgb[i, j] = _EMPTY if c is None else _tint(class_color(c["class"], classes), c["score"] / vmax)
+    w = max(4.0, 1.6 + cell_inches * len(heads))
+    h = max(2.5, 1.4 + cell_inches * len(layers))
+    fig = Figure(figsize=(w, h))
+    ax = fig.add_subplot(1, 1, 1)
+    ax.imshow(rgb, aspect="auto", interpolation="nearest")
+    ax.set_xticks(range(len(heads)), [str(x) for x in heads])
+    ax.set_yticks(range(len(layers)), [str(x) for x in layers])
+    ax.set_xlabel("head")
+    ax.set_ylabel("layer")
+    ax.set_xticks(np.arange(-0.5, len(heads)), minor=True)
+    ax.set_yticks(np.arange(-0.5, len(layers)), minor=True)
+    ax.grid(which="minor", color="white", linewidth=1.5)
+    ax.tick_params(which="minor", length=0)
+    if annotate:
+        for i, row in enumerate(cells):
+            for j, c in enumerate(row):
+                if c is not None:
+                    dark = c["score"] / vmax > 0.6
+                    ax.text(j, i, f"{c['score']:.2f}", ha="center", va="center", fontsize=8,
+                            color="white" if dark else "black")
+    when = f" at t={timestep:g}" if timestep is not None else ""
+    ax.set_title(f"head atlas: best word class by {metric}{when}")
+    handles = [Patch(color=class_color(c, classes), label=c) for c in classes]
+    if handles:
+        fig.legend(handles=handles, loc="lower center", ncol=len(handles), frameon=False,
+                   bbox_to_anchor=(0.5, 0.0))
+        fig.subplots_adjust(bottom=0.22)
+    return fig
+
+
+def atlas_plotly(table: Sequence[dict], metric: str = "energy", timestep: float | None = None):
+    """The head atlas as a plotly heatmap (layers x heads) for the app.
+
+    The cell value is class index + score (clipped to [0, 0.999]) on a colorscale with one block per class
+    that runs from white to the class's hue, so hue = best class and intensity = score; the cell text is
+    the score and the hover text lists every class's mean. Cells without rows are empty (NaN).
+    """
+    import plotly.graph_objects as go
+
+    layers, heads, cells = atlas_grid(table, metric, timestep)
+    if not layers:
+        raise ValueError("the atlas table is empty")
+    classes = _classes_of(cells) or ["-"]
+    k = len(classes)
+    z = np.full((len(layers), len(heads)), np.nan)
+    text = [["" for _ in heads] for _ in layers]
+    hover = [["" for _ in heads] for _ in layers]
+    for i, row in enumerate(cells):
+        for j, c in enumerate(row):
+            if c is None:
+                hover[i][j] = f"layer {layers[i]}, head {heads[j]}: no rows"
+                continue
+            z[i, j] = classes.index(c["class"]) + float(np.clip(c["score"], 0.0, 0.999))
+            text[i][j] = f"{c['score']:.2f}"
+            parts = "<br>".join(f"{cls}: {v:.3f}" for cls, v in c["by_class"].items())
+            hover[i][j] = (f"layer {layers[i]}, head {heads[j]}<br><b>best: {c['class']} "
+                           f"{c['score']:.3f}</b> ({metric})<br>{parts}")
+    scale = []
+    for n, cls in enumerate(classes):
+        r, g, b = (int(round(255 * v)) for v in class_color(cls, classes))
+        scale.append([n / k, "rgb(255,255,255)"])
+        scale.append([(n + 1) / k - (1e-9 if n + 1 < k else 0), f"rgb({r},{g},{b})"])
+    when = f" at t={timestep:g}" if timestep is not None else ""
+    fig = go.Figure(go.Heatmap(
+        z=z, x=[str(h) for h in heads], y=[str(l) for l in layers], zmin=0, zmax=k, colorscale=scale,
+        text=text, texttemplate="%{text}", customdata=hover, hovertemplate="%{customdata}<extra></extra>",
+        xgap=1, ygap=1,
+        colorbar=dict(title="best class", tickvals=[n + 0.5 for n in range(k)], ticktext=classes)))
+    fig.update_layout(title=f"Head atlas: best word class by {metric}{when}", xaxis_title="head",
+                      yaxis_title="layer", yaxis=dict(autorange="reversed", type="category"),
+                      xaxis=dict(type="category"), plot_bgcolor="rgb(238,238,238)")
+    return fig
