@@ -70,7 +70,7 @@ def atlas_figure(table: Sequence[dict], metric: str = "energy", timestep: float 
             rgb[i, j] = _EMPTY if c is None else _tint(class_color(c["class"], classes), c["score"] / vmax)
     w = max(4.0, 1.6 + cell_inches * len(heads))
     h = max(2.5, 1.4 + cell_inches * len(layers))
-    fig = Figure(figsize=(w, h))
+    fig = Figure(figsize=(w, h), layout="constrained")
     ax = fig.add_subplot(1, 1, 1)
     ax.imshow(rgb, aspect="auto", interpolation="nearest")
     ax.set_xticks(range(len(heads)), [str(x) for x in heads])
@@ -92,9 +92,7 @@ def atlas_figure(table: Sequence[dict], metric: str = "energy", timestep: float 
     ax.set_title(f"head atlas: best word class by {metric}{when}")
     handles = [Patch(color=class_color(c, classes), label=c) for c in classes]
     if handles:
-        fig.legend(handles=handles, loc="lower center", ncol=len(handles), frameon=False,
-                   bbox_to_anchor=(0.5, 0.0))
-        fig.subplots_adjust(bottom=0.22)
+        fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), frameon=False)
     return fig
 
 

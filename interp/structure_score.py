@@ -328,13 +328,13 @@ def structure_scores(traces: Sequence[AttentionTrace], captions: Sequence[str],
     traces, captions = list(traces), list(captions)
     if len(traces) != len(captions):
         raise ValueError(f"{len(traces)} traces for {len(captions)} captions")
-    out = {c: structure_score(t, c, config, lse_kw) for t, c in zip(traces, captions)}
-    fell = [c for c, s in out.items() if s.method == "lse"]
-    if all_or_none and fell and len(fell) < len(out):
+    scored = [structure_score(t, c, config, lse_kw) for t, c in zip(traces, captions)]
+    fell = list(dict.fromkeys(s.caption for s in scored if s.method == "lse"))
+    if all_or_none and fell and len(fell) < len(set(captions)):
         why = f"caption(s) {fell} cannot be scored structurally, so every caption is scored with LSE"
-        out = {c: (s if s.method == "lse" else _fallback(t, c, why, lse_kw, config))
-               for (t, c), s in zip(zip(traces, captions), out.values())}
-    return out
+        scored = [s if s.method == "lse" else _fallback(t, c, why, lse_kw, config)
+                  for t, c, s in zip(traces, captions, scored)]
+    return {s.caption: s for s in scored}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -379,5 +379,6 @@ def make_structure_scorer(config: StructureConfig = StructureConfig(), all_or_no
 
 
 structure_scorer_fn = make_structure_scorer(name="structure")
-structure_scorer_fn.__doc__ = ("Scorer hook with the default StructureConfig: `structure_scorer_fn(pipe, image, "
-                               "captions, options)` -> {scores, breakdowns, unet_evals, unet_calls, pass}.")
+structure_scorer_fn.__doc__ = (
+    "Scorer hook with the default StructureConfig: `structure_scorer_fn(pipe, image, captions, options)`"
+    " -> {scores, breakdowns, unet_evals, unet_calls, pass}.")
