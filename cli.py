@@ -100,7 +100,8 @@ def _match_options(a: argparse.Namespace):
     ts = tuple(a.timesteps) if a.timesteps else MatchOptions().timesteps
     if any(t < 0 or t >= n_train for t in ts):
         raise UserError(f"--timesteps must lie in 0..{n_train - 1}")
-    return MatchOptions(scorer=a.scorer, source=a.source, layers=a.layers, pooling=a.pooling, timesteps=ts,
+    scorer = "lse" if a.scorer == "structure" else a.scorer  # structure: its own scorer_fn, LSE as fallback
+    return MatchOptions(scorer=scorer, source=a.source, layers=a.layers, pooling=a.pooling, timesteps=ts,
                         noise_seed=a.noise_seed)
 
 
@@ -136,7 +137,13 @@ def _cmd_rank(a: argparse.Namespace) -> int:
     opts = _match_options(a)
     pipe = load_pipeline(a.model)
     _check_vocab(pipe, caps)
-    ranked = rank_image_captions(pipe, img, caps, opts)
+    if a.scorer == "structure":
+        from interp.lse import rank_captions
+        from interp.structure_score import structure_scorer_fn
+
+        ranked = rank_captions(structure_scorer_fn(pipe, img, caps, opts)["scores"])
+    else:
+        ranked = rank_image_captions(pipe, img, caps, opts)
     if a.json:
         print(json.dumps(ranked))
     else:
@@ -157,7 +164,12 @@ def _cmd_score(a: argparse.Namespace) -> int:
     opts = _match_options(a)
     pipe = load_pipeline(a.model)
     _check_vocab(pipe, caps)
-    res = score_image_captions(pipe, img, caps, opts)
+    if a.scorer == "structure":
+        from interp.structure_score import structure_scorer_fn
+
+        res = structure_scorer_fn(pipe, img, caps, opts)
+    else:
+        res = score_image_captions(pipe, img, caps, opts)
     out = {"scores": res["scores"], "unet_evals": res["unet_evals"],
            "breakdowns": {c: b.as_dict() for c, b in res["breakdowns"].items()}}
     print(json.dumps(out) if a.json else "\n".join(f"{v:+.5f}  {c}" for c, v in res["scores"].items()))
@@ -195,7 +207,11 @@ def _cmd_eval_matching(a: argparse.Namespace) -> int:
     if a.limit is not None and a.limit < 1:
         raise UserError("--limit must be at least 1")
     opts = _match_options(a)
-    res = evaluate_matching(load_pipeline(a.model), bench, opts, split=a.split, limit=a.limit, per_item=False)
+    fn = None
+    if a.scorer == "structure":
+        from interp.structure_score import structure_scorer_fn as fn
+    res = evaluate_matching(load_pipeline(a.model), bench, opts, split=a.split, limit=a.limit, per_item=False,
+                            scorer_fn=fn)
     res["unet_calls_per_pair"] = res["unet_evals_per_pair"]  # the outside-check contract's name
     res["per_split"] = res["by_type"]  # accuracy per hard-negative split (attribute swap, role swap, ...)
     if a.json:
@@ -210,7 +226,7 @@ def _add_match_args(p: argparse.ArgumentParser, inputs: bool = True) -> None:
         p.add_argument("--image", required=True)
         p.add_argument("--captions", nargs="*", required=True)
     p.add_argument("--model", default=None)
-    p.add_argument("--scorer", choices=["lse", "denoise", "denoise_norm"], default="lse")
+    p.add_argument("--scorer", choices=["lse", "denoise", "denoise_norm", "structure"], default="lse")
     p.add_argument("--source", choices=["probs", "logits"], default="logits")
     p.add_argument("--layers", default=None, help="default all; 'last_per_stage' = the authors' code")
     p.add_argument("--pooling", choices=["lse", "mean", "max_rows", "max_cols"], default="lse")

@@ -92,6 +92,16 @@ class TestRank:
         assert sorted(x["caption"] for x in r) == sorted(caps)
         assert [x["score"] for x in r] == sorted((x["score"] for x in r), reverse=True)
 
+    @pytest.mark.parametrize("scorer", ["denoise", "denoise_norm", "structure"])
+    def test_rank_with_each_scorer(self, capsys, tiny_pipe_dir, render_png, scorer):
+        """Every scorer ranks all captions, best first."""
+        caps = ["a red circle left of a blue square", "a red circle right of a blue square"]
+        code, out, _ = _run(capsys, "rank", "--image", render_png, "--captions", *caps, "--model", tiny_pipe_dir,
+                            "--scorer", scorer, "--timesteps", 300, "--json")
+        r = json.loads(out)
+        assert code == 0 and sorted(x["caption"] for x in r) == sorted(caps)
+        assert r[0]["score"] >= r[1]["score"]
+
     @pytest.mark.parametrize("caps,match", [([], "no captions"), (["a red circle"], "at least 2"),
                                             (["a red circle", " "], "caption 2 is empty")])
     def test_rank_bad_captions(self, capsys, render_png, caps, match):
