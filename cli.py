@@ -185,7 +185,12 @@ def _cmd_eval_grounding(a: argparse.Namespace) -> int:
     if any(t < 0 or t >= 1000 for t in a.timesteps):
         raise UserError("--timesteps must lie in 0..999")
     pipe = load_pipeline(a.model)
-    res = evaluate_grounding(pipe, n_scenes=a.n_scenes, timesteps=a.timesteps)
+    res = evaluate_grounding(pipe, n_scenes=a.n_scenes, timesteps=a.timesteps, return_rows=bool(a.atlas_dir))
+    if a.atlas_dir:
+        from interp.head_atlas import atlas_table, save_atlas
+
+        save_atlas(atlas_table(res.pop("rows")), a.atlas_dir)
+        res["atlas_dir"] = a.atlas_dir
     if a.json:
         print(json.dumps(res))
     else:
@@ -286,6 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
     eg.add_argument("--model", default=None)
     eg.add_argument("--n-scenes", dest="n_scenes", type=int, default=60)
     eg.add_argument("--timesteps", type=int, nargs="+", default=[100, 300, 500, 700])
+    eg.add_argument("--atlas-dir", dest="atlas_dir", default=None,
+                    help="write the head atlas (atlas.json + atlas.png) to this folder")
     eg.add_argument("--json", action="store_true")
     eg.set_defaults(fn=_cmd_eval_grounding)
 

@@ -31,7 +31,8 @@ def _summ(rows: list[dict]) -> dict:
 
 
 def evaluate_grounding(pipe, n_scenes: int = 60, timesteps: Sequence[int] = DEFAULT_TIMESTEPS,
-                       seed: int = GROUNDING_SEED, noise_seed: int = 0, calibration_share: float = 0.5) -> dict:
+                       seed: int = GROUNDING_SEED, noise_seed: int = 0, calibration_share: float = 0.5,
+                       return_rows: bool = False) -> dict:
     """Grounding metrics on held-out renders.
 
     The first `calibration_share` of the scenes picks the best layer and head ("best_layer",
@@ -41,7 +42,8 @@ def evaluate_grounding(pipe, n_scenes: int = 60, timesteps: Sequence[int] = DEFA
     Returns:
         {"n_scenes", "timesteps", "by_class" (all slices pooled), "by_layer", "by_head", "by_step"
          (each {group: {word_class: metrics}}), "aggregates" ({name: {word_class: metrics}}, on the
-         held-out half), "best_layer", "best_head", "unet_evals"}.
+         held-out half), "best_layer", "best_head", "unet_evals", and "rows" (every slice's metrics)
+         when `return_rows`}.
     """
     from models.scoring_pass import encode_image, noised_unet_pass
 
@@ -88,4 +90,5 @@ def evaluate_grounding(pipe, n_scenes: int = 60, timesteps: Sequence[int] = DEFA
         "by_step": grouped("timestep"),
         "aggregates": {k: _summ(v) for k, v in aggs.items()},
         "best_layer": best_layer, "best_head": list(best_head), "unet_evals": evals,
+        **({"rows": all_rows} if return_rows else {}),
     }

@@ -124,3 +124,20 @@ class TestEvalMatching:
         """An unknown benchmark exits 2 with one line naming the known ones."""
         code, _, err = _run(capsys, "eval-matching", "--benchmark", "nope")
         assert code == 2 and "winoground" in err and err.count("\n") == 1
+
+
+class TestEvalGrounding:
+    def test_eval_grounding_json_and_atlas(self, capsys, tiny_pipe_dir, tmp_path):
+        """eval-grounding prints metrics per word class and aggregate, and saves the head atlas."""
+        code, out, _ = _run(capsys, "eval-grounding", "--n-scenes", 3, "--timesteps", 300, "--model", tiny_pipe_dir,
+                            "--atlas-dir", tmp_path / "atlas", "--json")
+        assert code == 0
+        d = json.loads(out)
+        assert set(d["aggregates"]) == {"mean", "daam", "best_layer", "best_head", "weighted"}
+        assert 0 <= d["by_class"]["color"]["energy"] <= 1
+        assert (tmp_path / "atlas" / "atlas.png").exists() and (tmp_path / "atlas" / "atlas.json").exists()
+
+    def test_bad_timestep(self, capsys):
+        """An out-of-range timestep exits 2 with one line."""
+        code, _, err = _run(capsys, "eval-grounding", "--timesteps", 5000)
+        assert code == 2 and "timesteps" in err
