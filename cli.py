@@ -125,25 +125,30 @@ def _cmd_maps(a: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_rank(a: argparse.Namespace) -> int:
-    from interp.matching import rank_image_captions, validate_captions
+def _scored(a: argparse.Namespace, min_count: int) -> dict:
+    """Validate image and captions, load the model, score with the chosen scorer (one batched pass)."""
+    from interp.matching import score_image_captions, validate_captions
     from models.loading import load_pipeline
 
     img = _read_image(a.image)
     try:
-        caps = validate_captions(a.captions, min_count=2)
+        caps = validate_captions(a.captions, min_count=min_count)
     except ValueError as e:
         raise UserError(str(e))
     opts = _match_options(a)
     pipe = load_pipeline(a.model)
     _check_vocab(pipe, caps)
     if a.scorer == "structure":
-        from interp.lse import rank_captions
         from interp.structure_score import structure_scorer_fn
 
-        ranked = rank_captions(structure_scorer_fn(pipe, img, caps, opts)["scores"])
-    else:
-        ranked = rank_image_captions(pipe, img, caps, opts)
+        return structure_scorer_fn(pipe, img, caps, opts)
+    return score_image_captions(pipe, img, caps, opts)
+
+
+def _cmd_rank(a: argparse.Namespace) -> int:
+    from interp.lse import rank_captions
+
+    ranked = rank_captions(_scored(a, min_count=2)["scores"])
     if a.json:
         print(json.dumps(ranked))
     else:
@@ -153,23 +158,7 @@ def _cmd_rank(a: argparse.Namespace) -> int:
 
 
 def _cmd_score(a: argparse.Namespace) -> int:
-    from interp.matching import score_image_captions, validate_captions
-    from models.loading import load_pipeline
-
-    img = _read_image(a.image)
-    try:
-        caps = validate_captions(a.captions, min_count=1)
-    except ValueError as e:
-        raise UserError(str(e))
-    opts = _match_options(a)
-    pipe = load_pipeline(a.model)
-    _check_vocab(pipe, caps)
-    if a.scorer == "structure":
-        from interp.structure_score import structure_scorer_fn
-
-        res = structure_scorer_fn(pipe, img, caps, opts)
-    else:
-        res = score_image_captions(pipe, img, caps, opts)
+    res = _scored(a, min_count=1)
     out = {"scores": res["scores"], "unet_evals": res["unet_evals"],
            "breakdowns": {c: b.as_dict() for c, b in res["breakdowns"].items()}}
     print(json.dumps(out) if a.json else "\n".join(f"{v:+.5f}  {c}" for c, v in res["scores"].items()))

@@ -110,6 +110,16 @@ class TestRank:
         assert code == 2 and match in err and err.count("\n") == 1
 
 
+class TestScore:
+    def test_score_prints_breakdown(self, capsys, tiny_pipe_dir, render_png):
+        """score prints each caption's score, its layer x timestep table and the UNet evaluations."""
+        code, out, _ = _run(capsys, "score", "--image", render_png, "--captions", "a red circle", "--model",
+                            tiny_pipe_dir, "--timesteps", 200, 600, "--json")
+        d = json.loads(out)
+        assert code == 0 and set(d["scores"]) == {"a red circle"} and d["unet_evals"] == 2
+        assert len(d["breakdowns"]["a red circle"]["table"]) == 7
+
+
 class TestEvalMatching:
     def test_eval_matching_json(self, capsys, tiny_pipe_dir):
         """eval-matching prints metrics, per-split accuracies and unet_calls_per_pair as one JSON object."""
