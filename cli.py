@@ -175,6 +175,10 @@ def _cmd_eval_grounding(a: argparse.Namespace) -> int:
         raise UserError("--timesteps must lie in 0..999")
     pipe = load_pipeline(a.model)
     res = evaluate_grounding(pipe, n_scenes=a.n_scenes, timesteps=a.timesteps, return_rows=bool(a.atlas_dir))
+    if a.generations:
+        from interp.grounding_eval import evaluate_generation_grounding
+
+        res["generations"] = evaluate_generation_grounding(pipe, n_per_kind=a.generations)
     if a.atlas_dir:
         from interp.head_atlas import atlas_table, save_atlas
 
@@ -280,6 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     eg.add_argument("--model", default=None)
     eg.add_argument("--n-scenes", dest="n_scenes", type=int, default=60)
     eg.add_argument("--timesteps", type=int, nargs="+", default=[100, 300, 500, 700])
+    eg.add_argument("--generations", type=int, default=0,
+                    help="also score maps traced while generating this many held-out prompts per kind")
     eg.add_argument("--atlas-dir", dest="atlas_dir", default=None,
                     help="write the head atlas (atlas.json + atlas.png) to this folder")
     eg.add_argument("--json", action="store_true")

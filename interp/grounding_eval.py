@@ -92,3 +92,62 @@ def evaluate_grounding(pipe, n_scenes: int = 60, timesteps: Sequence[int] = DEFA
         "best_layer": best_layer, "best_head": list(best_head), "unet_evals": evals,
         **({"rows": all_rows} if return_rows else {}),
     }
+
+
+def scene_from_detections(caption: str, detections: Sequence[dict]) -> world.Scene | None:
+    """A scene whose objects are the checker's detections, ordered as the caption's phrases need.
+
+    Returns None when the detections cannot be bound to the phrases unambiguously (wrong generations).
+    """
+    p = world.parse_caption(caption)
+
+    def obj(d: dict) -> world.Obj:
+        ext = max(d["box"][2] - d["box"][0], d["box"][3] - d["box"][1])
+        return world.Obj(d["color"], d["shape"], "big" if ext > 15.5 else "small", tuple(float(v) for v in d["box"]))
+
+    objs: list[world.Obj] = []
+    for ph in p.phrases:
+        hits = [d for d in detections if d["color"] == ph.color and d["shape"] == ph.shape]
+        if len(hits) != ph.count:
+            return None
+        objs.extend(obj(d) for d in hits)
+    if len(objs) != len(detections):
+        return None
+    return world.Scene(p.kind, tuple(objs), " ".join(p.words), p.relation, p.kind == "single" and p.phrases[0].size is not None)
+
+
+def evaluate_generation_grounding(pipe, n_per_kind: int = 10, steps: int | None = None, guidance: float | None = None,
+                                  seed: int = 0, prompt_seed: int = GROUNDING_SEED + 1) -> dict:
+    """Grounding of the model's own generations: each held-out prompt is generated with every step
+    traced, the scene checker finds the objects, and the maps are scored against masks of the
+    detected objects. Only generations the checker judges correct are scored (their words can be
+    bound to detections). Returns {"n_prompts", "n_scored", "by_class", "by_step"}."""
+    import torch
+
+    from models.checker import check
+    from models.trace import trace
+
+    from .generation_eval import held_out_prompts
+
+    d = getattr(pipe, "discolens_defaults", None)
+    rows: list[dict] = []
+    pairs = held_out_prompts(n_per_kind, prompt_seed)
+    scored = 0
+    for i, (_, cap) in enumerate(pairs):
+        g = torch.Generator("cpu").manual_seed(seed + i)
+        kw = {"height": d.size, "width": d.size} if d and d.size else {}
+        with torch.no_grad(), trace(pipe) as tr:
+            img = pipe(cap, num_inference_steps=steps or (d.steps if d else 25),
+                       guidance_scale=guidance if guidance is not None else (d.guidance if d else 7.5),
+                       generator=g, **kw).images[0]
+        verdict = check(img, cap)
+        scene = scene_from_detections(cap, verdict["detections"]) if verdict["correct"] else None
+        if scene is None:
+            continue
+        scored += 1
+        rows.extend(grounding_table(tr.trace, scene, size=img.height))
+    by_step: dict = {}
+    for r in rows:
+        by_step.setdefault(r["timestep"], []).append(r)
+    return {"n_prompts": len(pairs), "n_scored": scored, "by_class": _summ(rows) if rows else {},
+            "by_step": {str(k): _summ(v) for k, v in sorted(by_step.items(), reverse=True)}}
