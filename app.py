@@ -11,7 +11,7 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 import gradio as gr
 
-from interp.workbench import traced_generation
+from interp.workbench import slice_choices, slice_overlays, traced_generation
 from models.loading import ModelLoadError, bundled_models, load_pipeline
 
 MAX_STEPS = 100
@@ -39,7 +39,21 @@ def generate(prompt: str, model: str, seed: float, steps: float, guidance: float
         res = traced_generation(pipe, prompt, seed=int(seed), steps=int(steps), guidance=float(guidance))
     except ValueError as e:
         raise gr.Error(str(e))
-    return res.image.resize((256, 256), resample=0), res.overlays()
+    ch = slice_choices(res.trace)
+    return (res.image.resize((256, 256), resample=0), res.overlays(), (res.image, res.trace),
+            gr.Dropdown(choices=ch["layers"], value="all"), gr.Dropdown(choices=ch["heads"], value="all"),
+            gr.Dropdown(choices=ch["steps"], value="all"))
+
+
+def explore(state, layer: str, head: str, step: str):
+    """Word maps of one slice (layer / head / step) of the last generation's trace."""
+    if not state:
+        raise gr.Error("generate an image first")
+    image, tr = state
+    try:
+        return slice_overlays(image, tr, layer, head, step)
+    except (ValueError, KeyError) as e:
+        raise gr.Error(str(e))
 
 
 def build_demo() -> gr.Blocks:
@@ -61,7 +75,18 @@ def build_demo() -> gr.Blocks:
                 image = gr.Image(label="Generated image", type="pil", elem_id="image")
         maps = gr.Gallery(label="Cross-attention per word (all layers, heads and steps averaged)",
                           columns=8, height=220, elem_id="word-maps")
-        go.click(generate, [prompt, model, seed, steps, guidance], [image, maps], api_name="generate")
+        state = gr.State(None)
+        gr.Markdown("### Trace explorer: one layer, head or denoising step")
+        with gr.Row():
+            layer = gr.Dropdown(["all"], value="all", label="Layer", elem_id="layer")
+            head = gr.Dropdown(["all"], value="all", label="Head", elem_id="head")
+            step = gr.Dropdown(["all"], value="all", label="Step (timestep)", elem_id="step")
+        slice_maps = gr.Gallery(label="Cross-attention per word, selected slice", columns=8, height=220,
+                                elem_id="slice-maps")
+        go.click(generate, [prompt, model, seed, steps, guidance], [image, maps, state, layer, head, step],
+                 api_name="generate")
+        for w in (layer, head, step):
+            w.change(explore, [state, layer, head, step], slice_maps, api_name=False)
     return demo
 
 

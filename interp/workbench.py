@@ -54,3 +54,25 @@ def traced_generation(pipe, prompt: str, seed: int = 0, steps: int | None = None
     t = tr.trace
     words, maps = word_heatmaps(t, size=img.height)
     return TracedGeneration(img, t, words, maps)
+
+
+ALL = "all"
+
+
+def slice_choices(tr: AttentionTrace) -> dict[str, list[str]]:
+    """Dropdown choices for a trace: layers (aliases), heads and steps (with their timesteps), each with 'all'."""
+    heads = max(l.heads for l in tr.layers)
+    return {"layers": [ALL, *tr.layer_names], "heads": [ALL, *[str(h) for h in range(heads)]],
+            "steps": [ALL, *[f"{i} (t={int(t)})" for i, t in enumerate(tr.timesteps)]]}
+
+
+def slice_overlays(image: Image.Image, tr: AttentionTrace, layer: str = ALL, head: str = ALL,
+                   step: str = ALL) -> list[tuple[Image.Image, str]]:
+    """Word-map overlays for one slice of the trace ('all' averages that axis)."""
+    layers = None if layer in (None, ALL) else [layer]
+    heads = None if head in (None, ALL) else [int(head)]
+    steps = None if step in (None, ALL) else [int(str(step).split()[0])]
+    if heads is not None and layers is not None and heads[0] >= tr.layer(layer).heads:
+        raise ValueError(f"layer {layer} has {tr.layer(layer).heads} heads")
+    words, maps = word_heatmaps(tr, layers=layers, heads=heads, steps=steps, size=image.height)
+    return [(overlay(image, m), w) for w, m in zip(words, maps)]

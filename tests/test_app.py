@@ -15,9 +15,22 @@ class TestApp:
 
     def test_generate_returns_image_and_word_maps(self, tiny_pipe_dir):
         """A prompt gives the image and one overlay per word, labelled with the word."""
-        img, maps = app.generate("a red circle", str(tiny_pipe_dir), 0, 2, 3.0)
+        img, maps, state, *dropdowns = app.generate("a red circle", str(tiny_pipe_dir), 0, 2, 3.0)
         assert img.size == (256, 256)
         assert [w for _, w in maps] == ["a", "red", "circle"]
+
+    def test_explore_slices_the_last_trace(self, tiny_pipe_dir):
+        """The explorer shows one overlay per word for a chosen layer, head and step."""
+        _, _, state, *_ = app.generate("a red circle", str(tiny_pipe_dir), 0, 2, 3.0)
+        out = app.explore(state, "mid.attn.0", "1", "0 (t=999)")
+        assert [w for _, w in out] == ["a", "red", "circle"]
+        everything = app.explore(state, "all", "all", "all")
+        assert any((a[0].tobytes() != b[0].tobytes()) for a, b in zip(out, everything))
+
+    def test_explore_before_generate_is_an_error(self):
+        """Exploring with no trace yet is a clear gr.Error."""
+        with pytest.raises(gr.Error, match="generate an image first"):
+            app.explore(None, "all", "all", "all")
 
     @pytest.mark.parametrize("prompt,steps,guidance,seed,match", [
         ("", 2, 3.0, 0, "empty"),

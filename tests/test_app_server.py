@@ -51,7 +51,7 @@ class TestServedApp:
         """/generate returns an image file and one gallery entry per word."""
         from gradio_client import Client
 
-        img, gallery = Client(server, verbose=False).predict(
+        img, gallery, *_ = Client(server, verbose=False).predict(
             "a red circle", str(tiny_pipe_dir), 0, 2, 3.0, api_name="/generate")
         assert Path(img).exists() and len(gallery) == 3
 
