@@ -100,7 +100,8 @@ def _match_options(a: argparse.Namespace):
     ts = tuple(a.timesteps) if a.timesteps else MatchOptions().timesteps
     if any(t < 0 or t >= n_train for t in ts):
         raise UserError(f"--timesteps must lie in 0..{n_train - 1}")
-    scorer = "lse" if a.scorer == "structure" else a.scorer  # structure: its own scorer_fn, LSE as fallback
+    # structure / head_weighted have their own scorer_fn; their LSE options come from here
+    scorer = "lse" if a.scorer in ("structure", "head_weighted") else a.scorer
     return MatchOptions(scorer=scorer, source=a.source, layers=a.layers, pooling=a.pooling, timesteps=ts,
                         noise_seed=a.noise_seed)
 
@@ -138,11 +139,29 @@ def _scored(a: argparse.Namespace, min_count: int) -> dict:
     opts = _match_options(a)
     pipe = load_pipeline(a.model)
     _check_vocab(pipe, caps)
+    fn = _scorer_fn(a)
+    return fn(pipe, img, caps, opts) if fn else score_image_captions(pipe, img, caps, opts)
+
+
+def _scorer_fn(a: argparse.Namespace):
+    """The scorer function of --scorer where it is not a plain MatchOptions scorer, else None."""
     if a.scorer == "structure":
         from interp.structure_score import structure_scorer_fn
 
-        return structure_scorer_fn(pipe, img, caps, opts)
-    return score_image_captions(pipe, img, caps, opts)
+        return structure_scorer_fn
+    if a.scorer == "head_weighted":
+        from interp.head_attribution import make_head_weighted_scorer
+
+        return make_head_weighted_scorer(a.variant, a.grad_norm)
+    return None
+
+
+def _jsonable(x):
+    """numpy arrays (NaN -> None) as nested lists."""
+    import numpy as np
+
+    a = np.asarray(x, dtype=float)
+    return [[None if np.isnan(v) else float(v) for v in row] for row in a]
 
 
 def _cmd_rank(a: argparse.Namespace) -> int:
@@ -160,7 +179,11 @@ def _cmd_rank(a: argparse.Namespace) -> int:
 def _cmd_score(a: argparse.Namespace) -> int:
     res = _scored(a, min_count=1)
     out = {"scores": res["scores"], "unet_evals": res["unet_evals"],
-           "breakdowns": {c: b.as_dict() for c, b in res["breakdowns"].items()}}
+           "breakdowns": {c: b.as_dict() for c, b in res.get("breakdowns", {}).items()}}
+    if "per_caption" in res:  # head weighting: attribution tables [layers, heads] per caption
+        out["layers"] = res["layers"]
+        out["per_caption"] = {c: {"score": d["score"], "plain_score": d["plain_score"],
+                                  "table": _jsonable(d["table"])} for c, d in res["per_caption"].items()}
     print(json.dumps(out) if a.json else "\n".join(f"{v:+.5f}  {c}" for c, v in res["scores"].items()))
     return 0
 
@@ -205,9 +228,7 @@ def _cmd_eval_matching(a: argparse.Namespace) -> int:
     if a.limit is not None and a.limit < 1:
         raise UserError("--limit must be at least 1")
     opts = _match_options(a)
-    fn = None
-    if a.scorer == "structure":
-        from interp.structure_score import structure_scorer_fn as fn
+    fn = _scorer_fn(a)
     res = evaluate_matching(load_pipeline(a.model), bench, opts, split=a.split, limit=a.limit, per_item=False,
                             scorer_fn=fn)
     res["unet_calls_per_pair"] = res["unet_evals_per_pair"]  # the outside-check contract's name
@@ -224,7 +245,11 @@ def _add_match_args(p: argparse.ArgumentParser, inputs: bool = True) -> None:
         p.add_argument("--image", required=True)
         p.add_argument("--captions", nargs="*", required=True)
     p.add_argument("--model", default=None)
-    p.add_argument("--scorer", choices=["lse", "denoise", "denoise_norm", "structure"], default="lse")
+    p.add_argument("--scorer", choices=["lse", "denoise", "denoise_norm", "structure", "head_weighted"],
+                   default="lse")
+    p.add_argument("--variant", choices=["eq7", "gxa"], default="eq7",
+                   help="head_weighted: A_h x sum over heads of df/dA (Eq. 7) or A_h x df/dA_h")
+    p.add_argument("--grad-norm", dest="grad_norm", choices=["none", "mean_abs"], default="none")
     p.add_argument("--source", choices=["probs", "logits"], default="logits")
     p.add_argument("--layers", default=None, help="default all; 'last_per_stage' = the authors' code")
     p.add_argument("--pooling", choices=["lse", "mean", "max_rows", "max_cols"], default="lse")

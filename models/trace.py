@@ -232,7 +232,7 @@ class Tracer:
         if self.sel_heads is not None:
             x = x[:, self.sel_heads]
         x = x.detach().reshape(x.shape[0], x.shape[1], h, w, x.shape[-1])
-        return x.to(self.store_device, self.store_dtype, non_blocking=True)
+        return x.to(self.store_device, self.store_dtype)
 
     # ---- context ----
     @contextlib.contextmanager

@@ -92,7 +92,7 @@ class TestRank:
         assert sorted(x["caption"] for x in r) == sorted(caps)
         assert [x["score"] for x in r] == sorted((x["score"] for x in r), reverse=True)
 
-    @pytest.mark.parametrize("scorer", ["denoise", "denoise_norm", "structure"])
+    @pytest.mark.parametrize("scorer", ["denoise", "denoise_norm", "structure", "head_weighted"])
     def test_rank_with_each_scorer(self, capsys, tiny_pipe_dir, render_png, scorer):
         """Every scorer ranks all captions, best first."""
         caps = ["a red circle left of a blue square", "a red circle right of a blue square"]
@@ -118,6 +118,15 @@ class TestScore:
         d = json.loads(out)
         assert code == 0 and set(d["scores"]) == {"a red circle"} and d["unet_evals"] == 2
         assert len(d["breakdowns"]["a red circle"]["table"]) == 7
+
+    def test_score_head_weighted_prints_attribution_table(self, capsys, tiny_pipe_dir, render_png):
+        """With head weighting, each caption comes with its [layers x heads] attribution table."""
+        code, out, _ = _run(capsys, "score", "--image", render_png, "--captions", "a red circle", "--model",
+                            tiny_pipe_dir, "--timesteps", 300, "--scorer", "head_weighted", "--json")
+        d = json.loads(out)
+        assert code == 0 and len(d["layers"]) == 7
+        table = d["per_caption"]["a red circle"]["table"]
+        assert len(table) == 7 and all(len(r) == 4 for r in table)
 
 
 class TestEvalMatching:
