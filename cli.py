@@ -140,7 +140,24 @@ def _scored(a: argparse.Namespace, min_count: int) -> dict:
     pipe = load_pipeline(a.model)
     _check_vocab(pipe, caps)
     fn = _scorer_fn(a)
-    return fn(pipe, img, caps, opts) if fn else score_image_captions(pipe, img, caps, opts)
+    with _attn_prompt(a, pipe):
+        return fn(pipe, img, caps, opts) if fn else score_image_captions(pipe, img, caps, opts)
+
+
+def _attn_prompt(a: argparse.Namespace, pipe):
+    """apply_prompt context for --attn-prompt FILE (a no-op without it)."""
+    from models.prompt_learning import apply_prompt, load_prompt
+
+    pr = None
+    if getattr(a, "attn_prompt", None):
+        try:
+            pr = load_prompt(a.attn_prompt)
+        except (FileNotFoundError, ValueError, OSError) as e:
+            raise UserError(f"cannot load attention prompt {a.attn_prompt}: {str(e).splitlines()[0]}")
+    try:
+        return apply_prompt(pipe, pr)
+    except ValueError as e:
+        raise UserError(str(e).splitlines()[0])
 
 
 def _scorer_fn(a: argparse.Namespace):
@@ -229,14 +246,44 @@ def _cmd_eval_matching(a: argparse.Namespace) -> int:
         raise UserError("--limit must be at least 1")
     opts = _match_options(a)
     fn = _scorer_fn(a)
-    res = evaluate_matching(load_pipeline(a.model), bench, opts, split=a.split, limit=a.limit, per_item=False,
-                            scorer_fn=fn)
+    pipe = load_pipeline(a.model)
+    with _attn_prompt(a, pipe):
+        res = evaluate_matching(pipe, bench, opts, split=a.split, limit=a.limit, per_item=False, scorer_fn=fn)
     res["unet_calls_per_pair"] = res["unet_evals_per_pair"]  # the outside-check contract's name
     res["per_split"] = res["by_type"]  # accuracy per hard-negative split (attribute swap, role swap, ...)
     if a.json:
         print(json.dumps(res))
     else:
         print(json.dumps({k: res[k] for k in ("metrics", "chance", "unet_evals_per_pair")}, indent=1))
+    return 0
+
+
+def _cmd_train_prompt(a: argparse.Namespace) -> int:
+    from models.benchmarks import load_benchmark
+    from models.loading import load_pipeline
+    from models.prompt_learning import save_prompt, train_prompt
+
+    if a.steps < 1:
+        raise UserError("--steps must be at least 1")
+    try:
+        bench = load_benchmark(a.benchmark)
+    except (FileNotFoundError, ValueError) as e:
+        raise UserError(str(e).splitlines()[0])
+    out_dir = os.path.dirname(os.path.abspath(a.out))
+    if not os.path.isdir(out_dir):
+        raise UserError(f"output folder does not exist: {out_dir}")
+    opts = _match_options(a)
+    pipe = load_pipeline(a.model)
+
+    def progress(entry):
+        if not a.json:
+            print(f"step {entry.get('step', '?')}: loss {entry['loss']:.4f}", file=sys.stderr)
+
+    prompt, log = train_prompt(pipe, bench, opts, steps=a.steps, lr=a.lr, margin=a.margin, variant=a.variant_prompt,
+                               seed=a.seed, callback=progress)
+    save_prompt(prompt, a.out)
+    res = {"out": a.out, "steps": a.steps, "first_loss": log[0]["loss"], "last_loss": log[-1]["loss"]}
+    print(json.dumps(res) if a.json else f"saved {a.out}: loss {res['first_loss']:.4f} -> {res['last_loss']:.4f}")
     return 0
 
 
@@ -250,6 +297,8 @@ def _add_match_args(p: argparse.ArgumentParser, inputs: bool = True) -> None:
     p.add_argument("--variant", choices=["eq7", "gxa"], default="eq7",
                    help="head_weighted: A_h x sum over heads of df/dA (Eq. 7) or A_h x df/dA_h")
     p.add_argument("--grad-norm", dest="grad_norm", choices=["none", "mean_abs"], default="none")
+    p.add_argument("--attn-prompt", dest="attn_prompt", default=None, metavar="FILE",
+                   help="a learned attention prompt (cli.py train-prompt) applied while scoring")
     p.add_argument("--source", choices=["probs", "logits"], default="logits")
     p.add_argument("--layers", default=None, help="default all; 'last_per_stage' = the authors' code")
     p.add_argument("--pooling", choices=["lse", "mean", "max_rows", "max_cols"], default="lse")
@@ -328,6 +377,17 @@ def build_parser() -> argparse.ArgumentParser:
     em.add_argument("--limit", type=int, default=None)
     _add_match_args(em, inputs=False)
     em.set_defaults(fn=_cmd_eval_matching)
+
+    tp = sub.add_parser("train-prompt", help="few-shot attention prompt learning on a benchmark's train split")
+    tp.add_argument("--benchmark", required=True)
+    tp.add_argument("--out", required=True)
+    tp.add_argument("--steps", type=int, default=50)
+    tp.add_argument("--lr", type=float, default=1e-3)
+    tp.add_argument("--margin", type=float, default=0.2)
+    tp.add_argument("--prompt-variant", dest="variant_prompt", choices=["additive", "lora"], default="additive")
+    tp.add_argument("--seed", type=int, default=0)
+    _add_match_args(tp, inputs=False)
+    tp.set_defaults(fn=_cmd_train_prompt)
     return p
 
 

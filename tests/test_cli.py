@@ -160,3 +160,24 @@ class TestEvalGrounding:
         """An out-of-range timestep exits 2 with one line."""
         code, _, err = _run(capsys, "eval-grounding", "--timesteps", 5000)
         assert code == 2 and "timesteps" in err
+
+
+class TestPromptLearningCli:
+    def test_train_prompt_then_score_with_it(self, capsys, tiny_pipe_dir, render_png, tmp_path):
+        """train-prompt saves a prompt file that score --attn-prompt then applies (scores change)."""
+        f = tmp_path / "p.safetensors"
+        code, out, _ = _run(capsys, "train-prompt", "--benchmark", "counting", "--out", f, "--steps", 2, "--lr", 0.05,
+                            "--timesteps", 300, "--model", tiny_pipe_dir, "--json")
+        assert code == 0 and f.exists() and json.loads(out)["steps"] == 2
+        base = ["score", "--image", render_png, "--captions", "a red circle", "--model", tiny_pipe_dir,
+                "--timesteps", 300, "--json"]
+        _, plain, _ = _run(capsys, *base)
+        code, prompted, _ = _run(capsys, *base, "--attn-prompt", f)
+        assert code == 0
+        assert json.loads(plain)["scores"] != json.loads(prompted)["scores"]
+
+    def test_missing_prompt_file(self, capsys, tiny_pipe_dir, render_png):
+        """A missing prompt file exits 2 with one line."""
+        code, _, err = _run(capsys, "score", "--image", render_png, "--captions", "a red circle", "--model",
+                            tiny_pipe_dir, "--attn-prompt", "/no/such/prompt.safetensors")
+        assert code == 2 and "attention prompt" in err and err.count("\n") == 1
