@@ -52,7 +52,7 @@ import torch
 from captum.attr import LayerGradientXActivation
 from diffusers.models.attention_processor import Attention
 
-from models.attention_capture import CaptureProcessor, CrossAttnLayer, capture_cross_attention
+from models.attention_capture import CaptureProcessor, CrossAttnLayer, capture_cross_attention, select_layer_names
 from models.scoring_pass import _validate, encode_image
 from models.trace import real_token_count
 
@@ -95,58 +95,14 @@ class ProbeProcessor(CaptureProcessor):
         self.probe = AttentionProbe(name)
         self.probe_logits = probe_logits
 
-    def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
-                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None, *args, **kwargs) -> torch.Tensor:
-        # Same maths as CaptureProcessor.__call__ (tests check the UNet output is unchanged), plus the probe.
-        residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        input_ndim = hidden_states.ndim
-        if input_ndim == 4:
-            batch_size, channel, height, width = hidden_states.shape
-            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
-        batch_size, sequence_length, _ = (
-            hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
-        )
-        attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-        query = attn.to_q(hidden_states)
-        if encoder_hidden_states is None:
-            encoder_hidden_states = hidden_states
-        elif attn.norm_cross:
-            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        key = attn.to_k(encoder_hidden_states)
-        value = attn.to_v(encoder_hidden_states)
-        query = attn.head_to_batch_dim(query)
-        key = attn.head_to_batch_dim(key)
-        value = attn.head_to_batch_dim(value)
-
-        dtype = query.dtype
-        q, k = (query.float(), key.float()) if attn.upcast_attention else (query, key)
-        scores = torch.bmm(q, k.transpose(-1, -2)) * attn.scale  # [batch*heads, queries, keys]
-        if attention_mask is not None:
-            scores = scores + attention_mask
-        if attn.upcast_softmax:
-            scores = scores.float()
-        b = scores.shape[0] // attn.heads
-        logits4 = scores.view(b, attn.heads, *scores.shape[1:])
+    def maps(self, logits: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """CaptureProcessor's maths with the logits (or the probabilities) passing the probe."""
         if self.probe_logits:
-            logits4 = self.probe(logits4)
-        probs4 = logits4.softmax(dim=-1).to(dtype)
+            logits = self.probe(logits)
+        probs = logits.softmax(dim=-1).to(dtype)
         if not self.probe_logits:
-            probs4 = self.probe(probs4)
-        self.sink(self.name, probs4, logits4 if self.want_logits else None)
-
-        hidden_states = torch.bmm(probs4.reshape(b * attn.heads, *probs4.shape[2:]), value)
-        hidden_states = attn.batch_to_head_dim(hidden_states)
-        hidden_states = attn.to_out[0](hidden_states)
-        hidden_states = attn.to_out[1](hidden_states)
-        if input_ndim == 4:
-            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
-        if attn.residual_connection:
-            hidden_states = hidden_states + residual
-        return hidden_states / attn.rescale_output_factor
+            probs = self.probe(probs)
+        return logits, probs
 
 
 @dataclasses.dataclass
@@ -200,32 +156,6 @@ def probed_attention(unet: torch.nn.Module, source: Literal["probs", "logits"] =
 # ----------------------------------------------------------------------------------------------
 # Objective, gradients, attribution
 # ----------------------------------------------------------------------------------------------
-def select_layer_names(layers: Sequence[CrossAttnLayer], selection: Sequence[int | str] | str | None) -> list[str]:
-    """Module paths for a layer selection: None (all), "last_per_stage", or indices / aliases / paths."""
-    if selection is None:
-        return [l.name for l in layers]
-    if isinstance(selection, str):
-        if selection != "last_per_stage":
-            raise ValueError(f"unknown layer selection {selection!r}; use None, a list, or 'last_per_stage'")
-        last = {l.stage: l.name for l in layers}  # UNet order: the last seen of a stage is its last layer
-        missing = [s for s in ("down", "mid", "up") if s not in last]
-        if missing:
-            raise ValueError(f"'last_per_stage' needs a layer in every stage; none in {missing}")
-        return [last[s] for s in ("down", "mid", "up")]
-    out = []
-    for key in selection:
-        if isinstance(key, int) and -len(layers) <= key < len(layers):
-            out.append(layers[key].name)
-            continue
-        hit = [l.name for l in layers if key in (l.alias, l.name)]
-        if not hit:
-            raise ValueError(f"no cross-attention layer {key!r}; layers: {[l.alias for l in layers]}")
-        out.append(hit[0])
-    if not out:
-        raise ValueError("empty layer selection")
-    return out
-
-
 def matching_objective(maps: dict[str, torch.Tensor], columns: Sequence[Sequence[int]], layer_names: Sequence[str],
                        pooling: str = "lse", lam: float = 1.0) -> torch.Tensor:
     """f per batch row (float64, differentiable): per selected layer, pool each head's `[queries, columns]`

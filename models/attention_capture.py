@@ -19,12 +19,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import re
-from typing import Callable, Iterator, Protocol
+from typing import Callable, Iterator, Protocol, Sequence
 
 import torch
 from diffusers.models.attention_processor import Attention
 
-__all__ = ["CaptureProcessor", "CrossAttnLayer", "cross_attention_layers", "capture_cross_attention", "layer_alias"]
+__all__ = ["CaptureProcessor", "CrossAttnLayer", "cross_attention_layers", "capture_cross_attention", "layer_alias", "select_layer_names"]
 
 
 class Sink(Protocol):
@@ -77,6 +77,32 @@ def cross_attention_layers(unet: torch.nn.Module) -> list[CrossAttnLayer]:
     return out
 
 
+def select_layer_names(layers: Sequence[CrossAttnLayer], selection: Sequence[int | str] | str | None) -> list[str]:
+    """Module paths for a layer selection: None (all), "last_per_stage", or indices / aliases / paths."""
+    if selection is None:
+        return [l.name for l in layers]
+    if isinstance(selection, str):
+        if selection != "last_per_stage":
+            raise ValueError(f"unknown layer selection {selection!r}; use None, a list, or 'last_per_stage'")
+        last = {l.stage: l.name for l in layers}  # UNet order: the last seen of a stage is its last layer
+        missing = [s for s in ("down", "mid", "up") if s not in last]
+        if missing:
+            raise ValueError(f"'last_per_stage' needs a layer in every stage; none in {missing}")
+        return [last[s] for s in ("down", "mid", "up")]
+    out = []
+    for key in selection:
+        if isinstance(key, int) and -len(layers) <= key < len(layers):
+            out.append(layers[key].name)
+            continue
+        hit = [l.name for l in layers if key in (l.alias, l.name)]
+        if not hit:
+            raise ValueError(f"no cross-attention layer {key!r}; layers: {[l.alias for l in layers]}")
+        out.append(hit[0])
+    if not out:
+        raise ValueError("empty layer selection")
+    return out
+
+
 class CaptureProcessor:
     """Explicit attention (diffusers' `AttnProcessor` maths) that reports probabilities to a sink.
 
@@ -88,6 +114,13 @@ class CaptureProcessor:
         self.name = name
         self.sink = sink
         self.want_logits = want_logits
+
+    def maps(self, logits: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits `[batch, heads, queries, keys]` -> (logits, probabilities) as the layer will use them.
+
+        Subclasses may route either through a module (e.g. an identity probe for captum).
+        """
+        return logits, logits.softmax(dim=-1).to(dtype)
 
     def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None, *args, **kwargs) -> torch.Tensor:
@@ -123,10 +156,10 @@ class CaptureProcessor:
             scores = scores + attention_mask
         if attn.upcast_softmax:
             scores = scores.float()
-        probs = scores.softmax(dim=-1).to(dtype)
-        b = probs.shape[0] // attn.heads
-        self.sink(self.name, probs.view(b, attn.heads, *probs.shape[1:]),
-                  scores.view(b, attn.heads, *scores.shape[1:]) if self.want_logits else None)
+        b = scores.shape[0] // attn.heads
+        logits4, probs4 = self.maps(scores.view(b, attn.heads, *scores.shape[1:]), dtype)
+        self.sink(self.name, probs4, logits4 if self.want_logits else None)
+        probs = probs4.reshape(b * attn.heads, *probs4.shape[2:])
 
         hidden_states = torch.bmm(probs, value)
         hidden_states = attn.batch_to_head_dim(hidden_states)

@@ -60,7 +60,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention_capture import capture_cross_attention, cross_attention_layers
+from .attention_capture import capture_cross_attention, cross_attention_layers, select_layer_names
 from .trace import real_token_count
 
 __all__ = ["VARIANTS", "NEGATIVES", "FORMAT_VERSION", "PromptLayer", "AttentionPrompt", "Triplet", "apply_prompt",
@@ -531,28 +531,7 @@ def _prepare(pipe, triplets: Sequence[Triplet], tokens: str) -> _Rows:
 
 def _score_layers(unet, layers) -> list[str]:
     """Module paths of the layers a score averages, for MatchOptions.layers (None, 'last_per_stage', a list)."""
-    all_l = cross_attention_layers(unet)
-    if layers is None:
-        return [l.name for l in all_l]
-    if isinstance(layers, str):
-        if layers != "last_per_stage":
-            raise ValueError(f"unknown layer selection {layers!r}; use None, a list, or 'last_per_stage'")
-        last = {}
-        for l in all_l:
-            last[l.stage] = l.name
-        missing = [s for s in ("down", "mid", "up") if s not in last]
-        if missing:
-            raise ValueError(f"'last_per_stage' needs a cross-attention layer in every stage; none in {missing}")
-        return [last[s] for s in ("down", "mid", "up")]
-    out = []
-    for key in layers:
-        hit = [l.name for i, l in enumerate(all_l) if key in (l.name, l.alias) or key == i]
-        if not hit:
-            raise ValueError(f"no cross-attention layer {key!r}; layers: {[l.alias for l in all_l]}")
-        out.append(hit[0])
-    if not out:
-        raise ValueError("empty layer selection")
-    return out
+    return select_layer_names(cross_attention_layers(unet), layers)
 
 
 def _check_options(options) -> None:
