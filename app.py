@@ -11,6 +11,8 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 import gradio as gr
 
+from interp.figures import breakdown_plotly
+from interp.matching import MatchOptions, score_image_captions, validate_captions
 from interp.workbench import slice_choices, slice_overlays, traced_generation
 from models.loading import ModelLoadError, bundled_models, load_pipeline
 
@@ -56,6 +58,32 @@ def explore(state, layer: str, head: str, step: str):
         raise gr.Error(str(e))
 
 
+SCORERS = {"LSE over attention logits (Discffusion)": "lse", "Denoising error (Diffusion Classifier)": "denoise",
+           "Denoising error, unconditional-normalised": "denoise_norm"}
+
+
+def match(image, captions_text: str, model: str, scorer_label: str, timesteps_text: str):
+    """Rank captions for an image; the LSE breakdown by layer and timestep."""
+    if image is None:
+        raise gr.Error("upload or generate an image first")
+    try:
+        caps = validate_captions([c for c in (captions_text or "").splitlines() if c.strip()], min_count=2)
+        ts = tuple(int(t) for t in (timesteps_text or "").replace(",", " ").split())
+    except ValueError as e:
+        raise gr.Error(str(e) if "caption" in str(e) else "timesteps must be whole numbers, e.g. 200 400 600 800")
+    if not ts or any(not 0 <= t < 1000 for t in ts):
+        raise gr.Error("timesteps must lie in 0..999")
+    if scorer_label not in SCORERS:
+        raise gr.Error(f"unknown scorer {scorer_label!r}")
+    pipe = _pipe(model)
+    opts = MatchOptions(scorer=SCORERS[scorer_label], timesteps=ts)
+    res = score_image_captions(pipe, image, caps, opts)
+    ranked = sorted(res["scores"].items(), key=lambda kv: -kv[1])
+    table = [[i + 1, c, round(v, 5)] for i, (c, v) in enumerate(ranked)]
+    fig = breakdown_plotly(res["breakdowns"], [c for c, _ in ranked]) if res["breakdowns"] else None
+    return table, fig, f"{res['unet_evals']} UNet evaluations ({len(ts)} timesteps x {len(caps)} captions, one batch each)"
+
+
 def build_demo() -> gr.Blocks:
     models = list(bundled_models()) or ["shapes-v1"]
     with gr.Blocks(title="DiscoLens") as demo:
@@ -87,6 +115,25 @@ def build_demo() -> gr.Blocks:
                  api_name="generate")
         for w in (layer, head, step):
             w.change(explore, [state, layer, head, step], slice_maps, api_name=False)
+
+        gr.Markdown("## Match: the model as an image-text matcher\nOne noised UNet call per timestep, all captions in "
+                    "one batch, the same noise for every caption.")
+        with gr.Row():
+            with gr.Column():
+                m_image = gr.Image(label="Image", type="pil", elem_id="match-image")
+                m_caps = gr.Textbox(label="Captions (one per line)", lines=4, elem_id="match-captions",
+                                    value="a red circle left of a blue square\na blue square left of a red circle\n"
+                                          "a red circle right of a blue square")
+                with gr.Row():
+                    m_scorer = gr.Dropdown(list(SCORERS), value=list(SCORERS)[0], label="Scorer", elem_id="match-scorer")
+                    m_ts = gr.Textbox(value="200 400 600 800", label="Timesteps", elem_id="match-timesteps")
+                m_go = gr.Button("Rank captions", elem_id="match")
+            with gr.Column():
+                m_table = gr.Dataframe(headers=["rank", "caption", "score"], label="Ranking", elem_id="match-ranking")
+                m_cost = gr.Markdown(elem_id="match-cost")
+        m_plot = gr.Plot(label="Score breakdown", elem_id="match-breakdown")
+        m_go.click(match, [m_image, m_caps, model, m_scorer, m_ts], [m_table, m_plot, m_cost], api_name="match")
+        image.change(lambda im: im.resize((64, 64)) if im is not None else None, image, m_image, api_name=False)
     return demo
 
 

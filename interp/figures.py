@@ -138,3 +138,29 @@ def atlas_plotly(table: Sequence[dict], metric: str = "energy", timestep: float 
                       yaxis_title="layer", yaxis=dict(autorange="reversed", type="category"),
                       xaxis=dict(type="category"), plot_bgcolor="rgb(238,238,238)")
     return fig
+
+
+def breakdown_plotly(breakdowns: dict, captions: Sequence[str] | None = None):
+    """Plotly heat maps of LSE score breakdowns, one panel per caption: layers x timesteps.
+
+    Args:
+        breakdowns: {caption: ScoreBreakdown} (from `interp.matching.score_image_captions`).
+        captions: which captions, in order (default: all).
+    """
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    caps = list(captions or breakdowns)
+    if not caps:
+        raise ValueError("no breakdowns to plot")
+    fig = make_subplots(rows=1, cols=len(caps), subplot_titles=[c if len(c) < 40 else c[:37] + "..." for c in caps],
+                        shared_yaxes=True)
+    lo = min(float(np.min(breakdowns[c].table)) for c in caps)
+    hi = max(float(np.max(breakdowns[c].table)) for c in caps)
+    for i, c in enumerate(caps, start=1):
+        b = breakdowns[c]
+        fig.add_trace(go.Heatmap(z=b.table, x=[f"t={int(t)}" for t in b.timesteps], y=b.layers, zmin=lo, zmax=hi,
+                                 colorscale="Viridis", showscale=i == len(caps),
+                                 hovertemplate="%{y} %{x}: %{z:.4f}<extra>" + c + "</extra>"), row=1, col=i)
+    fig.update_layout(height=320, margin=dict(l=10, r=10, t=40, b=10), title="LSE score by layer and timestep")
+    return fig

@@ -49,3 +49,32 @@ class TestApp:
         """A model that cannot be loaded is reported, not raised as a traceback."""
         with pytest.raises(gr.Error, match="cannot load model|not a diffusers pipeline"):
             app.generate("a red circle", "/nonexistent/model/folder", 0, 2, 3.0)
+
+
+class TestMatchTab:
+    def _img(self):
+        import numpy as np
+
+        from models import world
+
+        return world.render(world.scene_from_caption("a red circle left of a blue square", np.random.default_rng(0)))
+
+    def test_match_ranks_all_captions(self, tiny_pipe_dir):
+        """All captions come back ranked 1..K with a breakdown figure and the UNet cost."""
+        caps = "a red circle left of a blue square\na blue square left of a red circle"
+        table, fig, cost = app.match(self._img(), caps, str(tiny_pipe_dir), list(app.SCORERS)[0], "300 600")
+        assert [r[0] for r in table] == [1, 2] and {r[1] for r in table} == set(caps.splitlines())
+        assert table[0][2] >= table[1][2] and fig is not None and "4 UNet evaluations" in cost
+
+    @pytest.mark.parametrize("caps,ts,match", [("a red circle", "300", "at least 2"),
+                                                ("a red circle\na blue square", "x", "whole numbers"),
+                                                ("a red circle\na blue square", "1000", "0..999")])
+    def test_match_bad_inputs(self, tiny_pipe_dir, caps, ts, match):
+        """One caption, non-numeric or out-of-range timesteps: gr.Error."""
+        with pytest.raises(gr.Error, match=match):
+            app.match(self._img(), caps, str(tiny_pipe_dir), list(app.SCORERS)[0], ts)
+
+    def test_match_without_image(self, tiny_pipe_dir):
+        """No image is a clear gr.Error."""
+        with pytest.raises(gr.Error, match="image"):
+            app.match(None, "a\nb", str(tiny_pipe_dir), list(app.SCORERS)[0], "300")
