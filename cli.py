@@ -53,7 +53,28 @@ def _cmd_generate(a: argparse.Namespace) -> int:
     img.save(a.out)
     if a.json:
         print(json.dumps({"out": a.out, "prompt": a.prompt, "seed": a.seed, "steps": a.steps,
-                          "guidance": a.guidance, "model": a.model or "bundled", "size": list(img.size)}))
+                          "guidance": a.guidance if a.guidance is not None else pipe.discolens_defaults.guidance,
+                          "model": a.model or "bundled", "size": list(img.size)}))
+    return 0
+
+
+def _cmd_sample_grid(a: argparse.Namespace) -> int:
+    from interp.figures import sample_grid
+    from interp.generation_eval import held_out_prompts, score_generations
+    from models.loading import load_pipeline
+    from models.sampling import generate_images
+
+    if a.n_per_kind < 1:
+        raise UserError("--n-per-kind must be at least 1")
+    out_dir = os.path.dirname(os.path.abspath(a.out))
+    if not os.path.isdir(out_dir):
+        raise UserError(f"output folder does not exist: {out_dir}")
+    pipe = load_pipeline(a.model)
+    caps = [c for _, c in held_out_prompts(a.n_per_kind, a.prompt_seed)]
+    imgs = generate_images(pipe, caps, [a.seed + i for i in range(len(caps))], steps=a.steps, guidance=a.guidance)
+    ok = [v["correct"] for v in score_generations(imgs, caps)]
+    sample_grid(imgs, caps, ok, cols=a.cols).savefig(a.out, dpi=110)
+    print(json.dumps({"out": a.out, "n": len(caps), "correct": sum(ok)}))
     return 0
 
 
@@ -336,6 +357,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", default=None, help="hub id or local folder (default: the bundled model)")
     g.add_argument("--json", action="store_true")
     g.set_defaults(fn=_cmd_generate)
+
+    sg = sub.add_parser("sample-grid", help="a grid of generations with each prompt under its image")
+    sg.add_argument("--out", required=True)
+    sg.add_argument("--model", default=None)
+    sg.add_argument("--n-per-kind", dest="n_per_kind", type=int, default=6)
+    sg.add_argument("--cols", type=int, default=6)
+    sg.add_argument("--steps", type=int, default=25)
+    sg.add_argument("--guidance", type=float, default=None)
+    sg.add_argument("--seed", type=int, default=0)
+    sg.add_argument("--prompt-seed", dest="prompt_seed", type=int, default=777)
+    sg.set_defaults(fn=_cmd_sample_grid)
 
     e = sub.add_parser("eval-generation", help="score generations with the scene checker")
     e.add_argument("--model", default=None)

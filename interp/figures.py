@@ -164,3 +164,29 @@ def breakdown_plotly(breakdowns: dict, captions: Sequence[str] | None = None):
                                  hovertemplate="%{y} %{x}: %{z:.4f}<extra>" + c + "</extra>"), row=1, col=i)
     fig.update_layout(height=320, margin=dict(l=10, r=10, t=40, b=10), title="LSE score by layer and timestep")
     return fig
+
+
+def sample_grid(images: Sequence, captions: Sequence[str], verdicts: Sequence[bool] | None = None,
+                cols: int = 6, scale: float = 1.6):
+    """A matplotlib Figure of images with each prompt under its image (and the checker's verdict)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(images)
+    if n == 0 or n != len(captions):
+        raise ValueError("need as many captions as images, at least one")
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * scale, rows * (scale + 0.45)), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for i, (img, cap) in enumerate(zip(images, captions)):
+        ax = axes.flat[i]
+        ax.imshow(np.asarray(img), interpolation="nearest")
+        words = cap.split()
+        text = " ".join(words[:4]) + ("\n" + " ".join(words[4:]) if len(words) > 4 else "")
+        mark = "" if verdicts is None else (" ✓" if verdicts[i] else " ✗")
+        ax.set_title(text + mark, fontsize=7, y=-0.32 if len(words) > 4 else -0.2)
+    fig.tight_layout()
+    return fig
