@@ -181,3 +181,22 @@ class TestPromptLearningCli:
         code, _, err = _run(capsys, "score", "--image", render_png, "--captions", "a red circle", "--model",
                             tiny_pipe_dir, "--attn-prompt", "/no/such/prompt.safetensors")
         assert code == 2 and "attention prompt" in err and err.count("\n") == 1
+
+
+class TestSampleGrid:
+    def test_sample_grid_png(self, capsys, tiny_pipe_dir, tmp_path):
+        """sample-grid writes a PNG of n prompts per kind and reports how many the checker passed."""
+        code, out, _ = _run(capsys, "sample-grid", "--out", tmp_path / "g.png", "--n-per-kind", 1, "--steps", 2,
+                            "--model", tiny_pipe_dir)
+        d = json.loads(out)
+        assert code == 0 and d["n"] == 3 and 0 <= d["correct"] <= 3
+        assert Image.open(tmp_path / "g.png").size[0] > 200
+
+
+class TestEvalGeneration:
+    def test_eval_generation_json_keys(self, capsys, tiny_pipe_dir):
+        """eval-generation prints single / relation / count fractions and n."""
+        code, out, _ = _run(capsys, "eval-generation", "--n-per-kind", 1, "--steps", 2, "--model", tiny_pipe_dir, "--json")
+        d = json.loads(out)
+        assert code == 0 and d["n"] == 3
+        assert all(0 <= d[k] <= 1 for k in ("single", "relation", "count"))
