@@ -43,6 +43,10 @@ def _cmd_generate(a: argparse.Namespace) -> int:
         raise UserError("--prompt is empty")
     if a.steps < 1 or a.steps > 1000:
         raise UserError(f"--steps must be in 1..1000, got {a.steps}")
+    if a.guidance is not None and not 0 <= a.guidance <= 50:
+        raise UserError(f"--guidance must be in 0..50, got {a.guidance}")
+    if a.seed < 0:
+        raise UserError(f"--seed must be non-negative, got {a.seed}")
     from models.loading import load_pipeline
 
     pipe = load_pipeline(a.model)
@@ -82,6 +86,10 @@ def _cmd_eval_generation(a: argparse.Namespace) -> int:
     from interp.generation_eval import evaluate_generation
     from models.loading import load_pipeline
 
+    if a.n_per_kind < 1:
+        raise UserError("--n-per-kind must be at least 1")
+    if not 1 <= a.steps <= 1000:
+        raise UserError(f"--steps must be in 1..1000, got {a.steps}")
     pipe = load_pipeline(a.model)
     res = evaluate_generation(pipe, n_per_kind=a.n_per_kind, steps=a.steps, guidance=a.guidance, seed=a.seed)
     if a.json:
