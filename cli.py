@@ -50,6 +50,12 @@ def _cmd_generate(a: argparse.Namespace) -> int:
     from models.loading import load_pipeline
 
     pipe = load_pipeline(a.model)
+    from interp.workbench import validate_prompt
+
+    try:
+        validate_prompt(a.prompt, pipe.tokenizer)
+    except ValueError as e:
+        raise UserError(str(e))
     img = generate_image(pipe, a.prompt, seed=a.seed, steps=a.steps, guidance=a.guidance)
     out_dir = os.path.dirname(os.path.abspath(a.out))
     if not os.path.isdir(out_dir):
