@@ -57,3 +57,29 @@ class TestBundledModel:
         out = bundled("a red circle", num_inference_steps=3, guidance_scale=3.0, output_type="pt",
                       generator=torch.Generator().manual_seed(0)).images
         assert out.shape == (1, 3, 64, 64) and torch.isfinite(out).all()
+
+
+class TestBundledTrace:
+    def test_generation_traced_on_all_layers(self, bundled):
+        """A traced generation on the bundled model holds 7 layers x 4 heads x every step."""
+        from models.trace import trace
+
+        with trace(bundled) as t:
+            bundled("a red circle left of a blue square", num_inference_steps=4, guidance_scale=3.0,
+                    generator=torch.Generator().manual_seed(0), output_type="latent")
+        tr = t.trace
+        assert len(tr.layers) == 7 and tr.probs["up.2.attn.1"].shape == (4, 4, 16, 16, 10)
+
+    def test_word_maps_point_at_their_objects(self, bundled):
+        """On held-out renders, color and shape word maps (maps default) peak inside their object."""
+        from interp.grounding import pointing_game, word_mask_pairs
+        from interp.grounding_eval import held_out_scenes
+        from interp.matching import word_maps_for_image
+
+        hits = []
+        for s in held_out_scenes(6, seed=555):
+            words, maps = word_maps_for_image(bundled, world.render(s), s.caption)
+            for i, w, cls, mask in word_mask_pairs(s):
+                if cls in ("color", "shape"):
+                    hits.append(pointing_game(maps[i], mask))
+        assert len(hits) >= 12 and sum(hits) / len(hits) >= 0.8
