@@ -26,6 +26,7 @@ from typing import Literal, Mapping, Sequence
 import numpy as np
 import torch
 
+from models.attention_capture import select_layer_names
 from models.trace import AttentionTrace
 
 __all__ = ["POOLINGS", "SPECIAL", "ScoreBreakdown", "pool", "lse_pool", "select_layers", "lse_score",
@@ -34,7 +35,6 @@ __all__ = ["POOLINGS", "SPECIAL", "ScoreBreakdown", "pool", "lse_pool", "select_
 Pooling = Literal["lse", "mean", "max_rows", "max_cols"]
 POOLINGS = ("lse", "mean", "max_rows", "max_cols")
 SPECIAL = ("<|startoftext|>", "<|endoftext|>")
-_STAGES = ("down", "mid", "up")
 
 
 def _as_tensor(A) -> torch.Tensor:
@@ -85,39 +85,11 @@ def pool(A, pooling: Pooling = "lse", lam: float = 1.0) -> torch.Tensor:
     raise ValueError(f"unknown pooling {pooling!r}; choose one of {POOLINGS}")
 
 
-def _stage(info) -> str:
-    for prefix, stage in (("down_blocks", "down"), ("mid_block", "mid"), ("up_blocks", "up")):
-        if info.name.startswith(prefix):
-            return stage
-    head = info.alias.split(".", 1)[0]
-    return head if head in _STAGES else "other"
-
-
 def select_layers(trace: AttentionTrace, layers: Sequence[int | str] | str | None = None) -> list[str]:
     """Layer aliases for a selection: None (all traced), a list of indices / aliases / module paths,
     or "last_per_stage" (the last traced layer of the down stage, of the mid stage and of the up stage)."""
-    if layers is None:
-        return trace.layer_names
-    if isinstance(layers, str):
-        if layers != "last_per_stage":
-            raise ValueError(f"unknown layer selection {layers!r}; use None, a list, or 'last_per_stage'")
-        last: dict[str, str] = {}
-        for info in trace.layers:  # UNet order: the last seen of a stage is its last layer
-            last[_stage(info)] = info.alias
-        missing = [s for s in _STAGES if s not in last]
-        if missing:
-            raise ValueError(f"'last_per_stage' needs a traced layer in every stage; none in {missing} "
-                             f"(traced: {trace.layer_names})")
-        return [last[s] for s in _STAGES]
-    out = []
-    for key in layers:
-        try:
-            out.append(trace.layer(key).alias)
-        except (KeyError, IndexError):
-            raise ValueError(f"no traced layer {key!r}; traced: {trace.layer_names}") from None
-    if not out:
-        raise ValueError("empty layer selection")
-    return out
+    names = select_layer_names(trace.layers, layers)
+    return [trace.layer(n).alias for n in names]
 
 
 def _token_columns(trace: AttentionTrace, tokens: str) -> list[int]:

@@ -56,6 +56,17 @@ def layer_alias(name: str, n_transformer_blocks: int = 1) -> str:
     return alias + (f".t{tb}" if n_transformer_blocks > 1 else "")
 
 
+STAGES = ("down", "mid", "up")
+
+
+def layer_stage(name: str, alias: str = "") -> str:
+    """'down' | 'mid' | 'up' from a module path (or, failing that, an alias like 'mid.attn.0'); else 'other'."""
+    if _PATH.match(name):
+        return ("down", "mid", "up")[_stage_order(name)[0]]
+    head = alias.split(".", 1)[0]
+    return head if head in STAGES else "other"
+
+
 def _stage_order(name: str) -> tuple[int, int, int, int]:
     m = _PATH.match(name)
     if not m:
@@ -73,22 +84,26 @@ def cross_attention_layers(unet: torch.nn.Module) -> list[CrossAttnLayer]:
     for n in names:
         o = _stage_order(n)
         out.append(CrossAttnLayer(n, layer_alias(n, 2 if multi else 1), mods[n].heads,
-                                  ("down", "mid", "up", "other")[o[0]], o[1]))
+                                  layer_stage(n), o[1]))
     return out
 
 
-def select_layer_names(layers: Sequence[CrossAttnLayer], selection: Sequence[int | str] | str | None) -> list[str]:
-    """Module paths for a layer selection: None (all), "last_per_stage", or indices / aliases / paths."""
+def select_layer_names(layers: Sequence, selection: Sequence[int | str] | str | None) -> list[str]:
+    """Module paths for a layer selection: None (all), "last_per_stage", or indices / aliases / paths.
+
+    `layers`: objects with `.name`, `.alias` and `.stage` in UNet order (CrossAttnLayer, trace LayerInfo).
+    """
     if selection is None:
         return [l.name for l in layers]
     if isinstance(selection, str):
         if selection != "last_per_stage":
             raise ValueError(f"unknown layer selection {selection!r}; use None, a list, or 'last_per_stage'")
         last = {l.stage: l.name for l in layers}  # UNet order: the last seen of a stage is its last layer
-        missing = [s for s in ("down", "mid", "up") if s not in last]
+        missing = [s for s in STAGES if s not in last]
         if missing:
-            raise ValueError(f"'last_per_stage' needs a layer in every stage; none in {missing}")
-        return [last[s] for s in ("down", "mid", "up")]
+            raise ValueError(f"'last_per_stage' needs a layer in every stage; none in {missing} "
+                             f"(layers: {[l.alias for l in layers]})")
+        return [last[s] for s in STAGES]
     out = []
     for key in selection:
         if isinstance(key, int) and -len(layers) <= key < len(layers):

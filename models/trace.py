@@ -23,7 +23,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from .attention_capture import CrossAttnLayer, capture_cross_attention, cross_attention_layers
+from .attention_capture import CrossAttnLayer, capture_cross_attention, cross_attention_layers, layer_stage
 
 __all__ = ["LayerInfo", "AttentionTrace", "Tracer", "trace", "real_token_count"]
 
@@ -37,6 +37,11 @@ class LayerInfo:
     heads: int
     h: int
     w: int
+
+    @property
+    def stage(self) -> str:
+        """'down' | 'mid' | 'up' (or 'other')."""
+        return layer_stage(self.name, self.alias)
 
 
 @dataclasses.dataclass
