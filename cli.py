@@ -47,6 +47,9 @@ def _cmd_generate(a: argparse.Namespace) -> int:
         raise UserError(f"--guidance must be in 0..50, got {a.guidance}")
     if a.seed < 0:
         raise UserError(f"--seed must be non-negative, got {a.seed}")
+    out_dir = os.path.dirname(os.path.abspath(a.out))
+    if not os.path.isdir(out_dir):  # before the model runs, so no work is lost
+        raise UserError(f"output folder does not exist: {out_dir}")
     from models.loading import load_pipeline
 
     pipe = load_pipeline(a.model)
@@ -57,9 +60,6 @@ def _cmd_generate(a: argparse.Namespace) -> int:
     except ValueError as e:
         raise UserError(str(e))
     img = generate_image(pipe, a.prompt, seed=a.seed, steps=a.steps, guidance=a.guidance)
-    out_dir = os.path.dirname(os.path.abspath(a.out))
-    if not os.path.isdir(out_dir):
-        raise UserError(f"output folder does not exist: {out_dir}")
     img.save(a.out)
     if a.json:
         print(json.dumps({"out": a.out, "prompt": a.prompt, "seed": a.seed, "steps": a.steps,
