@@ -11,12 +11,20 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 import gradio as gr
 
-from interp.figures import breakdown_plotly
+from interp.faithfulness import atlas_for_model, compare_word_maps, render_scene
+from interp.figures import atlas_plotly, breakdown_plotly
+from interp.head_attribution import make_head_weighted_scorer
+from interp.heatmaps import overlay
 from interp.matching import MatchOptions, score_image_captions, validate_captions
+from interp.structure_score import make_structure_scorer
 from interp.workbench import slice_choices, slice_overlays, traced_generation
+from models import world
 from models.loading import ModelLoadError, bundled_models, load_pipeline
 
 MAX_STEPS = 100
+PLAIN_MODEL = "shapes-v1-plain"  # the same world trained without the token loss
+ATLAS_METRICS = ("energy", "pointing")
+MAX_ATLAS_SCENES = 60
 
 
 def _pipe(model: str | None):
@@ -59,11 +67,39 @@ def explore(state, layer: str, head: str, step: str):
 
 
 SCORERS = {"LSE over attention logits (Discffusion)": "lse", "Denoising error (Diffusion Classifier)": "denoise",
-           "Denoising error, unconditional-normalised": "denoise_norm"}
+           "Denoising error, unconditional-normalised": "denoise_norm",
+           "Structure-aware (binding + relation)": "structure",
+           "LSE with gradient-weighted heads (Discffusion Eq. 7, captum)": "head_weighted"}
+HEAD_HEADERS = ["caption", "layer", "head", "attribution"]
+
+
+def _head_rows(res: dict) -> list[list]:
+    """The head-weighted scorer's attribution tables [layers, heads] per caption, as long-format rows."""
+    rows = []
+    for c, d in res.get("per_caption", {}).items():
+        for layer, vals in zip(res["layers"], d["table"]):
+            rows += [[c, layer, h, float(v)] for h, v in enumerate(vals) if v == v]  # v == v: skip NaN padding
+    return rows
+
+
+def _structure_notes(res: dict) -> str:
+    """One line per caption: what the structure scorer bound, or why it fell back to LSE."""
+    lines = []
+    for c, s in res.get("breakdowns", {}).items():
+        if s.method != "structure":
+            lines.append(f"- `{c}`: {s.note}")
+            continue
+        parts = [f"bound words {', '.join(s.bound_words)}", f"binding {s.binding:+.4f}"]
+        if s.relation is not None:
+            parts.append(f"relation '{s.relation_word}' {s.relation:+.4f}")
+        if s.note:
+            parts.append(s.note)
+        lines.append(f"- `{c}`: " + "; ".join(parts))
+    return "\n".join(lines)
 
 
 def match(image, captions_text: str, model: str, scorer_label: str, timesteps_text: str):
-    """Rank captions for an image; the LSE breakdown by layer and timestep."""
+    """Rank captions for an image; the LSE breakdown by layer and timestep, head attributions or structure notes."""
     if image is None:
         raise gr.Error("upload or generate an image first")
     try:
@@ -76,12 +112,111 @@ def match(image, captions_text: str, model: str, scorer_label: str, timesteps_te
     if scorer_label not in SCORERS:
         raise gr.Error(f"unknown scorer {scorer_label!r}")
     pipe = _pipe(model)
-    opts = MatchOptions(scorer=SCORERS[scorer_label], timesteps=ts)
-    res = score_image_captions(pipe, image, caps, opts)
+    key = SCORERS[scorer_label]
+    try:
+        if key == "structure":
+            res = make_structure_scorer()(pipe, image, caps, MatchOptions(timesteps=ts))
+        elif key == "head_weighted":
+            res = make_head_weighted_scorer()(pipe, image, caps, MatchOptions(timesteps=ts))
+        else:
+            res = score_image_captions(pipe, image, caps, MatchOptions(scorer=key, timesteps=ts))
+    except ValueError as e:
+        raise gr.Error(str(e))
     ranked = sorted(res["scores"].items(), key=lambda kv: -kv[1])
     table = [[i + 1, c, round(v, 5)] for i, (c, v) in enumerate(ranked)]
-    fig = breakdown_plotly(res["breakdowns"], [c for c, _ in ranked]) if res["breakdowns"] else None
-    return table, fig, f"{res['unet_evals']} UNet evaluations ({len(ts)} timesteps x {len(caps)} captions, one batch each)"
+    fig = breakdown_plotly(res["breakdowns"], [c for c, _ in ranked]) if key == "lse" and res["breakdowns"] else None
+    cost = f"{res['unet_evals']} UNet evaluations ({len(ts)} timesteps x {len(caps)} captions, one batch each)"
+    if key == "head_weighted":
+        cost += f" and {res['unet_backwards']} backward passes (captum)"
+    notes = _structure_notes(res) if key == "structure" else ""
+    return table, fig, cost, _head_rows(res), notes
+
+
+def _default_model_b(models: list[str]) -> str:
+    if PLAIN_MODEL in models:
+        return PLAIN_MODEL
+    return next((m for m in models[1:]), models[0])
+
+
+def _labels(model_a: str, model_b: str) -> tuple[str, str]:
+    a, b = model_a or "shapes-v1", model_b or "shapes-v1"
+    return (f"A: {a}", f"B: {b}") if a == b else (a, b)
+
+
+def _whole(value, what: str) -> int:
+    """A whole number from a Number widget, or gr.Error."""
+    try:
+        f = float(value)
+        if f != int(f):
+            raise ValueError
+    except (TypeError, ValueError, OverflowError):
+        raise gr.Error(f"{what} must be a whole number") from None
+    return int(f)
+
+
+def faithfulness(seed: float, kind: str, model_a: str, model_b: str, timestep: float):
+    """Word maps of two models on one held-out render, scored per word against the exact masks."""
+    s, t = _whole(seed, "scene seed"), _whole(timestep, "timestep")
+    try:
+        scene = render_scene(s, kind)
+    except ValueError as e:
+        raise gr.Error(str(e))
+    la, lb = _labels(model_a, model_b)
+    pipes = {la: _pipe(model_a), lb: _pipe(model_b)}
+    image = world.render(scene)
+    try:
+        res = compare_word_maps(pipes, image, scene.caption, t, scene=scene)
+    except ValueError as e:
+        raise gr.Error(str(e))
+    galleries = []
+    for name in (la, lb):
+        r = res["models"][name]
+        galleries.append([(overlay(image, m), w if mt["pointing"] is None else
+                           f"{w}: {'hit' if mt['pointing'] else 'miss'}, energy {mt['energy']:.2f}")
+                          for w, m, mt in zip(res["words"], r["maps"], r["metrics"])])
+    headers = ["word", "class", "mask area"] + [f"{n} {k}" for n in (la, lb) for k in ("pointing", "energy")]
+    rows = []
+    for i, w in enumerate(res["words"]):
+        ms = [res["models"][n]["metrics"][i] for n in (la, lb)]
+        if ms[0]["pointing"] is None:
+            rows.append([w, ms[0]["word_class"] or "", "-"] + ["-"] * 4)
+            continue
+        rows.append([w, ms[0]["word_class"], round(ms[0]["area"], 3)]
+                    + [v for m in ms for v in (int(m["pointing"]), round(m["energy"], 3))])
+    rows.append(["mean (masked words)", "", ""] + [round(res["models"][n][k], 3) for n in (la, lb)
+                                                   for k in ("mean_pointing", "mean_energy")])
+    table = {"headers": headers, "data": rows}
+    summary = (f"**{scene.caption}** ({scene.kind} scene, seed {s}); one noised UNet call per model at t={t}, "
+               "all layers and heads averaged. Pointing: the map's peak lies in the word's mask; energy: share of "
+               "the map inside the mask (a uniform map scores the mask area).")
+    return image.resize((256, 256), resample=0), galleries[0], galleries[1], table, summary
+
+
+def atlas(model: str, timestep: float, n_scenes: float, metric: str):
+    """The head atlas of a model on held-out renders: plot, the table (for re-plotting), and what was run."""
+    t, n = _whole(timestep, "timestep"), _whole(n_scenes, "number of scenes")
+    if not 1 <= n <= MAX_ATLAS_SCENES:
+        raise gr.Error(f"number of scenes must lie in 1..{MAX_ATLAS_SCENES}")
+    if metric not in ATLAS_METRICS:
+        raise gr.Error(f"unknown metric {metric!r}; choose {' or '.join(ATLAS_METRICS)}")
+    pipe = _pipe(model)
+    try:
+        table = atlas_for_model(pipe, n_scenes=n, timesteps=(t,))
+        fig = atlas_plotly(table, metric=metric)
+    except ValueError as e:
+        raise gr.Error(str(e))
+    note = (f"{model or 'shapes-v1'}: {n} held-out scenes at t={t}, one noised UNet call each; every layer x head "
+            "scored per word class (energy is not chance-corrected: count masks cover 2-3 objects).")
+    return fig, table, note
+
+
+def replot_atlas(table, metric: str):
+    """The last atlas under another metric (no model run)."""
+    if not table:
+        return None
+    if metric not in ATLAS_METRICS:
+        raise gr.Error(f"unknown metric {metric!r}; choose {' or '.join(ATLAS_METRICS)}")
+    return atlas_plotly(table, metric=metric)
 
 
 def build_demo() -> gr.Blocks:
@@ -132,8 +267,47 @@ def build_demo() -> gr.Blocks:
                 m_table = gr.Dataframe(headers=["rank", "caption", "score"], label="Ranking", elem_id="match-ranking")
                 m_cost = gr.Markdown(elem_id="match-cost")
         m_plot = gr.Plot(label="Score breakdown", elem_id="match-breakdown")
-        m_go.click(match, [m_image, m_caps, model, m_scorer, m_ts], [m_table, m_plot, m_cost], api_name="match")
+        m_heads = gr.Dataframe(headers=HEAD_HEADERS, label="Head attributions [layers x heads] (gradient-weighted "
+                               "scorer: sum over positions and words of A_h x df/dA, mean over timesteps)",
+                               elem_id="match-heads")
+        m_notes = gr.Markdown(elem_id="match-notes")
+        m_go.click(match, [m_image, m_caps, model, m_scorer, m_ts], [m_table, m_plot, m_cost, m_heads, m_notes],
+                   api_name="match")
         image.change(lambda im: im.resize((64, 64)) if im is not None else None, image, m_image, api_name=False)
+
+        gr.Markdown("## Faithfulness: are the words where the maps say?\nA held-out render of the shapes world, "
+                    "its caption's word maps in two models (e.g. trained with and without the token loss), and "
+                    "each word's map scored against the exact mask of its object(s).")
+        with gr.Row():
+            f_seed = gr.Number(value=0, precision=0, minimum=0, label="Scene seed", elem_id="faith-seed")
+            f_kind = gr.Dropdown(list(world.KINDS), value="relation", label="Scene kind", elem_id="faith-kind")
+            f_model_a = gr.Dropdown(models, value=models[0], label="Model A", allow_custom_value=True,
+                                    elem_id="faith-model-a")
+            f_model_b = gr.Dropdown(models, value=_default_model_b(models), label="Model B", allow_custom_value=True,
+                                    elem_id="faith-model-b")
+            f_t = gr.Number(value=300, precision=0, minimum=0, maximum=999, label="Timestep", elem_id="faith-timestep")
+        f_go = gr.Button("Compare word maps", variant="primary", elem_id="faith-go")
+        with gr.Row():
+            f_image = gr.Image(label="Held-out render", type="pil", elem_id="faith-image", scale=1)
+            with gr.Column(scale=3):
+                f_maps_a = gr.Gallery(label="Model A: word maps", columns=8, height=200, elem_id="faith-maps-a")
+                f_maps_b = gr.Gallery(label="Model B: word maps", columns=8, height=200, elem_id="faith-maps-b")
+        f_summary = gr.Markdown(elem_id="faith-summary")
+        f_table = gr.Dataframe(label="Per word: pointing game (1 = hit) and energy inside the mask", elem_id="faith-table")
+        f_go.click(faithfulness, [f_seed, f_kind, f_model_a, f_model_b, f_t],
+                   [f_image, f_maps_a, f_maps_b, f_table, f_summary], api_name="faithfulness")
+
+        gr.Markdown("### Head atlas of model A: which word class does each layer x head ground best?")
+        with gr.Row():
+            a_scenes = gr.Number(value=12, precision=0, minimum=1, maximum=MAX_ATLAS_SCENES,
+                                 label="Held-out scenes", elem_id="atlas-scenes")
+            a_metric = gr.Radio(list(ATLAS_METRICS), value="energy", label="Metric", elem_id="atlas-metric")
+            a_go = gr.Button("Head atlas", elem_id="atlas-go")
+        a_note = gr.Markdown(elem_id="atlas-note")
+        a_plot = gr.Plot(label="Head atlas", elem_id="atlas-plot")
+        a_state = gr.State(None)
+        a_go.click(atlas, [f_model_a, f_t, a_scenes, a_metric], [a_plot, a_state, a_note], api_name="atlas")
+        a_metric.change(replot_atlas, [a_state, a_metric], a_plot, api_name=False)
     return demo
 
 
