@@ -90,8 +90,9 @@ class ProbeProcessor(CaptureProcessor):
     the probe's output (with its graph): `probs`, and `logits` when `want_logits`.
     """
 
-    def __init__(self, name: str, sink, want_logits: bool = False, probe_logits: bool = True) -> None:
-        super().__init__(name, sink, want_logits)
+    def __init__(self, name: str, sink, want_logits: bool = False, probe_logits: bool = True,
+                 want_cosine: bool = False) -> None:
+        super().__init__(name, sink, want_logits, want_cosine)
         self.probe = AttentionProbe(name)
         self.probe_logits = probe_logits
 

@@ -13,6 +13,15 @@ the up stage (`layers="last_per_stage"`); the paper averages all layers (`layers
     scores = {c: lse_score(t, source="logits").score for c, t in zip(res.captions, res.traces)}
     rank_captions(scores)   # [{"caption": ..., "score": ...}, ...] best first
 
+Cosine pooling (`pooling="cosine"`, the "cosine of projected features" row of Discffusion's Table 3):
+instead of an attention map it reads the trace's cosine maps (traced with `cosine=True`),
+C[i, j] = cos(q_i, k_j) with q_i = to_q(image position i) and k_j = to_k(token j) of one head, and pools
+
+    f_cos(C) = (1/(n m)) sum_i sum_j C_ij        (mean over the n image positions and the m selected tokens)
+
+averaged over heads, layers and steps like the other poolings; `source` is ignored, `lam` unused, and
+`tokens="words"` / `"all"` pick the columns as for the others. Scores lie in [-1, 1].
+
 Notes: a trace keeps only each prompt's real tokens (BOS ... EOS), so the token axis m is those tokens,
 not the 77 padded positions; with `source="probs"` the kept probabilities do not sum to 1 (the padding
 positions hold the rest). `tokens="words"` drops BOS and EOS (BOS usually takes most of the attention).
@@ -32,8 +41,8 @@ from models.trace import AttentionTrace
 __all__ = ["POOLINGS", "SPECIAL", "ScoreBreakdown", "pool", "lse_pool", "select_layers", "lse_score",
            "score_traces", "rank_captions", "denoising_score"]
 
-Pooling = Literal["lse", "mean", "max_rows", "max_cols"]
-POOLINGS = ("lse", "mean", "max_rows", "max_cols")
+Pooling = Literal["lse", "mean", "max_rows", "max_cols", "cosine"]
+POOLINGS = ("lse", "mean", "max_rows", "max_cols", "cosine")
 SPECIAL = ("<|startoftext|>", "<|endoftext|>")
 
 
@@ -72,9 +81,15 @@ def pool(A, pooling: Pooling = "lse", lam: float = 1.0) -> torch.Tensor:
 
     "lse": Eq. 4 (`lse_pool`); "mean": mean over positions and tokens; "max_rows": max over tokens,
     mean over positions; "max_cols": max over positions for each token, mean over tokens.
+    "cosine" is not a pooling of an attention map but of a trace's cosine maps (`lse_score` with
+    pooling="cosine", i.e. "mean" over the cosine map); here it is a ValueError, so that an attention
+    map is never pooled by mistake as if it were one.
     """
     if pooling == "lse":
         return lse_pool(A, lam)
+    if pooling == "cosine":
+        raise ValueError("pooling='cosine' pools a trace's cosine maps (lse_score on a trace with cosine=True), "
+                         "not an attention map; pool a cosine map with pooling='mean'")
     A = _as_tensor(A)
     if pooling == "mean":
         return A.mean(dim=(-2, -1))
@@ -113,7 +128,7 @@ class ScoreBreakdown:
         layers: layer aliases (rows)                                                 [layers]
         timesteps: timesteps of the steps used (columns)                             [steps]
         tokens: the tokens pooled over                                               [m]
-        source, pooling, lam: how it was computed
+        source, pooling, lam: how it was computed (source "cosine" for pooling="cosine")
     """
 
     score: float
@@ -147,7 +162,8 @@ def lse_score(trace: AttentionTrace, source: Literal["probs", "logits"] = "probs
     """Discffusion score of one traced caption.
 
     Per layer and step: pool each head's `[h*w, tokens]` map (`pool`), then mean over heads; the score is
-    the mean over the chosen layers and steps.
+    the mean over the chosen layers and steps. With pooling="cosine" the map is the trace's cosine map
+    (`trace.cosine`, whatever `source` says) and is pooled by its mean (see the module docstring).
 
     Args:
         trace: an AttentionTrace (e.g. from models.scoring_pass.noised_unet_pass).
@@ -155,20 +171,28 @@ def lse_score(trace: AttentionTrace, source: Literal["probs", "logits"] = "probs
         layers: None (all traced), indices / aliases / module paths, or "last_per_stage".
         steps: indices into the trace's steps (None: all).
         heads: indices into the trace's kept heads (None: all); applied to every layer.
-        pooling: "lse" (Eq. 4), "mean", "max_rows", "max_cols".
+        pooling: "lse" (Eq. 4), "mean", "max_rows", "max_cols", or "cosine" (mean of the cosine maps;
+            the trace needs cosine=True).
         lam: lambda of Eq. 4 (lse only).
         tokens: "all" real tokens (BOS ... EOS) or "words" (BOS and EOS dropped).
     Raises:
-        ValueError: unknown option, logits not traced, an empty or out-of-range selection.
+        ValueError: unknown option, logits (or, for "cosine", cosine maps) not traced, an empty or
+            out-of-range selection.
     """
     if source not in ("probs", "logits"):
         raise ValueError(f"unknown source {source!r}; use 'probs' or 'logits'")
     if pooling not in POOLINGS:
         raise ValueError(f"unknown pooling {pooling!r}; choose one of {POOLINGS}")
     lam = _check_lam(lam)
-    maps = trace.probs if source == "probs" else trace.logits
-    if not maps:
-        raise ValueError(f"the trace holds no {source} (trace with logits=True for source='logits')")
+    if pooling == "cosine":
+        maps = trace.cosine
+        if not maps:
+            raise ValueError("pooling='cosine' needs the trace's cosine maps, and this trace has none "
+                             "(trace with cosine=True, e.g. noised_unet_pass(..., cosine=True))")
+    else:
+        maps = trace.probs if source == "probs" else trace.logits
+        if not maps:
+            raise ValueError(f"the trace holds no {source} (trace with logits=True for source='logits')")
     aliases = select_layers(trace, layers)
     n_steps = trace.n_steps
     st = list(range(n_steps)) if steps is None else [int(s) for s in steps]
@@ -177,6 +201,8 @@ def lse_score(trace: AttentionTrace, source: Literal["probs", "logits"] = "probs
     cols = _token_columns(trace, tokens)
     rows = []
     for alias in aliases:
+        if alias not in maps:
+            raise ValueError(f"the trace holds no {'cosine' if pooling == 'cosine' else source} map for layer {alias!r}")
         x = maps[alias]  # [steps, heads, h, w, tokens]
         x = x[st]
         if heads is not None:
@@ -186,10 +212,10 @@ def lse_score(trace: AttentionTrace, source: Literal["probs", "logits"] = "probs
             x = x[:, hs]
         x = x[..., cols]
         x = x.reshape(x.shape[0], x.shape[1], -1, x.shape[-1])  # [steps, heads, n, m]
-        rows.append(pool(x, pooling, lam).mean(dim=1))  # [steps]
+        rows.append(pool(x, "mean" if pooling == "cosine" else pooling, lam).mean(dim=1))  # [steps]
     table = torch.stack(rows).numpy()
     return ScoreBreakdown(float(table.mean()), table, aliases, [float(trace.timesteps[s]) for s in st],
-                          [trace.tokens[j] for j in cols], source, pooling, lam)
+                          [trace.tokens[j] for j in cols], "cosine" if pooling == "cosine" else source, pooling, lam)
 
 
 def score_traces(traces: Sequence[AttentionTrace], **kw) -> list[ScoreBreakdown]:

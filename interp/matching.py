@@ -32,11 +32,21 @@ class MatchOptions:
     scorer: Scorer = "lse"
     source: Literal["probs", "logits"] = "logits"
     layers: str | None = None  # None = all layers; "last_per_stage" = the authors' code
-    pooling: str = "lse"
+    pooling: str = "lse"  # interp.lse.POOLINGS; "cosine" reads the cosine maps (source ignored)
     lam: float = 1.0
     tokens: Literal["all", "words"] = "words"
     timesteps: tuple[int, ...] = DEFAULT_TIMESTEPS
     noise_seed: int = 0
+
+
+def needs_logits(options: MatchOptions) -> bool:
+    """Whether an option set reads the traced pre-softmax logits."""
+    return options.scorer == "lse" and options.pooling != "cosine" and options.source == "logits"
+
+
+def needs_cosine(options: MatchOptions) -> bool:
+    """Whether an option set reads the traced cosine maps (pooling="cosine")."""
+    return options.scorer == "lse" and options.pooling == "cosine"
 
 
 def validate_captions(captions: Sequence[str] | None, min_count: int = 2) -> list[str]:
@@ -73,7 +83,7 @@ def score_image_captions(pipe, image: Image.Image, captions: Sequence[str],
     latent = encode_image(pipe, image)
     need_uncond = options.scorer == "denoise_norm"
     res = noised_unet_pass(pipe, latent, caps, list(options.timesteps), noise_seed=options.noise_seed,
-                           logits=options.scorer == "lse" and options.source == "logits", uncond=need_uncond)
+                           logits=needs_logits(options), cosine=needs_cosine(options), uncond=need_uncond)
     breakdowns = {}
     if options.scorer == "lse":
         for c, tr in zip(caps, res.traces):

@@ -43,7 +43,7 @@ import numpy as np
 from models.benchmarks import CHANCE, Benchmark, Item, load_benchmark
 
 from .lse import denoising_score, lse_score
-from .matching import MatchOptions, score_image_captions
+from .matching import MatchOptions, needs_cosine, needs_logits, score_image_captions
 
 __all__ = ["SCORERS", "ScorerFn", "evaluate_matching", "compare_scorers", "item_outcome", "summarize_outcomes",
            "options_label"]
@@ -140,10 +140,12 @@ def _check_options(options: MatchOptions, custom: bool) -> None:
 
 
 def options_label(o: MatchOptions) -> str:
-    """A short label of an option set, e.g. "lse[logits,all,lse,lam=1,words]" or "denoise_norm"."""
+    """A short label of an option set, e.g. "lse[logits,all,lse,lam=1,words]" or "denoise_norm"; the
+    source reads "cosine" for pooling="cosine" (which ignores `source`)."""
     if o.scorer != "lse":
         return str(o.scorer)
-    return f"lse[{o.source},{o.layers or 'all'},{o.pooling},lam={o.lam:g},{o.tokens}]"
+    src = "cosine" if o.pooling == "cosine" else o.source
+    return f"lse[{src},{o.layers or 'all'},{o.pooling},lam={o.lam:g},{o.tokens}]"
 
 
 def _options_dict(o: MatchOptions) -> dict:
@@ -256,8 +258,9 @@ def compare_scorers(pipe, benchmark: Benchmark | str | Path, scorers: Sequence[M
 
     All option sets must share `timesteps` and `noise_seed` (ValueError otherwise; sweep timesteps with
     separate `evaluate_matching` runs). Without `scorer_fn`, each image gets ONE pass serving every option
-    set (logits traced if any lse option reads logits, the "" row added if any is denoise_norm), so the
-    options see the very same UNet outputs; with `scorer_fn`, it is called once per option set.
+    set (logits traced if any lse option reads logits, cosine maps if any has pooling="cosine", the "" row
+    added if any is denoise_norm), so the options see the very same UNet outputs; with `scorer_fn`, it is
+    called once per option set.
 
     Returns:
         {"benchmark", "split", "n_items", "timesteps", "noise_seed", "labels",
@@ -291,12 +294,13 @@ def compare_scorers(pipe, benchmark: Benchmark | str | Path, scorers: Sequence[M
     if scorer_fn is None:
         from models.scoring_pass import encode_image, noised_unet_pass
 
-        need_logits = any(o.scorer == "lse" and o.source == "logits" for o in scorers)
+        need_logits = any(needs_logits(o) for o in scorers)
+        need_cosine = any(needs_cosine(o) for o in scorers)
         need_uncond = any(o.scorer == "denoise_norm" for o in scorers)
 
         def score_image(image, captions):
             res = noised_unet_pass(pipe, encode_image(pipe, image), captions, list(ts), noise_seed=seed,
-                                   logits=need_logits, uncond=need_uncond)
+                                   logits=need_logits, cosine=need_cosine, uncond=need_uncond)
             for a, o in zip(alone, scorers):
                 a[0] += res.unet_calls
                 a[1] += res.unet_calls * (len(captions) + int(o.scorer == "denoise_norm"))

@@ -1,13 +1,18 @@
 """Cross-attention capture through diffusers' attention-processor API.
 
 `CaptureProcessor` is diffusers' explicit `AttnProcessor` maths (it materialises the attention
-probabilities) that hands each call's probabilities (and, on request, pre-softmax logits) to a sink.
+probabilities) that hands each call's probabilities (and, on request, pre-softmax logits and the cosine
+map of the projected features) to a sink.
 `capture_cross_attention(unet, sink)` installs it on the cross-attention layers (`attn2`) only and
 restores the original processors on exit, also after an exception.
 
 Layer naming: a captured layer is named by its diffusers module path (the `attn_processors` key
 without `.processor`), with a short alias (`down.1.attn.0`, `mid.attn.0`, `up.2.attn.1`, with a
 `.t{k}` suffix where a block stacks several transformer blocks), in UNet execution order.
+
+Sink protocol: `sink(name, probs, logits)`, three positional arguments; only when installed with
+`want_cosine=True` is the sink called as `sink(name, probs, logits, cosine=C)`, so sinks that never ask
+for cosine maps need not accept the keyword.
 
 Example:
     >>> got = []
@@ -24,11 +29,30 @@ from typing import Callable, Iterator, Protocol, Sequence
 import torch
 from diffusers.models.attention_processor import Attention
 
-__all__ = ["CaptureProcessor", "CrossAttnLayer", "cross_attention_layers", "capture_cross_attention", "layer_alias", "select_layer_names"]
+__all__ = ["CaptureProcessor", "CrossAttnLayer", "cosine_map", "cross_attention_layers", "capture_cross_attention", "layer_alias", "select_layer_names"]
 
 
 class Sink(Protocol):
-    def __call__(self, name: str, probs: torch.Tensor, logits: torch.Tensor | None) -> None: ...
+    """`sink(name, probs, logits)`; with `want_cosine=True` also the keyword `cosine` (see the module docstring)."""
+
+    def __call__(self, name: str, probs: torch.Tensor, logits: torch.Tensor | None, **kw: torch.Tensor) -> None: ...
+
+
+def cosine_map(query: torch.Tensor, key: torch.Tensor, heads: int) -> torch.Tensor:
+    """Cosine similarity of projected queries and keys, per head, in float32.
+
+    Args:
+        query: `[batch*heads, queries, head_dim]` (after `attn.head_to_batch_dim(attn.to_q(x))`).
+        key: `[batch*heads, keys, head_dim]` (after `attn.head_to_batch_dim(attn.to_k(text))`).
+        heads: number of heads.
+    Returns:
+        C `[batch, heads, queries, keys]`, C[b, h, i, j] = cos(q_{b,h,i}, k_{b,h,j}) in [-1, 1] (float32; a
+        zero vector gives 0).
+    """
+    q = torch.nn.functional.normalize(query.float(), dim=-1)
+    k = torch.nn.functional.normalize(key.float(), dim=-1)
+    c = torch.bmm(q, k.transpose(-1, -2)).clamp(-1.0, 1.0)  # [batch*heads, queries, keys]
+    return c.view(c.shape[0] // heads, heads, *c.shape[1:])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,12 +147,17 @@ class CaptureProcessor:
 
     The sink receives `probs` of shape `[batch, heads, queries, keys]` (queries = h*w of the layer,
     keys = text tokens incl. padding) and, when `want_logits`, the pre-softmax scores of the same shape.
+    When `want_cosine`, it also gets the keyword `cosine`: C[b, h, i, j] = cos(q_{b,h,i}, k_{b,h,j}) of the
+    projected query (`attn.to_q` of the image tokens) and key (`attn.to_k` of the text tokens) of head h,
+    float32, same `[batch, heads, queries, keys]` layout (`cosine_map`). It is computed beside the
+    attention and changes nothing the layer outputs.
     """
 
-    def __init__(self, name: str, sink: Sink, want_logits: bool = False) -> None:
+    def __init__(self, name: str, sink: Sink, want_logits: bool = False, want_cosine: bool = False) -> None:
         self.name = name
         self.sink = sink
         self.want_logits = want_logits
+        self.want_cosine = want_cosine
 
     def maps(self, logits: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits `[batch, heads, queries, keys]` -> (logits, probabilities) as the layer will use them.
@@ -173,7 +202,11 @@ class CaptureProcessor:
             scores = scores.float()
         b = scores.shape[0] // attn.heads
         logits4, probs4 = self.maps(scores.view(b, attn.heads, *scores.shape[1:]), dtype)
-        self.sink(self.name, probs4, logits4 if self.want_logits else None)
+        if self.want_cosine:
+            cos4 = cosine_map(query, key, attn.heads)  # [batch, heads, queries, keys], float32
+            self.sink(self.name, probs4, logits4 if self.want_logits else None, cosine=cos4)
+        else:
+            self.sink(self.name, probs4, logits4 if self.want_logits else None)
         probs = probs4.reshape(b * attn.heads, *probs4.shape[2:])
 
         hidden_states = torch.bmm(probs, value)
@@ -190,11 +223,20 @@ class CaptureProcessor:
 @contextlib.contextmanager
 def capture_cross_attention(unet: torch.nn.Module, sink: Sink, want_logits: bool = False,
                             layers: list[str] | None = None,
-                            processor_factory: Callable[[str, Sink, bool], object] = CaptureProcessor,
-                            ) -> Iterator[list[CrossAttnLayer]]:
+                            processor_factory: Callable[..., object] = CaptureProcessor,
+                            want_cosine: bool = False) -> Iterator[list[CrossAttnLayer]]:
     """Install capture processors on the cross-attention layers (all, or those named), restore on exit.
 
-    Yields the list of captured layers. Self-attention layers keep their processors.
+    Args:
+        unet: the UNet.
+        sink: called per layer call (see the module docstring for its arguments).
+        want_logits: also hand the pre-softmax logits to the sink.
+        layers: module paths or aliases to capture (None: all cross-attention layers).
+        processor_factory: `factory(name, sink, want_logits)` -> processor; with `want_cosine` it is called
+            with the keyword `want_cosine=True` too (CaptureProcessor and its subclasses accept it).
+        want_cosine: also hand the cosine map of projected query / key features (keyword `cosine`).
+    Yields:
+        the list of captured layers. Self-attention layers keep their processors.
     """
     all_layers = cross_attention_layers(unet)
     if layers is not None:
@@ -207,7 +249,9 @@ def capture_cross_attention(unet: torch.nn.Module, sink: Sink, want_logits: bool
     originals = {l.name: modules[l.name].processor for l in all_layers}
     try:
         for l in all_layers:
-            modules[l.name].set_processor(processor_factory(l.name, sink, want_logits))
+            proc = (processor_factory(l.name, sink, want_logits, want_cosine=True) if want_cosine
+                    else processor_factory(l.name, sink, want_logits))
+            modules[l.name].set_processor(proc)
         yield all_layers
     finally:
         for name, proc in originals.items():

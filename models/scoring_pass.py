@@ -4,6 +4,7 @@ the model; no analysis (the scores live in interp.lse).
     z = encode_image(pipe, image)                                    # [1, 4, h, w]
     res = noised_unet_pass(pipe, z, ["a red circle", "a blue square"], timesteps=[200, 500], uncond=True)
     res.traces[0].logits["mid.attn.0"]   # [steps, heads, h, w, tokens] of caption 0
+                                         # (.cosine: same layout, with cosine=True)
     res.errors_eps                       # [K, steps] noise-prediction error in epsilon space
 
 The image latent is noised with one noise draw per timestep, shared by every caption
@@ -140,7 +141,7 @@ def _validate(captions, timesteps, n_train: int) -> tuple[list[str], list[int]]:
 @torch.no_grad()
 def noised_unet_pass(pipe, latent: torch.Tensor, captions: Sequence[str], timesteps: Sequence[int],
                      noise_seed: int = 0, logits: bool = True, uncond: bool = False,
-                     store_dtype: torch.dtype = torch.float32) -> PassResult:
+                     store_dtype: torch.dtype = torch.float32, cosine: bool = False) -> PassResult:
     """Noise `latent` at each timestep and run the UNet on all captions in one batch per timestep, traced.
 
     Args:
@@ -155,6 +156,8 @@ def noised_unet_pass(pipe, latent: torch.Tensor, captions: Sequence[str], timest
             normalisation); its trace is `uncond_trace`.
         store_dtype: dtype of the stored attention; float32 by default, since caption scores often
             differ by less than fp16 resolution.
+        cosine: also trace the cosine maps of projected query / key features (`AttentionTrace.cosine`,
+            `[steps, heads, h, w, tokens]`; `interp.lse` pooling "cosine").
     Returns:
         PassResult (see there for the shapes).
     Raises:
@@ -184,7 +187,7 @@ def noised_unet_pass(pipe, latent: torch.Tensor, captions: Sequence[str], timest
     acp = sched.alphas_cumprod.to(dev, torch.float32)
     err = torch.zeros(B, S)
     err_eps = torch.zeros(B, S)
-    with trace(pipe, prompts=prompts, logits=logits, dtype=store_dtype) as tr:
+    with trace(pipe, prompts=prompts, logits=logits, cosine=cosine, dtype=store_dtype) as tr:
         for s, t in enumerate(ts):
             tt = torch.full((B,), t, dtype=torch.long, device=dev)
             eps = noise[s : s + 1].expand(B, -1, -1, -1)

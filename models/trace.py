@@ -59,6 +59,9 @@ class AttentionTrace:
         logits: same layout, pre-softmax scores (only when traced with `logits=True`)
         uncond_probs: same layout for the unconditional branch over its own real tokens (optional)
         uncond_tokens: those tokens
+        cosine: per layer alias, cosine similarity of the projected query (`to_q` of the image
+            position) and key (`to_k` of the token) of each head, in [-1, 1]; cond branch, real tokens
+            (only when traced with `cosine=True`)                             [steps, heads, h, w, tokens]
     """
 
     prompt: str
@@ -71,6 +74,7 @@ class AttentionTrace:
     logits: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
     uncond_probs: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
     uncond_tokens: list[str] = dataclasses.field(default_factory=list)
+    cosine: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
 
     # ---- access ----
     @property
@@ -88,7 +92,8 @@ class AttentionTrace:
 
     def nbytes(self) -> int:
         """Bytes held by all tensors of the trace."""
-        return sum(t.numel() * t.element_size() for d in (self.probs, self.logits, self.uncond_probs) for t in d.values())
+        return sum(t.numel() * t.element_size() for d in (self.probs, self.logits, self.uncond_probs, self.cosine)
+                   for t in d.values())
 
     @property
     def n_steps(self) -> int:
@@ -101,7 +106,8 @@ class AttentionTrace:
 
         path = Path(path)
         tensors = {}
-        for kind, d in (("probs", self.probs), ("logits", self.logits), ("uncond_probs", self.uncond_probs)):
+        for kind, d in (("probs", self.probs), ("logits", self.logits), ("uncond_probs", self.uncond_probs),
+                        ("cosine", self.cosine)):
             for k, v in d.items():
                 tensors[f"{kind}/{k}"] = v.contiguous()
         meta = {
@@ -121,13 +127,14 @@ class AttentionTrace:
             if raw is None:
                 raise ValueError(f"{path} is not a DiscoLens trace")
             meta = json.loads(raw)
-            d: dict[str, dict] = {"probs": {}, "logits": {}, "uncond_probs": {}}
+            d: dict[str, dict] = {"probs": {}, "logits": {}, "uncond_probs": {}, "cosine": {}}  # older files: no cosine
             for k in f.keys():
                 kind, alias = k.split("/", 1)
                 d[kind][alias] = f.get_tensor(k)
         layers = [LayerInfo(**l) for l in meta["layers"]]
         return AttentionTrace(meta["prompt"], meta["tokens"], meta["token_index"], meta["timesteps"], layers,
-                              meta["heads"], d["probs"], d["logits"], d["uncond_probs"], meta["uncond_tokens"])
+                              meta["heads"], d["probs"], d["logits"], d["uncond_probs"], meta["uncond_tokens"],
+                              d["cosine"])
 
 
 def real_token_count(ids: Sequence[int], eos_id: int) -> int:
@@ -153,9 +160,9 @@ class Tracer:
                  layers: Sequence[str] | None = None, steps: Sequence[int] | None = None,
                  heads: Sequence[int] | None = None, tokens: Sequence[int] | None = None,
                  logits: bool = False, uncond: bool = False, device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.float16) -> None:
+                 dtype: torch.dtype = torch.float16, cosine: bool = False) -> None:
         self.unet, self.tokenizer, self.text_encoder = unet, tokenizer, text_encoder
-        self.want_logits, self.keep_uncond = logits, uncond
+        self.want_logits, self.keep_uncond, self.want_cosine = logits, uncond, cosine
         self.sel_layers = list(layers) if layers is not None else None
         self.sel_steps = set(steps) if steps is not None else None
         self.sel_heads = list(heads) if heads is not None else None
@@ -208,7 +215,9 @@ class Tracer:
             tv = t.flatten()[0].item() if torch.is_tensor(t) else float(t)
             self._timesteps.append(float(tv))
 
-    def _sink(self, name: str, probs: torch.Tensor, logits: torch.Tensor | None) -> None:
+    def _sink(self, name: str, probs: torch.Tensor, logits: torch.Tensor | None,
+              cosine: torch.Tensor | None = None) -> None:
+        """Store one layer call: probs / logits / cosine `[batch, heads, h*w, keys]` -> `[b, heads, h, w, keys]`."""
         if not self._recording:
             return
         if self._prompt_ids is None:
@@ -224,13 +233,16 @@ class Tracer:
         H, W = self._latent_hw
         f = math.isqrt((H * W) // probs.shape[2])
         h, w = H // f, W // f
-        st = self._store.setdefault(name, {"probs": [], "logits": [], "uncond": []})
+        st = self._store.setdefault(name, {"probs": [], "logits": [], "uncond": [], "cosine": []})
         st["hw"] = (h, w)
         st["probs"].append(self._shrink(probs[cond], h, w))
         if self.want_logits and logits is not None:
             st["logits"].append(self._shrink(logits[cond], h, w))
         if self.keep_uncond and unc is not None:
             st["uncond"].append(self._shrink(probs[unc], h, w))
+        if self.want_cosine and cosine is not None:
+            # cos(to_q(image position), to_k(token)) per head, cond rows: [b, heads, h, w, keys]
+            st["cosine"].append(self._shrink(cosine[cond], h, w))
 
     def _shrink(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
         """`[b, heads, h*w, keys]` -> kept heads, `[b, heads, h, w, keys]` in the store dtype/device."""
@@ -246,7 +258,8 @@ class Tracer:
         if self.text_encoder is not None:
             handles.append(self.text_encoder.register_forward_pre_hook(self._text_hook, with_kwargs=True))
         try:
-            with capture_cross_attention(self.unet, self._sink, self.want_logits, self.sel_layers) as layers:
+            with capture_cross_attention(self.unet, self._sink, self.want_logits, self.sel_layers,
+                                         want_cosine=self.want_cosine) as layers:
                 self._layers = layers
                 yield self
         finally:
@@ -271,12 +284,14 @@ class Tracer:
         for i in range(ids.shape[0]):
             keep = real[i] if self.sel_tokens is None else [real[i][j] for j in self.sel_tokens if j < len(real[i])]
             toks = [_clean(t) for t in self.tokenizer.convert_ids_to_tokens(ids[i, keep].tolist())]
-            probs, logits, unc = {}, {}, {}
+            probs, logits, unc, cos = {}, {}, {}, {}
             for info in infos:
                 st = self._store[info.name]
                 probs[info.alias] = torch.stack([s[i][..., keep] for s in st["probs"]])
                 if st["logits"]:
                     logits[info.alias] = torch.stack([s[i][..., keep] for s in st["logits"]])
+                if st["cosine"]:  # [steps, heads, h, w, tokens], real tokens of prompt i
+                    cos[info.alias] = torch.stack([s[i][..., keep] for s in st["cosine"]])
                 if st["uncond"] and neg_real is not None:
                     nk = neg_real[i] if i < len(neg_real) else neg_real[0]
                     unc[info.alias] = torch.stack([s[i][..., nk] for s in st["uncond"]])
@@ -287,7 +302,7 @@ class Tracer:
                     nrow[neg_real[min(i, len(neg_real) - 1)]].tolist())]
             prompt = " ".join(t for t in toks if t not in (self.tokenizer.bos_token, self.tokenizer.eos_token))
             self.traces.append(AttentionTrace(prompt, toks, keep, list(self._timesteps), infos, self.sel_heads,
-                                              probs, logits, unc, unc_toks))
+                                              probs, logits, unc, unc_toks, cos))
         self._store.clear()
 
     @property
@@ -306,7 +321,8 @@ def trace(pipe, prompts: Sequence[str] | str | None = None, **selection) -> Iter
         pipe: a diffusers Stable-Diffusion-family pipeline (unet, tokenizer, text_encoder).
         prompts: the prompts of the UNet batch; default: read from the text encoder's first call.
         **selection: layers (aliases or module paths), steps (UNet call indices), heads, tokens
-            (indices into the real tokens), logits (bool), uncond (bool), device, dtype.
+            (indices into the real tokens), logits (bool), uncond (bool), cosine (bool: also keep the
+            cosine maps of projected query / key features, `AttentionTrace.cosine`), device, dtype.
     Yields:
         the Tracer; after the block, `tracer.traces` / `tracer.trace`.
     """
