@@ -128,11 +128,21 @@ def _check_vocab(pipe, prompts) -> None:
             raise UserError(f"words outside the model's vocabulary in {p!r}: {', '.join(bad)}")
 
 
-def _match_options(a: argparse.Namespace):
+def _match_options(a: argparse.Namespace, pipe):
+    """MatchOptions from the scoring flags; timesteps are checked against the model's training schedule."""
     from interp.matching import MatchOptions
+    from interp.matching_report import noise_level_timesteps
 
-    n_train = 1000
-    ts = tuple(a.timesteps) if a.timesteps else MatchOptions().timesteps
+    n_train = int(pipe.scheduler.config.num_train_timesteps)
+    if a.timesteps and a.noise_levels:
+        raise UserError("give --timesteps or --noise-levels, not both")
+    if a.noise_levels:
+        try:
+            ts = noise_level_timesteps(a.noise_levels, n_train)
+        except ValueError as e:
+            raise UserError(str(e))
+    else:
+        ts = tuple(a.timesteps) if a.timesteps else MatchOptions().timesteps
     if any(t < 0 or t >= n_train for t in ts):
         raise UserError(f"--timesteps must lie in 0..{n_train - 1}")
     # structure / head_weighted have their own scorer_fn; their LSE options come from here
@@ -171,8 +181,8 @@ def _scored(a: argparse.Namespace, min_count: int) -> dict:
         caps = validate_captions(a.captions, min_count=min_count)
     except ValueError as e:
         raise UserError(str(e))
-    opts = _match_options(a)
     pipe = load_pipeline(a.model)
+    opts = _match_options(a, pipe)
     _check_vocab(pipe, caps)
     fn = _scorer_fn(a)
     with _attn_prompt(a, pipe):
@@ -246,9 +256,10 @@ def _cmd_eval_grounding(a: argparse.Namespace) -> int:
 
     if a.n_scenes < 2:
         raise UserError("--n-scenes must be at least 2 (half calibrate the best layer / head)")
-    if any(t < 0 or t >= 1000 for t in a.timesteps):
-        raise UserError("--timesteps must lie in 0..999")
     pipe = load_pipeline(a.model)
+    n_train = int(pipe.scheduler.config.num_train_timesteps)
+    if any(t < 0 or t >= n_train for t in a.timesteps):
+        raise UserError(f"--timesteps must lie in 0..{n_train - 1}")
     res = evaluate_grounding(pipe, n_scenes=a.n_scenes, timesteps=a.timesteps, return_rows=bool(a.atlas_dir))
     if a.generations:
         from interp.grounding_eval import evaluate_generation_grounding
@@ -279,9 +290,9 @@ def _cmd_eval_matching(a: argparse.Namespace) -> int:
         raise UserError(str(e).splitlines()[0])
     if a.limit is not None and a.limit < 1:
         raise UserError("--limit must be at least 1")
-    opts = _match_options(a)
     fn = _scorer_fn(a)
     pipe = load_pipeline(a.model)
+    opts = _match_options(a, pipe)
     with _attn_prompt(a, pipe):
         res = evaluate_matching(pipe, bench, opts, split=a.split, limit=a.limit, per_item=False, scorer_fn=fn)
     res["unet_calls_per_pair"] = res["unet_evals_per_pair"]  # the outside-check contract's name
@@ -290,6 +301,48 @@ def _cmd_eval_matching(a: argparse.Namespace) -> int:
         print(json.dumps(res))
     else:
         print(json.dumps({k: res[k] for k in ("metrics", "chance", "unet_evals_per_pair")}, indent=1))
+    return 0
+
+
+def _cmd_report_matching(a: argparse.Namespace) -> int:
+    from interp.matching_report import GROUPS, report_markdown, run_report
+    from models.benchmarks import load_benchmark
+    from models.loading import load_pipeline
+
+    groups = a.groups or list(GROUPS)
+    bad = [g for g in groups if g not in GROUPS]
+    if bad:
+        raise UserError(f"unknown --groups {' '.join(bad)}; choose from {' '.join(GROUPS)}")
+    for name in a.benchmarks:
+        try:
+            load_benchmark(name)
+        except (FileNotFoundError, ValueError) as e:
+            raise UserError(str(e).splitlines()[0])
+    for flag, v in (("--limit", a.limit), ("--schedule-steps", a.schedule_steps), ("--prompt-steps", a.prompt_steps)):
+        if v is not None and v < 1:
+            raise UserError(f"{flag} must be at least 1")
+    if a.scorer != "lse" or a.attn_prompt:
+        raise UserError("the report varies the scorer and prompts itself: leave --scorer and --attn-prompt unset")
+    if a.out and os.path.exists(a.out) and not os.path.isdir(a.out):
+        raise UserError(f"--out is a file, not a folder: {a.out}")
+    pipe = load_pipeline(a.model)
+    opts = _match_options(a, pipe)
+
+    def progress(r):
+        print(f"{r['group']:9s} {r['benchmark']:10s} {r['value']:.3f}  {r['label']}  ({r['seconds']:.0f} s)",
+              file=sys.stderr, flush=True)
+
+    rows = run_report(pipe, a.benchmarks, groups, opts, split=a.split, limit=a.limit,
+                      schedule_steps=a.schedule_steps, prompt_steps=a.prompt_steps, progress=progress)
+    command = "python cli.py report-matching " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["report-matching"] else None
+    md = report_markdown(rows, command=command)
+    if a.out:
+        os.makedirs(a.out, exist_ok=True)
+        with open(os.path.join(a.out, "report.json"), "w") as f:
+            json.dump({"command": command, "model": a.model or "bundled", "rows": rows}, f, indent=1)
+        with open(os.path.join(a.out, "report.md"), "w") as f:
+            f.write(md + "\n")
+    print(json.dumps({"rows": rows}) if a.json else md)
     return 0
 
 
@@ -307,8 +360,8 @@ def _cmd_train_prompt(a: argparse.Namespace) -> int:
     out_dir = os.path.dirname(os.path.abspath(a.out))
     if not os.path.isdir(out_dir):
         raise UserError(f"output folder does not exist: {out_dir}")
-    opts = _match_options(a)
     pipe = load_pipeline(a.model)
+    opts = _match_options(a, pipe)
 
     def progress(entry):
         if not a.json:
@@ -323,6 +376,7 @@ def _cmd_train_prompt(a: argparse.Namespace) -> int:
 
 
 def _add_match_args(p: argparse.ArgumentParser, inputs: bool = True) -> None:
+    from interp.lse import POOLINGS
     if inputs:
         p.add_argument("--image", required=True)
         p.add_argument("--captions", nargs="*", required=True)
@@ -336,13 +390,16 @@ def _add_match_args(p: argparse.ArgumentParser, inputs: bool = True) -> None:
                    help="a learned attention prompt (cli.py train-prompt) applied while scoring")
     p.add_argument("--source", choices=["probs", "logits"], default="logits")
     p.add_argument("--layers", default=None, help="default all; 'last_per_stage' = the authors' code")
-    p.add_argument("--pooling", choices=["lse", "mean", "max_rows", "max_cols"], default="lse")
+    p.add_argument("--pooling", choices=list(POOLINGS), default="lse")
     p.add_argument("--timesteps", type=int, nargs="+", default=None)
+    p.add_argument("--noise-levels", dest="noise_levels", type=float, nargs="+", default=None,
+                   help="noise levels in (0, 1) instead of --timesteps: t = round(level * T), e.g. 0.2 0.4 0.6 0.8")
     p.add_argument("--noise-seed", dest="noise_seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from interp.matching_report import GROUPS
     p = argparse.ArgumentParser(prog="cli.py", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
 
@@ -423,6 +480,17 @@ def build_parser() -> argparse.ArgumentParser:
     em.add_argument("--limit", type=int, default=None)
     _add_match_args(em, inputs=False)
     em.set_defaults(fn=_cmd_eval_matching)
+
+    rm = sub.add_parser("report-matching", help="the Discffusion report: each of the paper's claims on the benchmarks")
+    rm.add_argument("--benchmarks", nargs="+", default=["winoground", "comvg", "counting", "refcocog"])
+    rm.add_argument("--groups", nargs="+", default=None, help="default all: " + " ".join(GROUPS))
+    rm.add_argument("--split", choices=["train", "test", "all"], default="test")
+    rm.add_argument("--limit", type=int, default=None)
+    rm.add_argument("--schedule-steps", dest="schedule_steps", type=int, default=10)
+    rm.add_argument("--prompt-steps", dest="prompt_steps", type=int, default=50)
+    rm.add_argument("--out", default=None, help="folder for report.json + report.md")
+    _add_match_args(rm, inputs=False)
+    rm.set_defaults(fn=_cmd_report_matching)
 
     tp = sub.add_parser("train-prompt", help="few-shot attention prompt learning on a benchmark's train split")
     tp.add_argument("--benchmark", required=True)

@@ -1,0 +1,260 @@
+"""The Discffusion report: does each claim of the paper hold for a model on the shapes benchmarks?
+
+One function, `run_report`, runs named groups of experiments (each an option set, a scorer hook or a few-shot
+attention prompt) over the benchmarks with `interp.matching_eval`, and returns plain rows; `report_markdown`
+renders them as tables. Option sets that share timesteps and noise go through ONE shared pass per image
+(`compare_scorers`), so their differences are the scorers' alone.
+
+Groups (paper reference in brackets):
+    scorers    LSE vs the Diffusion-Classifier score (plain / unconditional-normalised) vs the structure-aware
+               score, same timesteps: equal UNet calls per pair (denoise_norm adds the "" row)
+    pooling    LSE vs mean vs max over tokens vs max over positions (vs cosine of projected features where the
+               installed interp.lse offers it) [Table 3]; probabilities vs logits
+    layers     all cross-attention layers vs the last of each stage (the authors' code) [Fig. 3]
+    noise      noise-level ensemble {0.2, 0.4, 0.6, 0.8} vs each level alone [Table 3]; a noise level l is the
+               timestep round(l * T) of a T-step training schedule
+    schedule   a DDIM schedule of `schedule_steps` timesteps: all vs the first (noisiest) only vs the last only
+               [Table 9]; the Diffusion-Classifier score on the same schedule (more calls, same as LSE's)
+    heads      Eq. 7 gradient-weighted heads (captum) vs the plain head average [Fig. 4]
+    prompt     zero-shot vs few-shot attention prompts trained on the benchmark's train split [Table 1]:
+               additive p^k / p^v with margin 0.2 (the paper), LoRA with margin 0.1 (the authors' code)
+
+    >>> rows = run_report(pipe, ["winoground", "comvg"], groups=["scorers", "layers"])
+    >>> print(report_markdown(rows))
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Callable, Iterable, Sequence
+
+from models.benchmarks import load_benchmark
+
+from .lse import POOLINGS
+from .matching import MatchOptions
+from .matching_eval import compare_scorers, evaluate_matching
+
+__all__ = ["GROUPS", "PRIMARY", "Experiment", "experiments", "noise_level_timesteps", "schedule_timesteps",
+           "run_report", "report_markdown"]
+
+GROUPS = ("scorers", "pooling", "layers", "noise", "schedule", "heads", "prompt")
+NOISE_LEVELS = (0.2, 0.4, 0.6, 0.8)
+# the headline metric of each benchmark family (all metrics are kept in the rows)
+PRIMARY = {"winoground": "group_score", "comvg": "accuracy", "counting": "accuracy", "refcocog": "top1"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+    """One row of the report: an option set, optionally with a scorer hook or a few-shot prompt."""
+
+    group: str
+    label: str
+    options: MatchOptions
+    scorer: str | None = None  # None (MatchOptions.scorer) | "structure" | "head_weighted"
+    prompt: str | None = None  # None (zero-shot) | "additive" | "lora"
+    margin: float = 0.2
+
+
+def noise_level_timesteps(levels: Sequence[float], num_train_timesteps: int = 1000) -> tuple[int, ...]:
+    """Timesteps of noise levels l in (0, 1): round(l * T), clipped to 0..T-1."""
+    out = []
+    for lv in levels:
+        if not 0 < float(lv) < 1:
+            raise ValueError(f"noise levels must lie strictly between 0 and 1, got {lv}")
+        out.append(min(num_train_timesteps - 1, int(round(float(lv) * num_train_timesteps))))
+    return tuple(out)
+
+
+def schedule_timesteps(scheduler, n: int) -> tuple[int, ...]:
+    """The timesteps of an `n`-step sampling schedule of `scheduler`, in sampling order (noisiest first)."""
+    if n < 1:
+        raise ValueError(f"schedule steps must be at least 1, got {n}")
+    import copy
+
+    s = copy.deepcopy(scheduler)
+    s.set_timesteps(n)
+    return tuple(int(t) for t in s.timesteps)
+
+
+def experiments(groups: Iterable[str], base: MatchOptions, schedule: Sequence[int],
+                num_train_timesteps: int = 1000) -> list[Experiment]:
+    """The experiments of the named groups around the `base` LSE option set (see the module docstring)."""
+    groups = list(groups)
+    bad = [g for g in groups if g not in GROUPS]
+    if bad:
+        raise ValueError(f"unknown report group(s) {bad}; choose from {GROUPS}")
+    rep = dataclasses.replace
+    out: list[Experiment] = []
+    for g in groups:
+        if g == "scorers":
+            out += [Experiment(g, "LSE (Discffusion)", base),
+                    Experiment(g, "Diffusion Classifier (denoising error)", rep(base, scorer="denoise")),
+                    Experiment(g, "Diffusion Classifier, uncond.-normalised", rep(base, scorer="denoise_norm")),
+                    Experiment(g, "structure-aware (binding + relation)", base, scorer="structure")]
+        elif g == "pooling":
+            out += [Experiment(g, f"pooling={p}", rep(base, pooling=p)) for p in POOLINGS]
+            other = "probs" if base.source == "logits" else "logits"
+            out.append(Experiment(g, f"LSE on {other}", rep(base, source=other)))
+        elif g == "layers":
+            out += [Experiment(g, "all layers", rep(base, layers=None)),
+                    Experiment(g, "last layer of each stage", rep(base, layers="last_per_stage"))]
+        elif g == "noise":
+            ens = noise_level_timesteps(NOISE_LEVELS, num_train_timesteps)
+            out.append(Experiment(g, f"ensemble {list(NOISE_LEVELS)} (t={list(ens)})", rep(base, timesteps=ens)))
+            out += [Experiment(g, f"level {lv} alone (t={t})", rep(base, timesteps=(t,)))
+                    for lv, t in zip(NOISE_LEVELS, ens)]
+        elif g == "schedule":
+            ts = tuple(schedule)
+            out += [Experiment(g, f"all {len(ts)} schedule steps", rep(base, timesteps=ts)),
+                    Experiment(g, f"first step only (t={ts[0]})", rep(base, timesteps=ts[:1])),
+                    Experiment(g, f"last step only (t={ts[-1]})", rep(base, timesteps=ts[-1:])),
+                    Experiment(g, f"Diffusion Classifier, all {len(ts)} steps", rep(base, scorer="denoise", timesteps=ts))]
+        elif g == "heads":
+            out += [Experiment(g, "heads averaged", base),
+                    Experiment(g, "heads weighted (Eq. 7, captum)", base, scorer="head_weighted")]
+        elif g == "prompt":
+            out += [Experiment(g, "zero-shot", base),
+                    Experiment(g, "few-shot additive prompt (M=0.2)", base, prompt="additive", margin=0.2),
+                    Experiment(g, "few-shot LoRA prompt (M=0.1)", base, prompt="lora", margin=0.1)]
+    return out
+
+
+def _scorer_fn(name: str | None) -> Callable | None:
+    if name is None:
+        return None
+    if name == "structure":
+        from .structure_score import structure_scorer_fn
+
+        return structure_scorer_fn
+    if name == "head_weighted":
+        from .head_attribution import make_head_weighted_scorer
+
+        return make_head_weighted_scorer()
+    raise ValueError(f"unknown scorer hook {name!r}")
+
+
+def _row(e: Experiment, res: dict, bench: str, seconds: float, extra: dict | None = None) -> dict:
+    key = PRIMARY.get(bench)
+    m = res["metrics"]
+    return {"group": e.group, "label": e.label, "benchmark": bench, "primary": key,
+            "value": m.get(key, math.nan) if key else math.nan, "metrics": m, "chance": res["chance"],
+            "by_type": res.get("by_type", {}), "unet_evals_per_pair": res["unet_evals_per_pair"],
+            "timesteps": list(e.options.timesteps), "n_items": res["n_items"], "seconds": round(seconds, 1),
+            **(extra or {})}
+
+
+def run_report(pipe, benchmarks: Sequence[str], groups: Sequence[str] = GROUPS, base: MatchOptions = MatchOptions(),
+               split: str = "test", limit: int | None = None, schedule_steps: int = 10, prompt_steps: int = 50,
+               seed: int = 0, progress: Callable[[dict], None] | None = None) -> list[dict]:
+    """Run the report's experiments; one row per (experiment, benchmark), in group order.
+
+    Args:
+        pipe: the pipeline (frozen; few-shot prompts are applied in a context and removed afterwards).
+        benchmarks: benchmark names or folders (`models.benchmarks.load_benchmark`).
+        groups: which groups of `GROUPS` to run.
+        base: the LSE option set every variation starts from (scorer must be "lse").
+        split, limit: the evaluation items (`evaluate_matching`); prompts train on the "train" split.
+        schedule_steps: length of the sampling schedule of the "schedule" group.
+        prompt_steps: optimiser steps of each few-shot prompt.
+        progress: called with each finished row.
+    Returns:
+        rows: {"group", "label", "benchmark", "primary", "value" (the primary metric), "metrics", "chance",
+        "by_type", "unet_evals_per_pair", "timesteps", "n_items", "seconds"} (+ "prompt_loss" for prompts).
+    """
+    if base.scorer != "lse":
+        raise ValueError("the report's base option set must use scorer='lse'")
+    n_train = int(pipe.scheduler.config.num_train_timesteps)
+    exps = experiments(groups, base, schedule_timesteps(pipe.scheduler, schedule_steps), n_train)
+    rows: list[dict] = []
+
+    def emit(r: dict) -> None:
+        rows.append(r)
+        if progress:
+            progress(r)
+
+    for name in benchmarks:
+        bench = load_benchmark(name)
+        # option sets without hooks or prompts that share timesteps + noise: one shared pass
+        shared: dict[tuple, list[Experiment]] = {}
+        for e in exps:
+            if e.scorer is None and e.prompt is None:
+                shared.setdefault((tuple(e.options.timesteps), e.options.noise_seed), []).append(e)
+        done: dict[Experiment, dict] = {}
+        for batch in shared.values():
+            uniq = list(dict.fromkeys(b.options for b in batch))
+            t0 = time.time()
+            rep = compare_scorers(pipe, bench, uniq, split=split, limit=limit)
+            dt = (time.time() - t0) / len(uniq)
+            by_opts = dict(zip(uniq, (rep["results"][lab] for lab in rep["labels"])))
+            for e in batch:
+                done[e] = _row(e, by_opts[e.options], bench.name, dt)
+        for e in exps:
+            if e in done:
+                emit(done[e])
+                continue
+            t0 = time.time()
+            extra = {}
+            if e.prompt is not None:
+                from models.prompt_learning import apply_prompt, train_prompt
+
+                prompt, log = train_prompt(pipe, bench, e.options, steps=prompt_steps, margin=e.margin,
+                                           variant=e.prompt, seed=seed)
+                extra = {"prompt_loss": [log[0]["loss"], log[-1]["loss"]], "prompt_steps": prompt_steps}
+                with apply_prompt(pipe, prompt):
+                    res = evaluate_matching(pipe, bench, e.options, split=split, limit=limit, per_item=False)
+            else:
+                res = evaluate_matching(pipe, bench, e.options, split=split, limit=limit, per_item=False,
+                                        scorer_fn=_scorer_fn(e.scorer))
+            emit(_row(e, res, bench.name, time.time() - t0, extra))
+    return rows
+
+
+def _fmt(v) -> str:
+    return "—" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.2f}"
+
+
+def report_markdown(rows: Sequence[dict], title: str = "Discffusion on the shapes benchmarks",
+                    command: str | None = None) -> str:
+    """Markdown tables: per group, experiments x benchmarks (primary metric), chance and UNet evals per pair."""
+    benches = list(dict.fromkeys(r["benchmark"] for r in rows))
+    lines = [f"# {title}", ""]
+    if command:
+        lines += [f"Made with: `{command}`", ""]
+    lines += ["Primary metric per benchmark: " + ", ".join(f"{b} {PRIMARY.get(b, '?')}" for b in benches) +
+              ". Cells: metric (UNet evaluations per image-caption pair).", ""]
+    for g in dict.fromkeys(r["group"] for r in rows):
+        grows = [r for r in rows if r["group"] == g]
+        lines += [f"## {g}", "", "| experiment | " + " | ".join(benches) + " |",
+                  "|---|" + "---|" * len(benches)]
+        for lab in dict.fromkeys(r["label"] for r in grows):
+            cells = []
+            for b in benches:
+                hit = [r for r in grows if r["label"] == lab and r["benchmark"] == b]
+                cells.append(f"{_fmt(hit[0]['value'])} ({hit[0]['unet_evals_per_pair']:.1f})" if hit else "")
+            lines.append(f"| {lab} | " + " | ".join(cells) + " |")
+        chance = []
+        for b in benches:
+            hit = [r for r in grows if r["benchmark"] == b]
+            chance.append(_fmt(hit[0]["chance"].get(hit[0]["primary"])) if hit else "")
+        lines += ["| chance | " + " | ".join(chance) + " |", ""]
+        lines += _split_tables(grows, benches) if g == "scorers" else []
+    return "\n".join(lines)
+
+
+def _split_tables(rows: Sequence[dict], benches: Sequence[str]) -> list[str]:
+    """Per benchmark, the primary metric of each experiment per hard-negative split (`by_type`)."""
+    out = []
+    for b in benches:
+        brows = [r for r in rows if r["benchmark"] == b and r.get("by_type")]
+        types = list(dict.fromkeys(t for r in brows for t in r["by_type"]))
+        if not types:
+            continue
+        n = {t: brows[0]["by_type"][t].get("n", "") for t in types if t in brows[0]["by_type"]}
+        out += [f"Per split, {b} ({brows[0]['primary']}):", "",
+                "| experiment | " + " | ".join(f"{t} (n={n.get(t, '')})" for t in types) + " |",
+                "|---|" + "---|" * len(types)]
+        for r in brows:
+            out.append(f"| {r['label']} | " + " | ".join(_fmt(r["by_type"].get(t, {}).get(r["primary"])) for t in types) + " |")
+        out.append("")
+    return out

@@ -1,0 +1,138 @@
+"""The Discffusion report: experiment lists, shared passes that agree with single runs, markdown, CLI errors."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import cli
+from interp import matching_report as mr
+from interp.matching import MatchOptions
+from interp.matching_eval import evaluate_matching
+from models import benchmarks as bm
+
+
+@pytest.fixture(scope="module")
+def wino(tmp_path_factory):
+    return bm.build_benchmark("winoground", tmp_path_factory.mktemp("bench") / "winoground", n=20)
+
+
+class TestExperiments:
+    def test_noise_levels_map_to_timesteps(self):
+        """Noise level l -> round(l * T), clipped to T - 1; levels outside (0, 1) are refused."""
+        assert mr.noise_level_timesteps([0.2, 0.5, 0.9995], 1000) == (200, 500, 999)
+        assert mr.noise_level_timesteps([0.25], 100) == (25,)
+        for bad in (0.0, 1.0, -0.1):
+            with pytest.raises(ValueError, match="noise levels"):
+                mr.noise_level_timesteps([bad])
+
+    def test_schedule_is_noisiest_first_and_leaves_scheduler_alone(self, tiny_pipe):
+        """An n-step schedule of the pipeline's scheduler, in sampling order; the pipe's scheduler is untouched."""
+        before = None if tiny_pipe.scheduler.timesteps is None else list(tiny_pipe.scheduler.timesteps)
+        ts = mr.schedule_timesteps(tiny_pipe.scheduler, 5)
+        assert len(ts) == 5 and list(ts) == sorted(ts, reverse=True)
+        after = None if tiny_pipe.scheduler.timesteps is None else list(tiny_pipe.scheduler.timesteps)
+        assert before == after
+        with pytest.raises(ValueError):
+            mr.schedule_timesteps(tiny_pipe.scheduler, 0)
+
+    def test_groups_build_their_variations(self):
+        """Each group varies what it names around the base options."""
+        base = MatchOptions(timesteps=(300, 600))
+        ex = mr.experiments(["pooling", "layers", "schedule", "prompt"], base, schedule=(900, 500, 100))
+        pools = [e.options.pooling for e in ex if e.group == "pooling" and e.options.source == base.source]
+        assert pools == list(mr.POOLINGS)
+        assert [e.options.layers for e in ex if e.group == "layers"] == [None, "last_per_stage"]
+        sched = [e for e in ex if e.group == "schedule"]
+        assert [e.options.timesteps for e in sched] == [(900, 500, 100), (900,), (100,), (900, 500, 100)]
+        assert sched[-1].options.scorer == "denoise"
+        assert [(e.prompt, e.margin) for e in ex if e.group == "prompt"] == [(None, 0.2), ("additive", 0.2), ("lora", 0.1)]
+        with pytest.raises(ValueError, match="unknown report group"):
+            mr.experiments(["tables"], base, schedule=(1,))
+
+
+class TestRun:
+    def test_shared_pass_rows_equal_single_runs(self, tiny_pipe, wino):
+        """Rows from the shared pass equal evaluate_matching with the same options, one UNet eval per timestep."""
+        base = MatchOptions(timesteps=(300, 700))
+        rows = mr.run_report(tiny_pipe, [str(wino)], ["layers", "noise"], base, limit=3)
+        assert [r["group"] for r in rows] == ["layers"] * 2 + ["noise"] * 5
+        last = next(r for r in rows if r["label"] == "last layer of each stage")
+        single = evaluate_matching(tiny_pipe, wino, MatchOptions(timesteps=(300, 700), layers="last_per_stage"),
+                                   limit=3, per_item=False)
+        assert last["metrics"] == single["metrics"] and last["unet_evals_per_pair"] == 2
+        alone = [r for r in rows if r["label"].startswith("level")]
+        assert [r["unet_evals_per_pair"] for r in alone] == [1, 1, 1, 1]
+        assert all(r["benchmark"] == "winoground" and r["primary"] == "group_score" for r in rows)
+
+    def test_scorer_hooks_and_prompts_run(self, tiny_pipe, wino):
+        """Structure, head-weighted and few-shot rows run and report their own costs and prompt losses."""
+        rows = mr.run_report(tiny_pipe, [str(wino)], ["scorers", "heads", "prompt"], MatchOptions(timesteps=(400,)),
+                             limit=1, prompt_steps=2)
+        labels = [r["label"] for r in rows]
+        assert len(labels) == 4 + 2 + 3
+        norm = next(r for r in rows if "normalised" in r["label"])
+        assert norm["unet_evals_per_pair"] == pytest.approx(1.5)  # 2 captions + the "" row per call
+        few = [r for r in rows if r["label"].startswith("few-shot")]
+        assert all(len(r["prompt_loss"]) == 2 for r in few)
+        # prompts are removed again: zero-shot after the prompts scores as before
+        again = evaluate_matching(tiny_pipe, wino, MatchOptions(timesteps=(400,)), limit=1, per_item=False)
+        zero = next(r for r in rows if r["label"] == "zero-shot")
+        assert zero["metrics"] == again["metrics"]
+
+    def test_base_must_be_lse(self, tiny_pipe, wino):
+        with pytest.raises(ValueError, match="scorer='lse'"):
+            mr.run_report(tiny_pipe, [str(wino)], ["layers"], MatchOptions(scorer="denoise"))
+
+
+class TestMarkdown:
+    def test_tables_hold_every_row(self):
+        """One table per group, one line per experiment, a chance line; per-split table for the scorers group."""
+        def row(group, label, bench, value, by_type=None):
+            key = mr.PRIMARY[bench]
+            return {"group": group, "label": label, "benchmark": bench, "primary": key, "value": value,
+                    "metrics": {key: value}, "chance": {key: 0.5}, "by_type": by_type or {},
+                    "unet_evals_per_pair": 4.0}
+
+        rows = [row("scorers", "LSE", "comvg", 0.61, {"subject": {"accuracy": 0.7, "n": 10}}),
+                row("scorers", "DC", "comvg", 0.55, {"subject": {"accuracy": 0.4, "n": 10}}),
+                row("layers", "all layers", "comvg", 0.66), row("layers", "all layers", "counting", 0.52)]
+        md = mr.report_markdown(rows, command="python cli.py report-matching")
+        assert "## scorers" in md and "## layers" in md and "`python cli.py report-matching`" in md
+        assert "| LSE | 0.61 (4.0) |" in md and "| all layers | 0.66 (4.0) | 0.52 (4.0) |" in md
+        assert "| LSE | 0.70 |" in md and "| DC | 0.40 |" in md and "subject (n=10)" in md
+        assert md.count("| chance |") == 2
+
+
+class TestCli:
+    def _run(self, capsys, *argv):
+        code = cli.main([str(a) for a in argv])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    @pytest.mark.parametrize("args,match", [
+        (["--groups", "tables"], "unknown --groups"),
+        (["--benchmarks", "nope"], "nope"),
+        (["--limit", "0"], "--limit"),
+        (["--scorer", "denoise"], "leave --scorer"),
+    ])
+    def test_bad_inputs(self, capsys, args, match):
+        code, _, err = self._run(capsys, "report-matching", *args)
+        assert code == 2 and match in err and err.count("\n") == 1
+
+    def test_noise_level_flags(self, capsys, tiny_pipe_dir):
+        """--noise-levels out of range, or together with --timesteps: exit 2 with one line."""
+        for extra, match in ((["--noise-levels", 1.5], "between 0 and 1"),
+                             (["--noise-levels", 0.2, "--timesteps", 200], "not both")):
+            code, _, err = self._run(capsys, "eval-matching", "--benchmark", "counting", "--model", tiny_pipe_dir, *extra)
+            assert code == 2 and match in err and err.count("\n") == 1
+
+    def test_report_writes_json_and_markdown(self, capsys, tiny_pipe_dir, wino, tmp_path):
+        code, out, _ = self._run(capsys, "report-matching", "--benchmarks", wino, "--groups", "layers", "--limit", 1,
+                                 "--timesteps", 500, "--model", tiny_pipe_dir, "--out", tmp_path / "rep", "--json")
+        assert code == 0
+        rows = json.loads(out)["rows"]
+        assert [r["label"] for r in rows] == ["all layers", "last layer of each stage"]
+        saved = json.loads((tmp_path / "rep" / "report.json").read_text())
+        assert saved["rows"] == rows
+        assert "| all layers |" in (tmp_path / "rep" / "report.md").read_text()
