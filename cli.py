@@ -25,12 +25,21 @@ class UserError(Exception):
 def _cmd_train_bundled(a: argparse.Namespace) -> int:
     from models.bundled_training import TrainConfig, train_bundled
 
+    from models.bundled_training import loss_stages
+
     cfg = TrainConfig()
-    for k in ("out_dir", "work_dir", "unet_steps", "vae_steps", "batch", "token_loss_weight", "max_minutes",
-              "threads", "device", "n_images", "seed", "export_every", "checkpoint_every"):
+    for k in ("out_dir", "work_dir", "unet_steps", "vae_steps", "batch", "token_loss_weight", "token_loss_layers",
+              "pixel_loss_weight", "max_minutes", "threads", "device", "n_images", "seed", "export_every",
+              "checkpoint_every"):
         v = getattr(a, k)
         if v is not None:
             setattr(cfg, k, v)
+    if cfg.token_loss_weight < 0 or cfg.pixel_loss_weight < 0:
+        raise UserError("loss weights must be >= 0")
+    try:
+        loss_stages(cfg.token_loss_layers)
+    except ValueError as e:
+        raise UserError(str(e))
     out = train_bundled(cfg)
     print(json.dumps({"out_dir": str(out)}))
     return 0
@@ -410,6 +419,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--vae-steps", dest="vae_steps", type=int)
     t.add_argument("--batch", type=int)
     t.add_argument("--token-loss-weight", dest="token_loss_weight", type=float)
+    t.add_argument("--token-loss-layers", dest="token_loss_layers", default=None,
+                   help="layers the grounding losses see: all (default) or stages, e.g. mid,up")
+    t.add_argument("--pixel-loss-weight", dest="pixel_loss_weight", type=float,
+                   help="TokenCompose's pixel-level BCE term (default 0: off)")
     t.add_argument("--max-minutes", dest="max_minutes", type=float)
     t.add_argument("--threads", type=int)
     t.add_argument("--device")

@@ -59,6 +59,8 @@ class TrainConfig:
     ema_decay: float = 0.999
     caption_dropout: float = 0.1
     token_loss_weight: float = 0.1  # 0 = the plain model
+    token_loss_layers: str = "all"  # cross-attention layers the grounding losses see: "all" or stages "down,mid,up"
+    pixel_loss_weight: float = 0.0  # TokenCompose's second (pixel-level BCE) term; 0 = off
     unet_channels: tuple = (64, 128, 128)
     heads: int = 4
     text_layers: int = 3
@@ -299,6 +301,38 @@ def token_loss(probs: torch.Tensor, tmask: torch.Tensor, valid: torch.Tensor) ->
     return per.sum(), valid.sum() * probs.shape[1]
 
 
+def pixel_loss(probs: torch.Tensor, tmask: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """TokenCompose's pixel-level term for one layer: binary cross-entropy between each valid token's
+    head-averaged attention map (probabilities in [0, 1]) and its binary mask, mean over positions.
+
+    Args / shapes as `token_loss`. Returns (loss summed over valid tokens, number of valid tokens).
+    """
+    a = probs.float().mean(1).transpose(1, 2).clamp(1e-6, 1 - 1e-6)  # [b, tokens, hw]
+    bce = F.binary_cross_entropy(a, tmask, reduction="none").mean(-1)  # [b, tokens]
+    return (bce * valid).sum(), valid.sum()
+
+
+def loss_stages(selection: str | None) -> tuple[str, ...] | None:
+    """The UNet stages of a `token_loss_layers` value: "all" -> None (every layer), "mid,up" -> ("mid", "up")."""
+    if selection in (None, "", "all"):
+        return None
+    from .attention_capture import STAGES
+
+    stages = tuple(x.strip() for x in selection.split(",") if x.strip())
+    if not stages or any(x not in STAGES for x in stages):
+        raise ValueError(f"token_loss_layers must be 'all' or stages from {', '.join(STAGES)} joined by ',', "
+                         f"got {selection!r}")
+    return stages
+
+
+def loss_layers(unet, selection: str | None) -> list[str] | None:
+    """Module paths of the cross-attention layers the grounding losses see (None = every layer)."""
+    from .attention_capture import cross_attention_layers
+
+    stages = loss_stages(selection)
+    return None if stages is None else [l.name for l in cross_attention_layers(unet) if l.stage in stages]
+
+
 def _lr_at(step: int, cfg: TrainConfig, warm_start: int = 0) -> float:
     return cfg.lr * min(1.0, (step - warm_start + 1) / cfg.warmup)
 
@@ -438,8 +472,8 @@ def train_bundled(cfg: TrainConfig) -> Path:
                         {"train_minutes_this_run": round((time.time() - t_start) / 60, 1)})
         vae.to(device)
 
-    use_tok = cfg.token_loss_weight > 0
-    ctx = capture_cross_attention(unet, sink) if use_tok else _null()
+    use_tok = cfg.token_loss_weight > 0 or cfg.pixel_loss_weight > 0
+    ctx = capture_cross_attention(unet, sink, layers=loss_layers(unet, cfg.token_loss_layers)) if use_tok else _null()
     with _StopFlag() as flag, ctx, tqdm(total=cfg.unet_steps, initial=step, desc="unet") as bar:
         while step < cfg.unet_steps:
             g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
@@ -457,18 +491,25 @@ def train_bundled(cfg: TrainConfig) -> Path:
             pred = unet(xt, t, encoder_hidden_states=emb).sample
             mse = F.mse_loss(pred.float(), target.float())
             loss = mse
-            tl_val = 0.0
+            tl_val = pl_val = 0.0
             if use_tok:
                 valid = ((bits[idx] != 0) & ~drop[:, None]).float().to(device)
-                tot, cnt = 0.0, 0.0
+                tot, cnt, ptot, pcnt = 0.0, 0.0, 0.0, 0.0
                 for probs in captured:
                     side = int(math.isqrt(probs.shape[2]))
                     tm = token_masks(masks[idx], bits[idx], side).to(device)
                     s, c = token_loss(probs, tm, valid)
                     tot, cnt = tot + s, cnt + c
+                    if cfg.pixel_loss_weight > 0:
+                        s, c = pixel_loss(probs, tm, valid)
+                        ptot, pcnt = ptot + s, pcnt + c
                 tl = tot / cnt.clamp(min=1)
                 loss = loss + cfg.token_loss_weight * tl
                 tl_val = float(tl.detach())
+                if cfg.pixel_loss_weight > 0:
+                    pl = ptot / pcnt.clamp(min=1)
+                    loss = loss + cfg.pixel_loss_weight * pl
+                    pl_val = float(pl.detach())
             for gparam in opt.param_groups:
                 gparam["lr"] = _lr_at(step, cfg, warm_start)
             opt.zero_grad(set_to_none=True)
@@ -480,7 +521,8 @@ def train_bundled(cfg: TrainConfig) -> Path:
             step += 1
             bar.update(1)
             bar.set_postfix(mse=f"{mse.item():.4f}", tok=f"{tl_val:.3f}")
-            log("unet", step, {"mse": mse.item(), "token_loss": tl_val, "grad_norm": float(gn)})
+            log("unet", step, {"mse": mse.item(), "token_loss": tl_val, "grad_norm": float(gn)}
+                | ({"pixel_loss": pl_val} if cfg.pixel_loss_weight > 0 else {}))
             over = cfg.max_minutes is not None and (time.time() - t_start) / 60 > cfg.max_minutes
             if step % cfg.checkpoint_every == 0 or flag.stop or over:
                 save_ckpt()

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import tiny_train_config
-from models.bundled_training import token_loss, token_masks, train_bundled
+from models.bundled_training import loss_layers, loss_stages, pixel_loss, token_loss, token_masks, train_bundled
 
 
 def _unet_log(work):
@@ -100,3 +100,57 @@ class TestTokenLoss:
         for side in (16, 8, 4):
             tm = token_masks(masks, bits, side)
             assert tm.shape == (1, 2, side * side) and tm[0, 1].sum() >= 1 and tm[0, 0].sum() == 0
+
+
+class TestPixelLossAndLayers:
+    def _setup(self):
+        masks = torch.zeros(1, 3, 16, 16)
+        masks[0, 0, 2:6, 2:6] = 1.0
+        bits = torch.tensor([[0, 1, 0]], dtype=torch.int8)
+        return token_masks(masks, bits, 16), (bits != 0).float()
+
+    def test_pixel_loss_small_for_the_mask_itself(self):
+        """A map equal to the token's mask costs ~0; a uniform map costs the hand-computed BCE."""
+        tm, valid = self._setup()
+        probs = torch.zeros(1, 2, 256, 3)
+        probs[0, :, :, 1] = tm[0, 1]
+        s, n = pixel_loss(probs, tm, valid)
+        assert n.item() == 1 and s.item() < 1e-4
+        p = 1 / 3
+        uniform = torch.full((1, 2, 256, 3), p)
+        s, _ = pixel_loss(uniform, tm, valid)
+        share = 16 / 256
+        want = -(share * torch.log(torch.tensor(p)) + (1 - share) * torch.log(torch.tensor(1 - p)))
+        assert s.item() == pytest.approx(want.item(), rel=1e-4)
+
+    def test_stages_select_layers(self, tiny_pipe):
+        """'all' selects every layer; stages select exactly their layers; bad names are refused."""
+        from models.attention_capture import cross_attention_layers
+
+        layers = cross_attention_layers(tiny_pipe.unet)
+        assert loss_layers(tiny_pipe.unet, "all") is None
+        got = loss_layers(tiny_pipe.unet, "mid,up")
+        assert got == [l.name for l in layers if l.stage in ("mid", "up")] and 0 < len(got) < len(layers)
+        assert loss_stages(" down ") == ("down",)
+        for bad in ("middle", ",", "down;up"):
+            with pytest.raises(ValueError, match="token_loss_layers"):
+                loss_stages(bad)
+
+    @pytest.mark.slow
+    def test_training_with_pixel_loss_and_stages_logs_it(self, tmp_path):
+        """A short run with the pixel term on mid+up layers logs a finite pixel loss every step."""
+        cfg = tiny_train_config(tmp_path, vae_steps=2, unet_steps=3, token_loss_layers="mid,up",
+                                pixel_loss_weight=0.05)
+        train_bundled(cfg)
+        rows = list(csv.DictReader(open(tmp_path / "work" / "loss_log.csv")))
+        px = [float(r["value"]) for r in rows if r["key"] == "pixel_loss"]
+        assert len(px) == 3 and all(0 < v < 10 for v in px)
+
+    def test_cli_refuses_bad_loss_options(self, capsys):
+        import cli
+
+        for args, match in ((["--token-loss-layers", "middle"], "token_loss_layers"),
+                            (["--pixel-loss-weight", "-1"], ">= 0")):
+            code = cli.main(["train-bundled", *args, "--out-dir", "/nonexistent/x"])
+            err = capsys.readouterr().err
+            assert code == 2 and match in err and err.count("\n") == 1
