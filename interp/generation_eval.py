@@ -33,13 +33,41 @@ def score_generations(images: Sequence[Image.Image], captions: Sequence[str]) ->
     return [check(img, cap) for img, cap in zip(images, captions)]
 
 
+def _rate(values) -> float | None:
+    values = list(values)
+    return float(np.mean(values)) if values else None
+
+
+def failure_breakdown(kinds: Sequence[str], verdicts: Sequence[dict]) -> dict:
+    """Where generations fail, per kind (fractions of that kind's prompts unless named "_given_"):
+
+    single: one_object (exactly one detection). relation: two_objects (exactly two detections), objects_ok
+    (both phrases drawn), relation_ok, relation_ok_given_objects (placement right when both objects are).
+    count: count_ok (right number of objects), attributes_ok_given_count (all of the caption's color and
+    shape when the number is right).
+    """
+    by = {k: [d for kk, d in zip(kinds, verdicts) if kk == k] for k in world.KINDS}
+    rel = by.get("relation", [])
+    cnt = by.get("count", [])
+    return {
+        "single": {"one_object": _rate(len(d["detections"]) == 1 for d in by.get("single", []))},
+        "relation": {"two_objects": _rate(len(d["detections"]) == 2 for d in rel),
+                     "objects_ok": _rate(d["objects_ok"] for d in rel),
+                     "relation_ok": _rate(d["relation_ok"] for d in rel),
+                     "relation_ok_given_objects": _rate(d["relation_ok"] for d in rel if d["objects_ok"])},
+        "count": {"count_ok": _rate(d["count_ok"] for d in cnt),
+                  "attributes_ok_given_count": _rate(d["found"] == len(d["detections"]) for d in cnt if d["count_ok"])},
+    }
+
+
 def summarize(kinds: Sequence[str], verdicts: Sequence[dict]) -> dict:
-    """Fraction correct per kind, and n."""
+    """Fraction correct per kind, n, and the failure breakdown (`failure_breakdown`) under "details"."""
     res: dict = {"n": len(verdicts)}
     for k in world.KINDS:
         v = [d["correct"] for kk, d in zip(kinds, verdicts) if kk == k]
         res[k] = float(np.mean(v)) if v else None
         res[f"n_{k}"] = len(v)
+    res["details"] = failure_breakdown(kinds, verdicts)
     return res
 
 
