@@ -300,12 +300,19 @@ def _cmd_eval_matching(a: argparse.Namespace) -> int:
     if a.limit is not None and a.limit < 1:
         raise UserError("--limit must be at least 1")
     fn = _scorer_fn(a)
-    pipe = load_pipeline(a.model)
+    # under `accelerate launch` / torchrun every process scores a share of the items on its own device
+    from interp.matching_eval import _distributed_state
+
+    state = _distributed_state()
+    pipe = load_pipeline(a.model, device=str(state.device) if state else None)
     opts = _match_options(a, pipe)
     with _attn_prompt(a, pipe):
         res = evaluate_matching(pipe, bench, opts, split=a.split, limit=a.limit, per_item=False, scorer_fn=fn)
     res["unet_calls_per_pair"] = res["unet_evals_per_pair"]  # the outside-check contract's name
     res["per_split"] = res["by_type"]  # accuracy per hard-negative split (attribute swap, role swap, ...)
+    res["processes"] = state.num_processes if state else 1
+    if state and not state.is_main_process:
+        return 0
     if a.json:
         print(json.dumps(res))
     else:

@@ -175,6 +175,40 @@ def _run(items: Sequence[Item], score_image: Callable[[Any, list[str]], tuple[li
     return tables, calls, evals, pairs
 
 
+def _distributed_state():
+    """accelerate's PartialState when this process is one of several (`accelerate launch` / torchrun), else None."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    import torch
+    from accelerate import PartialState
+
+    state = PartialState(cpu=not torch.cuda.is_available())  # processes on CPU talk over gloo
+    return state if state.num_processes > 1 else None
+
+
+def _run_sharded(items: Sequence[Item], score_image, n_opts: int):
+    """`_run` data-parallel: each process scores a contiguous share of the items, and every process gets all
+    score tables back in item order (accelerate `gather_object`). A single process just runs `_run`."""
+    state = _distributed_state()
+    if state is None:
+        return _run(items, score_image, n_opts)
+    from accelerate.utils import gather_object
+
+    with state.split_between_processes(list(range(len(items)))) as mine:
+        mine = list(mine)
+        part = _run([items[i] for i in mine], score_image, n_opts) if mine else ([[] for _ in range(n_opts)], 0, 0, 0)
+    tables: list[list] = [[None] * len(items) for _ in range(n_opts)]
+    calls = evals = pairs = 0
+    for idx, (tabs, c, e, p) in gather_object([(mine, part)]):
+        for o in range(n_opts):
+            for i, M in zip(idx, tabs[o]):
+                tables[o][i] = M
+        calls, evals, pairs = calls + c, evals + e, pairs + p
+    return tables, calls, evals, pairs
+
+
 def _report(b: Benchmark, items: Sequence[Item], tables, split, limit, per_item: bool) -> dict:
     family = _family(b.name, items[0])
     outcomes = [item_outcome(family, it, M) for it, M in zip(items, tables)]
@@ -234,7 +268,7 @@ def evaluate_matching(pipe, benchmark: Benchmark | str | Path, options: MatchOpt
         res = fn(pipe, image, captions, options)
         return [res["scores"]], _calls_of(res), int(res.get("unet_evals", 0))
 
-    tables, calls, evals, pairs = _run(items, score_image, 1)
+    tables, calls, evals, pairs = _run_sharded(items, score_image, 1)
     out = _report(b, items, tables[0], split, limit, per_item)
     name = options.scorer if scorer_fn is None else getattr(scorer_fn, "__name__", "custom")
     out.update(scorer=str(name), label=options_label(options) if scorer_fn is None else str(name),

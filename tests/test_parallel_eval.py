@@ -1,0 +1,35 @@
+"""eval-matching data-parallel: two processes (torchrun, the launcher `accelerate launch --multi_gpu` uses on
+GPUs; gloo on CPU) give the single process's result, printed once."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _eval(launcher: list[str], model: Path) -> list[dict]:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = launcher + [str(ROOT / "cli.py"), "eval-matching", "--benchmark", "comvg", "--limit", "5",
+                      "--timesteps", "300", "600", "--model", str(model), "--json"]
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(tiny_pipe_dir):
+    [single] = _eval([sys.executable], tiny_pipe_dir)
+    runs = _eval([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517"],
+                 tiny_pipe_dir)
+    assert len(runs) == 1  # only the main process prints
+    [par] = runs
+    assert single["processes"] == 1 and par["processes"] == 2
+    for key in ("metrics", "by_type", "unet_calls", "unet_evals", "pairs", "n_items"):
+        assert par[key] == single[key], key
+    assert par["unet_calls"] == 5 * 2  # 5 items x 1 image x 2 timesteps, split over both processes
