@@ -28,14 +28,16 @@ def _cmd_train_bundled(a: argparse.Namespace) -> int:
     from models.bundled_training import loss_stages
 
     cfg = TrainConfig()
-    for k in ("out_dir", "work_dir", "unet_steps", "vae_steps", "batch", "token_loss_weight", "token_loss_layers",
-              "pixel_loss_weight", "max_minutes", "threads", "device", "n_images", "seed", "export_every",
+    for k in ("out_dir", "work_dir", "unet_steps", "vae_steps", "batch", "lr", "warmup", "token_loss_weight",
+              "token_loss_layers", "pixel_loss_weight", "max_minutes", "threads", "device", "n_images", "seed", "export_every",
               "checkpoint_every"):
         v = getattr(a, k)
         if v is not None:
             setattr(cfg, k, v)
     if cfg.token_loss_weight < 0 or cfg.pixel_loss_weight < 0:
         raise UserError("loss weights must be >= 0")
+    if cfg.lr <= 0 or cfg.warmup < 1:
+        raise UserError("--lr must be > 0 and --warmup at least 1")
     try:
         loss_stages(cfg.token_loss_layers)
     except ValueError as e:
@@ -425,6 +427,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--unet-steps", dest="unet_steps", type=int)
     t.add_argument("--vae-steps", dest="vae_steps", type=int)
     t.add_argument("--batch", type=int)
+    t.add_argument("--lr", type=float, help="peak learning rate of the UNet + text encoder (default 1e-3)")
+    t.add_argument("--warmup", type=int, help="linear warm-up steps from each (re)start from exported weights (default 200)")
     t.add_argument("--token-loss-weight", dest="token_loss_weight", type=float)
     t.add_argument("--token-loss-layers", dest="token_loss_layers", default=None,
                    help="layers the grounding losses see: all (default) or stages, e.g. mid,up")

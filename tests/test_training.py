@@ -150,7 +150,8 @@ class TestPixelLossAndLayers:
         import cli
 
         for args, match in ((["--token-loss-layers", "middle"], "token_loss_layers"),
-                            (["--pixel-loss-weight", "-1"], ">= 0")):
+                            (["--pixel-loss-weight", "-1"], ">= 0"), (["--warmup", "0"], "--warmup"),
+                            (["--lr", "0"], "--lr")):
             code = cli.main(["train-bundled", *args, "--out-dir", "/nonexistent/x"])
             err = capsys.readouterr().err
             assert code == 2 and match in err and err.count("\n") == 1
