@@ -16,6 +16,7 @@ from interp.figures import atlas_plotly, breakdown_plotly
 from interp.head_attribution import make_head_weighted_scorer
 from interp.heatmaps import overlay
 from interp.matching import MatchOptions, score_image_captions, validate_captions
+from interp.routed_score import routed_scorer_fn
 from interp.structure_score import make_structure_scorer
 from interp.workbench import slice_choices, slice_overlays, traced_generation
 from models import world
@@ -66,7 +67,8 @@ def explore(state, layer: str, head: str, step: str):
         raise gr.Error(str(e))
 
 
-SCORERS = {"LSE over attention logits (Discffusion)": "lse", "Denoising error (Diffusion Classifier)": "denoise",
+SCORERS = {"LSE over attention logits (Discffusion)": "lse",
+           "Auto: structure-aware if the captions share their words, else denoising error": "auto", "Denoising error (Diffusion Classifier)": "denoise",
            "Denoising error, unconditional-normalised": "denoise_norm",
            "Structure-aware (binding + relation)": "structure",
            "LSE with gradient-weighted heads (Discffusion Eq. 7, captum)": "head_weighted"}
@@ -107,17 +109,22 @@ def match(image, captions_text: str, model: str, scorer_label: str, timesteps_te
         ts = tuple(int(t) for t in (timesteps_text or "").replace(",", " ").split())
     except ValueError as e:
         raise gr.Error(str(e) if "caption" in str(e) else "timesteps must be whole numbers, e.g. 200 400 600 800")
-    if not ts or any(not 0 <= t < 1000 for t in ts):
-        raise gr.Error("timesteps must lie in 0..999")
+    if not ts:
+        raise gr.Error("give at least one timestep, e.g. 200 400 600 800")
     if scorer_label not in SCORERS:
         raise gr.Error(f"unknown scorer {scorer_label!r}")
     pipe = _pipe(model)
+    n_train = int(pipe.scheduler.config.num_train_timesteps)
+    if any(not 0 <= t < n_train for t in ts):
+        raise gr.Error(f"timesteps must lie in 0..{n_train - 1}")
     key = SCORERS[scorer_label]
     try:
         if key == "structure":
             res = make_structure_scorer()(pipe, image, caps, MatchOptions(timesteps=ts))
         elif key == "head_weighted":
             res = make_head_weighted_scorer()(pipe, image, caps, MatchOptions(timesteps=ts))
+        elif key == "auto":
+            res = routed_scorer_fn(pipe, image, caps, MatchOptions(timesteps=ts))
         else:
             res = score_image_captions(pipe, image, caps, MatchOptions(scorer=key, timesteps=ts))
     except ValueError as e:
@@ -128,7 +135,9 @@ def match(image, captions_text: str, model: str, scorer_label: str, timesteps_te
     cost = f"{res['unet_evals']} UNet evaluations ({len(ts)} timesteps x {len(caps)} captions, one batch each)"
     if key == "head_weighted":
         cost += f" and {res['unet_backwards']} backward passes (captum)"
-    notes = _structure_notes(res) if key == "structure" else ""
+    notes = _structure_notes(res) if key == "structure" or res.get("routed_to") == "structure" else ""
+    if key == "auto":
+        notes = f"Routed to **{res['routed_to']}**.\n" + notes
     return table, fig, cost, _head_rows(res), notes
 
 

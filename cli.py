@@ -156,8 +156,8 @@ def _match_options(a: argparse.Namespace, pipe):
         ts = tuple(a.timesteps) if a.timesteps else MatchOptions().timesteps
     if any(t < 0 or t >= n_train for t in ts):
         raise UserError(f"--timesteps must lie in 0..{n_train - 1}")
-    # structure / head_weighted have their own scorer_fn; their LSE options come from here
-    scorer = "lse" if a.scorer in ("structure", "head_weighted") else a.scorer
+    # auto / structure / head_weighted have their own scorer_fn; their LSE options come from here
+    scorer = "lse" if a.scorer in ("auto", "structure", "head_weighted") else a.scorer
     return MatchOptions(scorer=scorer, source=a.source, layers=a.layers, pooling=a.pooling, timesteps=ts,
                         noise_seed=a.noise_seed)
 
@@ -218,6 +218,10 @@ def _attn_prompt(a: argparse.Namespace, pipe):
 
 def _scorer_fn(a: argparse.Namespace):
     """The scorer function of --scorer where it is not a plain MatchOptions scorer, else None."""
+    if a.scorer == "auto":
+        from interp.routed_score import routed_scorer_fn
+
+        return routed_scorer_fn
     if a.scorer == "structure":
         from interp.structure_score import structure_scorer_fn
 
@@ -253,6 +257,8 @@ def _cmd_score(a: argparse.Namespace) -> int:
     res = _scored(a, min_count=1)
     out = {"scores": res["scores"], "unet_evals": res["unet_evals"],
            "breakdowns": {c: b.as_dict() for c, b in res.get("breakdowns", {}).items()}}
+    if "routed_to" in res:
+        out["routed_to"] = res["routed_to"]
     if "per_caption" in res:  # head weighting: attribution tables [layers, heads] per caption
         out["layers"] = res["layers"]
         out["per_caption"] = {c: {"score": d["score"], "plain_score": d["plain_score"],
@@ -339,7 +345,7 @@ def _cmd_report_matching(a: argparse.Namespace) -> int:
     for flag, v in (("--limit", a.limit), ("--schedule-steps", a.schedule_steps), ("--prompt-steps", a.prompt_steps)):
         if v is not None and v < 1:
             raise UserError(f"{flag} must be at least 1")
-    if a.scorer != "lse" or a.attn_prompt:
+    if a.scorer not in ("auto", "lse") or a.attn_prompt:
         raise UserError("the report varies the scorer and prompts itself: leave --scorer and --attn-prompt unset")
     if a.out and os.path.exists(a.out) and not os.path.isdir(a.out):
         raise UserError(f"--out is a file, not a folder: {a.out}")
@@ -399,8 +405,9 @@ def _add_match_args(p: argparse.ArgumentParser, inputs: bool = True) -> None:
         p.add_argument("--image", required=True)
         p.add_argument("--captions", nargs="*", required=True)
     p.add_argument("--model", default=None)
-    p.add_argument("--scorer", choices=["lse", "denoise", "denoise_norm", "structure", "head_weighted"],
-                   default="lse")
+    p.add_argument("--scorer", choices=["auto", "lse", "denoise", "denoise_norm", "structure", "head_weighted"],
+                   default="auto", help="auto (default, the best in docs/measurements/matching_report_step1807): "
+                   "structure-aware where the captions share their content words, else the denoising error")
     p.add_argument("--variant", choices=["eq7", "gxa"], default="eq7",
                    help="head_weighted: A_h x sum over heads of df/dA (Eq. 7) or A_h x df/dA_h")
     p.add_argument("--grad-norm", dest="grad_norm", choices=["none", "mean_abs"], default="none")

@@ -7,7 +7,8 @@ renders them as tables. Option sets that share timesteps and noise go through ON
 
 Groups (paper reference in brackets):
     scorers    LSE vs the Diffusion-Classifier score (plain / unconditional-normalised) vs the structure-aware
-               score, same timesteps: equal UNet calls per pair (denoise_norm adds the "" row)
+               score vs the routed score (interp.routed_score), same timesteps: equal UNet calls per pair
+               (denoise_norm adds the "" row)
     pooling    LSE vs mean vs max over tokens vs max over positions (vs cosine of projected features where the
                installed interp.lse offers it) [Table 3]; probabilities vs logits
     layers     all cross-attention layers vs the last of each stage (the authors' code) [Fig. 3]
@@ -51,7 +52,7 @@ class Experiment:
     group: str
     label: str
     options: MatchOptions
-    scorer: str | None = None  # None (MatchOptions.scorer) | "structure" | "head_weighted"
+    scorer: str | None = None  # None (MatchOptions.scorer) | "structure" | "head_weighted" | "auto"
     prompt: str | None = None  # None (zero-shot) | "additive" | "lora"
     margin: float = 0.2
 
@@ -91,7 +92,8 @@ def experiments(groups: Iterable[str], base: MatchOptions, schedule: Sequence[in
             out += [Experiment(g, "LSE (Discffusion)", base),
                     Experiment(g, "Diffusion Classifier (denoising error)", rep(base, scorer="denoise")),
                     Experiment(g, "Diffusion Classifier, uncond.-normalised", rep(base, scorer="denoise_norm")),
-                    Experiment(g, "structure-aware (binding + relation)", base, scorer="structure")]
+                    Experiment(g, "structure-aware (binding + relation)", base, scorer="structure"),
+                    Experiment(g, "routed: structure if same content words, else DC", base, scorer="auto")]
         elif g == "pooling":
             out += [Experiment(g, f"pooling={p}", rep(base, pooling=p)) for p in POOLINGS]
             other = "probs" if base.source == "logits" else "logits"
@@ -127,6 +129,10 @@ def _scorer_fn(name: str | None) -> Callable | None:
         from .structure_score import structure_scorer_fn
 
         return structure_scorer_fn
+    if name == "auto":
+        from .routed_score import routed_scorer_fn
+
+        return routed_scorer_fn
     if name == "head_weighted":
         from .head_attribution import make_head_weighted_scorer
 

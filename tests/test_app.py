@@ -104,6 +104,15 @@ class TestMatchTab:
         assert all(isinstance(r[3], float) and r[3] == r[3] for r in heads)
         assert "backward" in cost and len(table) == 2 and fig is None and notes == ""
 
+    def test_match_auto_says_where_it_routed(self, tiny_pipe_dir):
+        """The auto scorer ranks every caption and names the scorer it routed to."""
+        label = next(k for k, v in app.SCORERS.items() if v == "auto")
+        caps = "a red circle left of a blue square\na blue square left of a red circle"
+        table, fig, cost, heads, notes = app.match(self._img(), caps, str(tiny_pipe_dir), label, "300")
+        assert sorted(r[1] for r in table) == sorted(caps.splitlines()) and "Routed to **structure**" in notes
+        table, *_, notes = app.match(self._img(), "two red circles\nthree red circles", str(tiny_pipe_dir), label, "300")
+        assert len(table) == 2 and "Routed to **denoise**" in notes
+
     @pytest.mark.parametrize("caps,ts,match", [("a red circle", "300", "at least 2"),
                                                 ("a red circle\na blue square", "x", "whole numbers"),
                                                 ("a red circle\na blue square", "1000", "0..999")])

@@ -114,10 +114,17 @@ class TestScore:
     def test_score_prints_breakdown(self, capsys, tiny_pipe_dir, render_png):
         """score prints each caption's score, its layer x timestep table and the UNet evaluations."""
         code, out, _ = _run(capsys, "score", "--image", render_png, "--captions", "a red circle", "--model",
-                            tiny_pipe_dir, "--timesteps", 200, 600, "--json")
+                            tiny_pipe_dir, "--timesteps", 200, 600, "--scorer", "lse", "--json")
         d = json.loads(out)
         assert code == 0 and set(d["scores"]) == {"a red circle"} and d["unet_evals"] == 2
         assert len(d["breakdowns"]["a red circle"]["table"]) == 7
+
+    def test_default_scorer_is_routed(self, capsys, tiny_pipe_dir, render_png):
+        """Without --scorer, score routes: captions naming different things go to the denoising error."""
+        code, out, _ = _run(capsys, "score", "--image", render_png, "--captions", "a red circle", "two blue squares",
+                            "--model", tiny_pipe_dir, "--timesteps", 300, "--json")
+        d = json.loads(out)
+        assert code == 0 and d["routed_to"] == "denoise" and d["unet_evals"] == 2
 
     def test_score_head_weighted_prints_attribution_table(self, capsys, tiny_pipe_dir, render_png):
         """With head weighting, each caption comes with its [layers x heads] attribution table."""

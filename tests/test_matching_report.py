@@ -70,7 +70,7 @@ class TestRun:
         rows = mr.run_report(tiny_pipe, [str(wino)], ["scorers", "heads", "prompt"], MatchOptions(timesteps=(400,)),
                              limit=1, prompt_steps=2)
         labels = [r["label"] for r in rows]
-        assert len(labels) == 4 + 2 + 3
+        assert len(labels) == 5 + 2 + 3
         norm = next(r for r in rows if "normalised" in r["label"])
         assert norm["unet_evals_per_pair"] == pytest.approx(1.5)  # 2 captions + the "" row per call
         few = [r for r in rows if r["label"].startswith("few-shot")]
