@@ -83,3 +83,27 @@ class TestBundledTrace:
                 if cls in ("color", "shape"):
                     hits.append(pointing_game(maps[i], mask))
         assert len(hits) >= 12 and sum(hits) / len(hits) >= 0.8
+
+
+class TestPlainTwin:
+    """shapes-v1-plain: the teaching baseline trained without the token loss, loadable beside the shipped model."""
+
+    PLAIN = BUNDLED_DIR.parent / "shapes-v1-plain"
+
+    def test_twin_differs_only_in_the_loss(self):
+        import json
+
+        plain = json.loads((self.PLAIN / "training_state.json").read_text())["config"]
+        ship = json.loads((BUNDLED_DIR / "training_state.json").read_text())["config"]
+        assert plain["token_loss_weight"] == 0 and ship["token_loss_weight"] > 0
+        for k in ("seed", "n_images", "mix", "batch", "lr", "unet_channels", "heads", "text_layers", "text_hidden"):
+            assert plain[k] == ship[k], k
+        vae = "vae/diffusion_pytorch_model.safetensors"
+        assert (self.PLAIN / vae).read_bytes() == (BUNDLED_DIR / vae).read_bytes()
+
+    def test_loads_by_name_and_generates(self):
+        pipe = load_pipeline("shapes-v1-plain", device="cpu")
+        img = pipe("a red circle", num_inference_steps=2, guidance_scale=3.0, output_type="np").images
+        assert img.shape == (1, 64, 64, 3) and torch.isfinite(torch.from_numpy(img)).all()
+        size = sum(p.stat().st_size for p in self.PLAIN.rglob("*") if p.is_file())
+        assert size <= 50 * 2**20 and not list(self.PLAIN.rglob("*.bin"))
