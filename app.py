@@ -100,7 +100,30 @@ def _structure_notes(res: dict) -> str:
     return "\n".join(lines)
 
 
-def match(image, captions_text: str, model: str, scorer_label: str, timesteps_text: str):
+def _attention_prompt(path):
+    """A saved attention prompt (cli.py train-prompt) from an uploaded file path, or None; gr.Error if unreadable."""
+    if not path:
+        return None
+    from models.prompt_learning import load_prompt
+
+    try:
+        return load_prompt(getattr(path, "name", path))
+    except (FileNotFoundError, ValueError, OSError) as e:
+        raise gr.Error(f"cannot load the attention prompt: {str(e).splitlines()[0]}")
+
+
+def _score(key: str, pipe, image, caps: list[str], ts: tuple[int, ...]) -> dict:
+    """Scores of one scorer (one batched noised pass; head weighting adds backward passes)."""
+    if key == "structure":
+        return make_structure_scorer()(pipe, image, caps, MatchOptions(timesteps=ts))
+    if key == "head_weighted":
+        return make_head_weighted_scorer()(pipe, image, caps, MatchOptions(timesteps=ts))
+    if key == "auto":
+        return routed_scorer_fn(pipe, image, caps, MatchOptions(timesteps=ts))
+    return score_image_captions(pipe, image, caps, MatchOptions(scorer=key, timesteps=ts))
+
+
+def match(image, captions_text: str, model: str, scorer_label: str, timesteps_text: str, prompt_file=None):
     """Rank captions for an image; the LSE breakdown by layer and timestep, head attributions or structure notes."""
     if image is None:
         raise gr.Error("upload or generate an image first")
@@ -118,17 +141,14 @@ def match(image, captions_text: str, model: str, scorer_label: str, timesteps_te
     if any(not 0 <= t < n_train for t in ts):
         raise gr.Error(f"timesteps must lie in 0..{n_train - 1}")
     key = SCORERS[scorer_label]
+    from models.prompt_learning import apply_prompt
+
+    prompt = _attention_prompt(prompt_file)
     try:
-        if key == "structure":
-            res = make_structure_scorer()(pipe, image, caps, MatchOptions(timesteps=ts))
-        elif key == "head_weighted":
-            res = make_head_weighted_scorer()(pipe, image, caps, MatchOptions(timesteps=ts))
-        elif key == "auto":
-            res = routed_scorer_fn(pipe, image, caps, MatchOptions(timesteps=ts))
-        else:
-            res = score_image_captions(pipe, image, caps, MatchOptions(scorer=key, timesteps=ts))
+        with apply_prompt(pipe, prompt):
+            res = _score(key, pipe, image, caps, ts)
     except ValueError as e:
-        raise gr.Error(str(e))
+        raise gr.Error(str(e).splitlines()[0])
     ranked = sorted(res["scores"].items(), key=lambda kv: -kv[1])
     table = [[i + 1, c, round(v, 5)] for i, (c, v) in enumerate(ranked)]
     fig = breakdown_plotly(res["breakdowns"], [c for c, _ in ranked]) if key == "lse" and res["breakdowns"] else None
@@ -271,6 +291,8 @@ def build_demo() -> gr.Blocks:
                 with gr.Row():
                     m_scorer = gr.Dropdown(list(SCORERS), value=list(SCORERS)[0], label="Scorer", elem_id="match-scorer")
                     m_ts = gr.Textbox(value="200 400 600 800", label="Timesteps", elem_id="match-timesteps")
+                m_prompt = gr.File(label="Attention prompt (optional; a .safetensors file from cli.py train-prompt)",
+                                   file_types=[".safetensors"], type="filepath", elem_id="match-prompt")
                 m_go = gr.Button("Rank captions", elem_id="match")
             with gr.Column():
                 m_table = gr.Dataframe(headers=["rank", "caption", "score"], label="Ranking", elem_id="match-ranking")
@@ -280,7 +302,7 @@ def build_demo() -> gr.Blocks:
                                "scorer: sum over positions and words of A_h x df/dA, mean over timesteps)",
                                elem_id="match-heads")
         m_notes = gr.Markdown(elem_id="match-notes")
-        m_go.click(match, [m_image, m_caps, model, m_scorer, m_ts], [m_table, m_plot, m_cost, m_heads, m_notes],
+        m_go.click(match, [m_image, m_caps, model, m_scorer, m_ts, m_prompt], [m_table, m_plot, m_cost, m_heads, m_notes],
                    api_name="match")
         image.change(lambda im: im.resize((64, 64)) if im is not None else None, image, m_image, api_name=False)
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import app
+from interp.matching import MatchOptions
 
 
 class TestApp:
@@ -103,6 +104,30 @@ class TestMatchTab:
         assert len(heads) == 2 * n_heads and {r[0] for r in heads} == set(caps.splitlines())
         assert all(isinstance(r[3], float) and r[3] == r[3] for r in heads)
         assert "backward" in cost and len(table) == 2 and fig is None and notes == ""
+
+    def test_match_with_a_saved_attention_prompt(self, tiny_pipe_dir, tmp_path):
+        """A prompt file from train-prompt changes the LSE scores; after the call the model is restored."""
+        import torch
+
+        from models.loading import load_pipeline
+        from models.prompt_learning import save_prompt, train_prompt
+
+        pipe = load_pipeline(str(tiny_pipe_dir))
+        prompt, _ = train_prompt(pipe, "counting", MatchOptions(timesteps=(300,)), steps=2, lr=0.05)
+        with torch.no_grad():  # make the prompt's effect visible on the random tiny model
+            for t in prompt.parameters():
+                t.add_(0.5)
+        f = save_prompt(prompt, tmp_path / "p.safetensors")
+        label = list(app.SCORERS)[0]  # LSE
+        caps = "a red circle\na blue square"
+        before, *_ = app.match(self._img(), caps, str(tiny_pipe_dir), label, "300")
+        with_p, *_ = app.match(self._img(), caps, str(tiny_pipe_dir), label, "300", str(f))
+        after, *_ = app.match(self._img(), caps, str(tiny_pipe_dir), label, "300")
+        assert before == after and with_p != before
+        bad = tmp_path / "bad.safetensors"
+        bad.write_bytes(b"not a prompt")
+        with pytest.raises(gr.Error, match="attention prompt"):
+            app.match(self._img(), caps, str(tiny_pipe_dir), label, "300", str(bad))
 
     def test_match_auto_says_where_it_routed(self, tiny_pipe_dir):
         """The auto scorer ranks every caption and names the scorer it routed to."""
