@@ -13,11 +13,9 @@ import gradio as gr
 
 from interp.faithfulness import atlas_for_model, compare_word_maps, render_scene
 from interp.figures import atlas_plotly, breakdown_plotly
-from interp.head_attribution import make_head_weighted_scorer
 from interp.heatmaps import overlay
 from interp.matching import MatchOptions, score_image_captions, validate_captions
-from interp.routed_score import routed_scorer_fn
-from interp.structure_score import make_structure_scorer
+from interp.matching_eval import SCORER_HOOKS, scorer_hook
 from interp.workbench import slice_choices, slice_overlays, traced_generation
 from models import world
 from models.loading import ModelLoadError, bundled_models, load_pipeline
@@ -68,7 +66,8 @@ def explore(state, layer: str, head: str, step: str):
 
 
 SCORERS = {"LSE over attention logits (Discffusion)": "lse",
-           "Auto: structure-aware if the captions share their words, else denoising error": "auto", "Denoising error (Diffusion Classifier)": "denoise",
+           "Auto: structure-aware if the captions share their words, else denoising error": "auto",
+           "Denoising error (Diffusion Classifier)": "denoise",
            "Denoising error, unconditional-normalised": "denoise_norm",
            "Structure-aware (binding + relation)": "structure",
            "LSE with gradient-weighted heads (Discffusion Eq. 7, captum)": "head_weighted"}
@@ -114,12 +113,8 @@ def _attention_prompt(path):
 
 def _score(key: str, pipe, image, caps: list[str], ts: tuple[int, ...]) -> dict:
     """Scores of one scorer (one batched noised pass; head weighting adds backward passes)."""
-    if key == "structure":
-        return make_structure_scorer()(pipe, image, caps, MatchOptions(timesteps=ts))
-    if key == "head_weighted":
-        return make_head_weighted_scorer()(pipe, image, caps, MatchOptions(timesteps=ts))
-    if key == "auto":
-        return routed_scorer_fn(pipe, image, caps, MatchOptions(timesteps=ts))
+    if key in SCORER_HOOKS:
+        return scorer_hook(key)(pipe, image, caps, MatchOptions(timesteps=ts))
     return score_image_captions(pipe, image, caps, MatchOptions(scorer=key, timesteps=ts))
 
 

@@ -23,9 +23,7 @@ class UserError(Exception):
 
 
 def _cmd_train_bundled(a: argparse.Namespace) -> int:
-    from models.bundled_training import TrainConfig, train_bundled
-
-    from models.bundled_training import loss_stages
+    from models.bundled_training import TrainConfig, loss_stages, train_bundled
 
     cfg = TrainConfig()
     for k in ("out_dir", "work_dir", "unet_steps", "vae_steps", "batch", "lr", "warmup", "token_loss_weight",
@@ -58,9 +56,7 @@ def _cmd_generate(a: argparse.Namespace) -> int:
         raise UserError(f"--guidance must be in 0..50, got {a.guidance}")
     if a.seed < 0:
         raise UserError(f"--seed must be non-negative, got {a.seed}")
-    out_dir = os.path.dirname(os.path.abspath(a.out))
-    if not os.path.isdir(out_dir):  # before the model runs, so no work is lost
-        raise UserError(f"output folder does not exist: {out_dir}")
+    _check_out_dir(a.out)
     from models.loading import load_pipeline
 
     pipe = load_pipeline(a.model)
@@ -87,9 +83,7 @@ def _cmd_sample_grid(a: argparse.Namespace) -> int:
 
     if a.n_per_kind < 1:
         raise UserError("--n-per-kind must be at least 1")
-    out_dir = os.path.dirname(os.path.abspath(a.out))
-    if not os.path.isdir(out_dir):
-        raise UserError(f"output folder does not exist: {out_dir}")
+    _check_out_dir(a.out)
     pipe = load_pipeline(a.model)
     caps = [c for _, c in held_out_prompts(a.n_per_kind, a.prompt_seed)]
     imgs = generate_images(pipe, caps, [a.seed + i for i in range(len(caps))], steps=a.steps, guidance=a.guidance)
@@ -118,6 +112,22 @@ def _cmd_eval_generation(a: argparse.Namespace) -> int:
     return 0
 
 
+def _check_out_dir(path: str) -> None:
+    """The folder of an output file must exist (checked before the model runs, so no work is lost)."""
+    out_dir = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(out_dir):
+        raise UserError(f"output folder does not exist: {out_dir}")
+
+
+def _load_benchmark(name: str):
+    from models.benchmarks import load_benchmark
+
+    try:
+        return load_benchmark(name)
+    except (FileNotFoundError, ValueError) as e:
+        raise UserError(str(e).splitlines()[0])
+
+
 def _read_image(path: str):
     from PIL import Image, UnidentifiedImageError
 
@@ -142,6 +152,7 @@ def _check_vocab(pipe, prompts) -> None:
 def _match_options(a: argparse.Namespace, pipe):
     """MatchOptions from the scoring flags; timesteps are checked against the model's training schedule."""
     from interp.matching import MatchOptions
+    from interp.matching_eval import SCORER_HOOKS
     from interp.matching_report import noise_level_timesteps
 
     n_train = int(pipe.scheduler.config.num_train_timesteps)
@@ -156,8 +167,8 @@ def _match_options(a: argparse.Namespace, pipe):
         ts = tuple(a.timesteps) if a.timesteps else MatchOptions().timesteps
     if any(t < 0 or t >= n_train for t in ts):
         raise UserError(f"--timesteps must lie in 0..{n_train - 1}")
-    # auto / structure / head_weighted have their own scorer_fn; their LSE options come from here
-    scorer = "lse" if a.scorer in ("auto", "structure", "head_weighted") else a.scorer
+    # scorer hooks (auto / structure / head_weighted) have their own scorer_fn; their LSE options come from here
+    scorer = "lse" if a.scorer in SCORER_HOOKS else a.scorer
     return MatchOptions(scorer=scorer, source=a.source, layers=a.layers, pooling=a.pooling, timesteps=ts,
                         noise_seed=a.noise_seed)
 
@@ -218,19 +229,9 @@ def _attn_prompt(a: argparse.Namespace, pipe):
 
 def _scorer_fn(a: argparse.Namespace):
     """The scorer function of --scorer where it is not a plain MatchOptions scorer, else None."""
-    if a.scorer == "auto":
-        from interp.routed_score import routed_scorer_fn
+    from interp.matching_eval import SCORER_HOOKS, scorer_hook
 
-        return routed_scorer_fn
-    if a.scorer == "structure":
-        from interp.structure_score import structure_scorer_fn
-
-        return structure_scorer_fn
-    if a.scorer == "head_weighted":
-        from interp.head_attribution import make_head_weighted_scorer
-
-        return make_head_weighted_scorer(a.variant, a.grad_norm)
-    return None
+    return scorer_hook(a.scorer, a.variant, a.grad_norm) if a.scorer in SCORER_HOOKS else None
 
 
 def _jsonable(x):
@@ -298,20 +299,16 @@ def _cmd_eval_grounding(a: argparse.Namespace) -> int:
 
 def _cmd_eval_matching(a: argparse.Namespace) -> int:
     from interp.matching_eval import evaluate_matching
-    from models.benchmarks import load_benchmark
     from models.loading import load_pipeline
 
-    try:
-        bench = load_benchmark(a.benchmark)
-    except (FileNotFoundError, ValueError) as e:
-        raise UserError(str(e).splitlines()[0])
+    bench = _load_benchmark(a.benchmark)
     if a.limit is not None and a.limit < 1:
         raise UserError("--limit must be at least 1")
     fn = _scorer_fn(a)
     # under `accelerate launch` / torchrun every process scores a share of the items on its own device
-    from interp.matching_eval import _distributed_state
+    from interp.matching_eval import distributed_state
 
-    state = _distributed_state()
+    state = distributed_state()
     pipe = load_pipeline(a.model, device=str(state.device) if state else None)
     opts = _match_options(a, pipe)
     with _attn_prompt(a, pipe):
@@ -330,18 +327,13 @@ def _cmd_eval_matching(a: argparse.Namespace) -> int:
 
 def _cmd_report_matching(a: argparse.Namespace) -> int:
     from interp.matching_report import GROUPS, report_markdown, run_report
-    from models.benchmarks import load_benchmark
     from models.loading import load_pipeline
 
     groups = a.groups or list(GROUPS)
     bad = [g for g in groups if g not in GROUPS]
     if bad:
         raise UserError(f"unknown --groups {' '.join(bad)}; choose from {' '.join(GROUPS)}")
-    for name in a.benchmarks:
-        try:
-            load_benchmark(name)
-        except (FileNotFoundError, ValueError) as e:
-            raise UserError(str(e).splitlines()[0])
+    benches = [_load_benchmark(name) for name in a.benchmarks]
     for flag, v in (("--limit", a.limit), ("--schedule-steps", a.schedule_steps), ("--prompt-steps", a.prompt_steps)):
         if v is not None and v < 1:
             raise UserError(f"{flag} must be at least 1")
@@ -356,7 +348,7 @@ def _cmd_report_matching(a: argparse.Namespace) -> int:
         print(f"{r['group']:9s} {r['benchmark']:10s} {r['value']:.3f}  {r['label']}  ({r['seconds']:.0f} s)",
               file=sys.stderr, flush=True)
 
-    rows = run_report(pipe, a.benchmarks, groups, opts, split=a.split, limit=a.limit,
+    rows = run_report(pipe, benches, groups, opts, split=a.split, limit=a.limit,
                       schedule_steps=a.schedule_steps, prompt_steps=a.prompt_steps, progress=progress)
     command = "python cli.py report-matching " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["report-matching"] else None
     md = report_markdown(rows, command=command)
@@ -371,19 +363,13 @@ def _cmd_report_matching(a: argparse.Namespace) -> int:
 
 
 def _cmd_train_prompt(a: argparse.Namespace) -> int:
-    from models.benchmarks import load_benchmark
     from models.loading import load_pipeline
     from models.prompt_learning import save_prompt, train_prompt
 
     if a.steps < 1:
         raise UserError("--steps must be at least 1")
-    try:
-        bench = load_benchmark(a.benchmark)
-    except (FileNotFoundError, ValueError) as e:
-        raise UserError(str(e).splitlines()[0])
-    out_dir = os.path.dirname(os.path.abspath(a.out))
-    if not os.path.isdir(out_dir):
-        raise UserError(f"output folder does not exist: {out_dir}")
+    bench = _load_benchmark(a.benchmark)
+    _check_out_dir(a.out)
     pipe = load_pipeline(a.model)
     opts = _match_options(a, pipe)
 

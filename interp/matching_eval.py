@@ -45,10 +45,11 @@ from models.benchmarks import CHANCE, Benchmark, Item, load_benchmark
 from .lse import denoising_score, lse_score
 from .matching import MatchOptions, needs_cosine, needs_logits, score_image_captions
 
-__all__ = ["SCORERS", "ScorerFn", "evaluate_matching", "compare_scorers", "item_outcome", "summarize_outcomes",
-           "options_label"]
+__all__ = ["SCORERS", "SCORER_HOOKS", "ScorerFn", "scorer_hook", "evaluate_matching", "compare_scorers",
+           "item_outcome", "summarize_outcomes", "options_label", "distributed_state"]
 
 SCORERS = ("lse", "denoise", "denoise_norm")
+SCORER_HOOKS = ("auto", "structure", "head_weighted")  # scorers with their own scorer_fn (see `scorer_hook`)
 ScorerFn = Callable[[Any, Any, Sequence[str], MatchOptions], dict]
 # which metric family a benchmark uses; unknown names are inferred from the item structure
 _FAMILY = {"winoground": "group", "comvg": "pair", "counting": "pair", "refcocog": "topk"}
@@ -114,10 +115,28 @@ def _chance(name: str, family: str, items: Sequence[Item]) -> dict:
     return {"top1": 1 / k, "top5": min(5, k) / k}
 
 
+def scorer_hook(name: str, variant: str = "eq7", grad_norm: str = "none") -> ScorerFn:
+    """The scorer_fn of a name in SCORER_HOOKS: "auto" (interp.routed_score), "structure" (interp.structure_score)
+    or "head_weighted" (interp.head_attribution, with its `variant` and `grad_norm`)."""
+    if name == "auto":
+        from .routed_score import routed_scorer_fn
+
+        return routed_scorer_fn
+    if name == "structure":
+        from .structure_score import structure_scorer_fn
+
+        return structure_scorer_fn
+    if name == "head_weighted":
+        from .head_attribution import make_head_weighted_scorer
+
+        return make_head_weighted_scorer(variant, grad_norm)
+    raise ValueError(f"unknown scorer hook {name!r}; choose one of {SCORER_HOOKS}")
+
+
 # ----------------------------------------------------------------------------------------------
 # Running
 # ----------------------------------------------------------------------------------------------
-def _as_benchmark(benchmark: Benchmark | str | Path) -> Benchmark:
+def as_benchmark(benchmark: Benchmark | str | Path) -> Benchmark:
     return benchmark if isinstance(benchmark, Benchmark) else load_benchmark(benchmark)
 
 
@@ -175,7 +194,7 @@ def _run(items: Sequence[Item], score_image: Callable[[Any, list[str]], tuple[li
     return tables, calls, evals, pairs
 
 
-def _distributed_state():
+def distributed_state():
     """accelerate's PartialState when this process is one of several (`accelerate launch` / torchrun), else None."""
     import os
 
@@ -191,7 +210,7 @@ def _distributed_state():
 def _run_sharded(items: Sequence[Item], score_image, n_opts: int):
     """`_run` data-parallel: each process scores a contiguous share of the items, and every process gets all
     score tables back in item order (accelerate `gather_object`). A single process just runs `_run`."""
-    state = _distributed_state()
+    state = distributed_state()
     if state is None:
         return _run(items, score_image, n_opts)
     from accelerate.utils import gather_object
@@ -260,7 +279,7 @@ def evaluate_matching(pipe, benchmark: Benchmark | str | Path, options: MatchOpt
         ([{"id", "type", "scores" (M[image][caption]), outcome}]) when `per_item`.
     """
     _check_options(options, scorer_fn is not None)
-    b = _as_benchmark(benchmark)
+    b = as_benchmark(benchmark)
     items = _select(b, split, limit)
     fn = scorer_fn or score_image_captions
 
@@ -314,7 +333,7 @@ def compare_scorers(pipe, benchmark: Benchmark | str | Path, scorers: Sequence[M
             raise ValueError("compare_scorers needs the same timesteps and noise_seed in every option set "
                              f"(got {tuple(o.timesteps)}/{o.noise_seed} vs {ts}/{seed}); "
                              "run evaluate_matching separately to compare timesteps")
-    b = _as_benchmark(benchmark)
+    b = as_benchmark(benchmark)
     items = _select(b, split, limit)
     labels: list[str] = []
     for o in scorers:

@@ -30,11 +30,9 @@ import math
 import time
 from typing import Callable, Iterable, Sequence
 
-from models.benchmarks import load_benchmark
-
 from .lse import POOLINGS
 from .matching import MatchOptions
-from .matching_eval import compare_scorers, evaluate_matching
+from .matching_eval import as_benchmark, compare_scorers, evaluate_matching, scorer_hook
 
 __all__ = ["GROUPS", "PRIMARY", "Experiment", "experiments", "noise_level_timesteps", "schedule_timesteps",
            "run_report", "report_markdown"]
@@ -122,24 +120,6 @@ def experiments(groups: Iterable[str], base: MatchOptions, schedule: Sequence[in
     return out
 
 
-def _scorer_fn(name: str | None) -> Callable | None:
-    if name is None:
-        return None
-    if name == "structure":
-        from .structure_score import structure_scorer_fn
-
-        return structure_scorer_fn
-    if name == "auto":
-        from .routed_score import routed_scorer_fn
-
-        return routed_scorer_fn
-    if name == "head_weighted":
-        from .head_attribution import make_head_weighted_scorer
-
-        return make_head_weighted_scorer()
-    raise ValueError(f"unknown scorer hook {name!r}")
-
-
 def _row(e: Experiment, res: dict, bench: str, seconds: float, extra: dict | None = None) -> dict:
     key = PRIMARY.get(bench)
     m = res["metrics"]
@@ -150,14 +130,14 @@ def _row(e: Experiment, res: dict, bench: str, seconds: float, extra: dict | Non
             **(extra or {})}
 
 
-def run_report(pipe, benchmarks: Sequence[str], groups: Sequence[str] = GROUPS, base: MatchOptions = MatchOptions(),
+def run_report(pipe, benchmarks: Sequence, groups: Sequence[str] = GROUPS, base: MatchOptions = MatchOptions(),
                split: str = "test", limit: int | None = None, schedule_steps: int = 10, prompt_steps: int = 50,
                seed: int = 0, progress: Callable[[dict], None] | None = None) -> list[dict]:
     """Run the report's experiments; one row per (experiment, benchmark), in group order.
 
     Args:
         pipe: the pipeline (frozen; few-shot prompts are applied in a context and removed afterwards).
-        benchmarks: benchmark names or folders (`models.benchmarks.load_benchmark`).
+        benchmarks: loaded Benchmarks, or names / folders (`models.benchmarks.load_benchmark`).
         groups: which groups of `GROUPS` to run.
         base: the LSE option set every variation starts from (scorer must be "lse").
         split, limit: the evaluation items (`evaluate_matching`); prompts train on the "train" split.
@@ -180,7 +160,7 @@ def run_report(pipe, benchmarks: Sequence[str], groups: Sequence[str] = GROUPS, 
             progress(r)
 
     for name in benchmarks:
-        bench = load_benchmark(name)
+        bench = as_benchmark(name)
         # option sets without hooks or prompts that share timesteps + noise: one shared pass
         shared: dict[tuple, list[Experiment]] = {}
         for e in exps:
@@ -211,7 +191,7 @@ def run_report(pipe, benchmarks: Sequence[str], groups: Sequence[str] = GROUPS, 
                     res = evaluate_matching(pipe, bench, e.options, split=split, limit=limit, per_item=False)
             else:
                 res = evaluate_matching(pipe, bench, e.options, split=split, limit=limit, per_item=False,
-                                        scorer_fn=_scorer_fn(e.scorer))
+                                        scorer_fn=scorer_hook(e.scorer) if e.scorer else None)
             emit(_row(e, res, bench.name, time.time() - t0, extra))
     return rows
 

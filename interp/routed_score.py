@@ -1,5 +1,6 @@
 """Routed matching score: the structure-aware score where the captions share their content words, the
-denoising-error (Diffusion Classifier) score elsewhere; one batched noised UNet pass serves both.
+denoising-error (Diffusion Classifier) score elsewhere; the route is decided from the captions alone, so one
+batched noised UNet pass is run, by the scorer routed to.
 
 Why (docs/measurements/matching_report_step1807): on the shapes benchmarks the structure-aware score decides
 between captions made of the same colors, shapes and counts in a different arrangement (role swaps,
@@ -17,15 +18,13 @@ multiset of content words (the caption's words without "a" and the relation word
 """
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from typing import Any, Sequence
 
-import torch
-
 from models import world
 
-from .lse import denoising_score
-from .structure_score import StructureConfig, _lse_kw, bind_caption, structure_scores
+from .structure_score import bind_caption, structure_scorer_fn
 
 __all__ = ["content_words", "route", "routed_scorer_fn"]
 
@@ -48,29 +47,19 @@ def route(captions: Sequence[str]) -> str:
     return "structure" if all(content_words(c) == first for c in caps[1:]) else "denoise"
 
 
-@torch.no_grad()
 def routed_scorer_fn(pipe, image, captions: Sequence[str], options) -> dict[str, Any]:
-    """Scorer hook (`interp.matching_eval`): {"scores", "routed_to", "breakdowns", "unet_evals", "unet_calls",
-    "pass"}; one noised pass at `options.timesteps` with `options.noise_seed`, captions as batch rows."""
-    from models.scoring_pass import encode_image, noised_unet_pass
-
-    from .matching import validate_captions
+    """Scorer hook (`interp.matching_eval`): the routed scorer's result ({"scores", "breakdowns", "unet_evals",
+    "unet_calls", "pass"}) plus "routed_to"; one noised pass at `options.timesteps` with `options.noise_seed`."""
+    from .matching import score_image_captions, validate_captions
 
     caps = validate_captions(captions, min_count=1)
     choice = route(caps)
-    cfg = StructureConfig()
-    lse_kw = _lse_kw(options)
-    logits = choice == "structure" and bool(cfg.w_lse) and lse_kw.get("source") == "logits"
-    res = noised_unet_pass(pipe, encode_image(pipe, image), caps, list(options.timesteps),
-                           noise_seed=options.noise_seed, logits=logits)
-    breakdowns: dict = {}
     if choice == "structure":
-        breakdowns = structure_scores(res.traces, caps, cfg, lse_kw, True)
-        scores = {c: float(s.score) for c, s in breakdowns.items()}
+        res = structure_scorer_fn(pipe, image, caps, options)
     else:
-        scores = {c: float(v) for c, v in zip(caps, denoising_score(res.errors))}
-    return {"scores": scores, "routed_to": choice, "breakdowns": breakdowns, "unet_evals": res.unet_evals,
-            "unet_calls": res.unet_calls, "pass": res}
+        res = score_image_captions(pipe, image, caps, dataclasses.replace(options, scorer="denoise"))
+        res["unet_calls"] = res["pass"].unet_calls
+    return {**res, "routed_to": choice}
 
 
 routed_scorer_fn.__name__ = "auto"
