@@ -27,12 +27,12 @@ def _cmd_train_bundled(a: argparse.Namespace) -> int:
 
     cfg = TrainConfig()
     for k in ("out_dir", "work_dir", "unet_steps", "vae_steps", "batch", "lr", "warmup", "token_loss_weight",
-              "token_loss_layers", "pixel_loss_weight", "max_minutes", "threads", "device", "n_images", "seed", "export_every",
+              "token_loss_layers", "pixel_loss_weight", "text_aux_weight", "max_minutes", "threads", "device", "n_images", "seed", "export_every",
               "checkpoint_every"):
         v = getattr(a, k)
         if v is not None:
             setattr(cfg, k, v)
-    if cfg.token_loss_weight < 0 or cfg.pixel_loss_weight < 0:
+    if cfg.token_loss_weight < 0 or cfg.pixel_loss_weight < 0 or cfg.text_aux_weight < 0:
         raise UserError("loss weights must be >= 0")
     if cfg.lr <= 0 or cfg.warmup < 1:
         raise UserError("--lr must be > 0 and --warmup at least 1")
@@ -427,6 +427,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="layers the grounding losses see: all (default) or stages, e.g. mid,up")
     t.add_argument("--pixel-loss-weight", dest="pixel_loss_weight", type=float,
                    help="TokenCompose's pixel-level BCE term (default 0: off)")
+    t.add_argument("--text-aux-weight", dest="text_aux_weight", type=float,
+                   help="scene-parsing probes on the text encoder's states (models/text_aux.py; default 0: off)")
     t.add_argument("--max-minutes", dest="max_minutes", type=float)
     t.add_argument("--threads", type=int)
     t.add_argument("--device")

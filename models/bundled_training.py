@@ -6,7 +6,9 @@ Stages (each resumable, state under `work_dir`):
   3. latents  — posterior means of every image, cached; the VAE scaling factor = 1 / latent std.
   4. unet     — UNet2DConditionModel + CLIPTextModel jointly: v-prediction, zero-terminal-SNR betas,
                 10 % caption dropout to exactly the pipeline's "" encoding, EMA, grad clip, and the
-                TokenCompose-style token loss on cross-attention (option `token_loss_weight`).
+                TokenCompose-style token loss on cross-attention (option `token_loss_weight`), and
+                optionally scene-parsing probes on the text encoder's states (`text_aux_weight`,
+                models.text_aux: makes the relation words separable for the UNet).
 
 The pipeline (EMA weights) is exported to `out_dir` in diffusers format every `export_every` steps;
 a later run on a new machine resumes from the exported weights + `training_state.json`.
@@ -34,6 +36,7 @@ from tqdm.auto import tqdm
 
 from . import world
 from .attention_capture import capture_cross_attention
+from .text_aux import IGNORE, TextAuxHead, caption_labels, text_aux_loss
 from .vocab import MODEL_MAX_LENGTH, build_clip_tokenizer_files
 
 LATENT = 16
@@ -61,6 +64,7 @@ class TrainConfig:
     token_loss_weight: float = 0.1  # 0 = the plain model
     token_loss_layers: str = "all"  # cross-attention layers the grounding losses see: "all" or stages "down,mid,up"
     pixel_loss_weight: float = 0.0  # TokenCompose's second (pixel-level BCE) term; 0 = off
+    text_aux_weight: float = 0.0  # scene-parsing probes on the text encoder's states (models.text_aux); 0 = off
     unet_channels: tuple = (64, 128, 128)
     heads: int = 4
     text_layers: int = 3
@@ -389,11 +393,25 @@ class _Logger:
         self.f.flush()
 
 
+def training_tokenizer(cfg: TrainConfig):
+    """The run's tokenizer, never rebuilt under a run in progress: the work dir's (its cached token ids
+    were made with it), else the exported model's being resumed, else a fresh build; kept in the work dir."""
+    from transformers import CLIPTokenizer
+
+    work_tok, exported = Path(cfg.work_dir) / "tokenizer", Path(cfg.out_dir)
+    if not (work_tok / "tokenizer_config.json").exists():
+        if (exported / "training_state.json").exists() and (exported / "tokenizer").exists():
+            CLIPTokenizer.from_pretrained(exported / "tokenizer").save_pretrained(work_tok)
+        else:
+            build_clip_tokenizer_files(work_tok)
+    return CLIPTokenizer.from_pretrained(work_tok)
+
+
 def train_bundled(cfg: TrainConfig) -> Path:
     """Run every stage that is not done yet; returns the exported pipeline folder."""
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from diffusers.training_utils import EMAModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -403,8 +421,7 @@ def train_bundled(cfg: TrainConfig) -> Path:
     log = _Logger(work / "loss_log.csv")
     t_start = time.time()
 
-    tok_dir = build_clip_tokenizer_files(work / "tokenizer")
-    tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
+    tokenizer = training_tokenizer(cfg)
     data = build_data(cfg, tokenizer)
     vae = train_vae(cfg, data, device, log)
     latents, sf = cache_latents(cfg, data, vae, device)
@@ -421,6 +438,8 @@ def train_bundled(cfg: TrainConfig) -> Path:
     ema_unet = EMAModel(unet.parameters(), decay=cfg.ema_decay)
     ema_text = EMAModel(text.parameters(), decay=cfg.ema_decay)
     opt_state = None
+    aux_head = TextAuxHead(cfg.text_hidden) if cfg.text_aux_weight > 0 else None
+    aux_opt_state = None
     if ck.exists():
         st = torch.load(ck, map_location="cpu", weights_only=False)
         unet.load_state_dict(st["unet"])
@@ -429,6 +448,9 @@ def train_bundled(cfg: TrainConfig) -> Path:
         ema_text.load_state_dict(st["ema_text"])
         opt_state, step = st["opt"], st["step"]
         warm_start = st.get("warm_start", 0)
+        if aux_head is not None and "aux_head" in st:
+            aux_head.load_state_dict(st["aux_head"])
+            aux_opt_state = st["aux_opt"]
     elif (exported / "training_state.json").exists() and (exported / "unet").exists():
         state = json.loads((exported / "training_state.json").read_text())
         unet = UNet2DConditionModel.from_pretrained(exported / "unet")
@@ -445,6 +467,12 @@ def train_bundled(cfg: TrainConfig) -> Path:
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-2)
     if opt_state is not None:
         opt.load_state_dict(opt_state)
+    opts = [opt]
+    if aux_head is not None:  # its own optimizer: switching the loss on keeps the main optimizer's state
+        aux_head.to(device).train()
+        opts.append(torch.optim.AdamW(aux_head.parameters(), lr=cfg.lr, weight_decay=1e-2))
+        if aux_opt_state is not None:
+            opts[1].load_state_dict(aux_opt_state)
     noise_sched = DDPMScheduler(**noise_scheduler_kwargs())
     alphas = noise_sched.alphas_cumprod.to(device)
 
@@ -453,6 +481,12 @@ def train_bundled(cfg: TrainConfig) -> Path:
     masks = torch.from_numpy(data["masks"])
     bits = torch.from_numpy(data["bits"])
     n = len(latents)
+    aux_labels = None
+    if aux_head is not None:
+        special = set(tokenizer.all_special_tokens)
+        caps = [" ".join(t.removesuffix("</w>") for t in tokenizer.convert_ids_to_tokens(row.tolist()) if t not in special)
+                for row in data["input_ids"]]
+        aux_labels = torch.from_numpy(caption_labels(caps, tokenizer, MODEL_MAX_LENGTH))
 
     captured: list[torch.Tensor] = []
 
@@ -462,7 +496,9 @@ def train_bundled(cfg: TrainConfig) -> Path:
     def save_ckpt():
         _atomic_save({"unet": unet.state_dict(), "text": text.state_dict(), "ema_unet": ema_unet.state_dict(),
                       "ema_text": ema_text.state_dict(), "opt": opt.state_dict(), "step": step,
-                      "warm_start": warm_start}, ck)
+                      "warm_start": warm_start}
+                     | ({"aux_head": aux_head.state_dict(), "aux_opt": opts[1].state_dict()} if aux_head is not None
+                        else {}), ck)
 
     def export():
         u, t = copy.deepcopy(unet).cpu(), copy.deepcopy(text).cpu()
@@ -491,7 +527,13 @@ def train_bundled(cfg: TrainConfig) -> Path:
             pred = unet(xt, t, encoder_hidden_states=emb).sample
             mse = F.mse_loss(pred.float(), target.float())
             loss = mse
-            tl_val = pl_val = 0.0
+            tl_val = pl_val = ta_val = 0.0
+            if aux_head is not None:
+                lab = aux_labels[idx].clone()
+                lab[drop] = IGNORE
+                ta = text_aux_loss(aux_head, emb, lab.to(device))
+                loss = loss + cfg.text_aux_weight * ta
+                ta_val = float(ta.detach())
             if use_tok:
                 valid = ((bits[idx] != 0) & ~drop[:, None]).float().to(device)
                 tot, cnt, ptot, pcnt = 0.0, 0.0, 0.0, 0.0
@@ -510,19 +552,22 @@ def train_bundled(cfg: TrainConfig) -> Path:
                     pl = ptot / pcnt.clamp(min=1)
                     loss = loss + cfg.pixel_loss_weight * pl
                     pl_val = float(pl.detach())
-            for gparam in opt.param_groups:
-                gparam["lr"] = _lr_at(step, cfg, warm_start)
-            opt.zero_grad(set_to_none=True)
+            for o in opts:
+                for gparam in o.param_groups:
+                    gparam["lr"] = _lr_at(step, cfg, warm_start)
+                o.zero_grad(set_to_none=True)
             loss.backward()
             gn = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            opt.step()
+            for o in opts:
+                o.step()
             ema_unet.step(unet.parameters())
             ema_text.step(text.parameters())
             step += 1
             bar.update(1)
             bar.set_postfix(mse=f"{mse.item():.4f}", tok=f"{tl_val:.3f}")
             log("unet", step, {"mse": mse.item(), "token_loss": tl_val, "grad_norm": float(gn)}
-                | ({"pixel_loss": pl_val} if cfg.pixel_loss_weight > 0 else {}))
+                | ({"pixel_loss": pl_val} if cfg.pixel_loss_weight > 0 else {})
+                | ({"text_aux_loss": ta_val} if aux_head is not None else {}))
             over = cfg.max_minutes is not None and (time.time() - t_start) / 60 > cfg.max_minutes
             if step % cfg.checkpoint_every == 0 or flag.stop or over:
                 save_ckpt()

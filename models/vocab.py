@@ -37,6 +37,10 @@ def build_clip_tokenizer_files(folder: str | Path, words: tuple[str, ...] = WORD
     tok.train_from_iterator([" ".join(words)] * 4, trainer=trainer)
     model = json.loads(tok.to_str())["model"]
     merges = [" ".join(m) if isinstance(m, list) else m for m in model["merges"]]
+    # The trainer breaks ties between equally frequent pairs in a different order from run to run, so
+    # ranks and ids would differ between builds; a canonical order (shorter merged tokens first, then
+    # alphabetical) makes the files identical on every build. Every word stays one token (tested).
+    merges.sort(key=lambda m: (len(m.replace(" ", "")), m))
     # CLIP's vocabulary: every character with and without the end-of-word suffix, then the merges.
     vocab_list: list[str] = []
     for c in alphabet:

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from conftest import tiny_train_config
+from conftest import ROOT, tiny_train_config
 from models.bundled_training import loss_layers, loss_stages, pixel_loss, token_loss, token_masks, train_bundled
 
 
@@ -155,3 +155,41 @@ class TestPixelLossAndLayers:
             code = cli.main(["train-bundled", *args, "--out-dir", "/nonexistent/x"])
             err = capsys.readouterr().err
             assert code == 2 and match in err and err.count("\n") == 1
+
+
+def test_tokenizer_build_is_identical_across_processes(tmp_path):
+    """Fresh interpreters build byte-identical vocabularies (the BPE trainer alone breaks ties at random)."""
+    import subprocess
+    import sys
+
+    code = "import sys; from models.vocab import build_clip_tokenizer_files as b; b(sys.argv[1])"
+    texts = set()
+    for i in range(3):
+        subprocess.run([sys.executable, "-c", code, str(tmp_path / f"t{i}")], check=True, cwd=str(ROOT))
+        texts.add((tmp_path / f"t{i}" / "vocab.json").read_text() + (tmp_path / f"t{i}" / "merges.txt").read_text())
+    assert len(texts) == 1
+
+
+def test_training_keeps_the_tokenizer_of_the_run(tmp_path):
+    """A work dir's tokenizer is reused as is; without one, a resumed export's tokenizer is taken over."""
+    from transformers import CLIPTokenizer
+
+    from models.bundled_training import training_tokenizer
+    from models.vocab import build_clip_tokenizer_files
+
+    cfg = tiny_train_config(tmp_path)
+    tok = CLIPTokenizer.from_pretrained(build_clip_tokenizer_files(tmp_path / "fresh"))
+    # an exported model whose "red" has another id than a fresh build's
+    vocab = dict(tok.get_vocab())
+    vocab["red</w>"], vocab["res</w>"] = vocab["res</w>"], vocab["red</w>"]
+    exp = tmp_path / "out" / "tokenizer"
+    exp.mkdir(parents=True)
+    for f in ("merges.txt", "special_tokens_map.json", "tokenizer_config.json"):
+        (exp / f).write_text((tmp_path / "fresh" / f).read_text())
+    (exp / "vocab.json").write_text(json.dumps(vocab))
+    (tmp_path / "out" / "training_state.json").write_text("{}")
+    red = vocab["red</w>"]
+    assert red != tok.convert_tokens_to_ids("red</w>")
+    assert training_tokenizer(cfg).convert_tokens_to_ids("red</w>") == red  # from the export
+    (exp / "vocab.json").unlink()  # the work dir's copy is used from now on
+    assert training_tokenizer(cfg).convert_tokens_to_ids("red</w>") == red
