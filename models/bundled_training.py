@@ -40,6 +40,7 @@ from .text_aux import IGNORE, TextAuxHead, caption_labels, text_aux_loss
 from .vocab import MODEL_MAX_LENGTH, build_clip_tokenizer_files
 
 LATENT = 16
+MAX_SHARD = "15MB"  # weight files stay small in the git tree; from_pretrained reads the shard index
 
 
 @dataclasses.dataclass
@@ -350,7 +351,7 @@ def export_pipeline(cfg: TrainConfig, unet, text_encoder, tokenizer, vae, step: 
                                    scheduler=make_inference_scheduler(), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
     tmp = out.with_name(out.name + ".exporting")
-    pipe.save_pretrained(tmp, safe_serialization=True)
+    pipe.save_pretrained(tmp, safe_serialization=True, max_shard_size=MAX_SHARD)
     cfg_d = dataclasses.asdict(cfg)
     cfg_d.pop("work_dir")
     state = {"unet_step": step, "config": cfg_d, **extra}

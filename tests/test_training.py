@@ -193,3 +193,21 @@ def test_training_keeps_the_tokenizer_of_the_run(tmp_path):
     assert training_tokenizer(cfg).convert_tokens_to_ids("red</w>") == red  # from the export
     (exp / "vocab.json").unlink()  # the work dir's copy is used from now on
     assert training_tokenizer(cfg).convert_tokens_to_ids("red</w>") == red
+
+
+def test_export_shards_large_weights_and_loads_them_back(tmp_path, monkeypatch):
+    """With a small shard size the export writes several UNet shards + an index; from_pretrained reads them."""
+    import models.bundled_training as bt
+    from conftest import build_tiny_pipeline
+    from models import load_pipeline
+
+    pipe = build_tiny_pipeline(tmp_path / "src")
+    monkeypatch.setattr(bt, "MAX_SHARD", "200KB")
+    cfg = tiny_train_config(tmp_path)
+    out = bt.export_pipeline(cfg, pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.vae, 7, {})
+    shards = sorted((out / "unet").glob("*.safetensors"))
+    assert len(shards) > 1 and (out / "unet" / "diffusion_pytorch_model.safetensors.index.json").exists()
+    assert all(f.stat().st_size < 400 * 2**10 for f in shards)
+    back = load_pipeline(str(out), device="cpu")
+    for (k, a), (_, b) in zip(pipe.unet.state_dict().items(), back.unet.state_dict().items()):
+        assert torch.equal(a, b), k
