@@ -428,7 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--pixel-loss-weight", dest="pixel_loss_weight", type=float,
                    help="TokenCompose's pixel-level BCE term (default 0: off)")
     t.add_argument("--text-aux-weight", dest="text_aux_weight", type=float,
-                   help="scene-parsing probes on the text encoder's states (models/text_aux.py; default 0: off)")
+                   help="scene-parsing probes on the text encoder's states (models/text_aux.py; default 0.1, 0 = off)")
     t.add_argument("--max-minutes", dest="max_minutes", type=float)
     t.add_argument("--threads", type=int)
     t.add_argument("--device")

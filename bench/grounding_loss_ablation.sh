@@ -32,7 +32,7 @@ for v in "$@"; do
   for f in data.npz latents.pt vae tokenizer; do ln -sfn "$work_src/$f" "$d/work/$f"; done
   if [ ! -f "$d/model/training_state.json" ]; then cp -r "$plain" "$d/model"; fi
   python cli.py train-bundled --threads 1 --work-dir "$d/work" --out-dir "$d/model" --unet-steps $target \
-    --warmup 20 --export-every 100000 --checkpoint-every 50 "${args[@]}" > "$d/train.log" 2>&1
+    --warmup 20 --export-every 100000 --checkpoint-every 50 --text-aux-weight 0 "${args[@]}" > "$d/train.log" 2>&1
   OMP_NUM_THREADS=1 python cli.py eval-grounding --model "$d/model" --n-scenes 60 --timesteps 300 --json > "$d/grounding.json"
   OMP_NUM_THREADS=1 python cli.py eval-generation --model "$d/model" --n-per-kind 50 --json > "$d/generation.json"
 done

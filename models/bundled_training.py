@@ -65,7 +65,7 @@ class TrainConfig:
     token_loss_weight: float = 0.1  # 0 = the plain model
     token_loss_layers: str = "all"  # cross-attention layers the grounding losses see: "all" or stages "down,mid,up"
     pixel_loss_weight: float = 0.0  # TokenCompose's second (pixel-level BCE) term; 0 = off
-    text_aux_weight: float = 0.0  # scene-parsing probes on the text encoder's states (models.text_aux); 0 = off
+    text_aux_weight: float = 0.1  # scene-parsing probes on the text encoder's states (models.text_aux); 0 = off
     unet_channels: tuple = (64, 128, 128)
     heads: int = 4
     text_layers: int = 3

@@ -79,7 +79,7 @@ class TestLoss:
 @pytest.mark.slow
 def test_switching_the_loss_on_resumes_and_logs_it(tmp_path):
     """A run resumed with the auxiliary loss on keeps its step count and logs a finite aux loss."""
-    cfg = tiny_train_config(tmp_path, vae_steps=2, unet_steps=2)
+    cfg = tiny_train_config(tmp_path, vae_steps=2, unet_steps=2, text_aux_weight=0.0)
     train_bundled(cfg)
     cfg.unet_steps, cfg.text_aux_weight = 4, 0.5
     train_bundled(cfg)
