@@ -29,9 +29,8 @@ PAIRS = [("red", "circle", "blue", "square"), ("green", "triangle", "yellow", "c
 
 
 def encode(pipe, prompts: list[str]) -> torch.Tensor:
-    tok = pipe.tokenizer
-    ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids
-    return pipe.text_encoder(ids)[0]  # [n, tokens, hidden]
+    """The conditioning the UNet gets: `[n, tokens, hidden]` (diffusers' encode_prompt, no guidance half)."""
+    return pipe.encode_prompt(prompts, pipe.device, 1, False)[0]
 
 
 @torch.no_grad()

@@ -484,9 +484,7 @@ def train_bundled(cfg: TrainConfig) -> Path:
     n = len(latents)
     aux_labels = None
     if aux_head is not None:
-        special = set(tokenizer.all_special_tokens)
-        caps = [" ".join(t.removesuffix("</w>") for t in tokenizer.convert_ids_to_tokens(row.tolist()) if t not in special)
-                for row in data["input_ids"]]
+        caps = [c.strip() for c in tokenizer.batch_decode(data["input_ids"], skip_special_tokens=True)]
         aux_labels = torch.from_numpy(caption_labels(caps, tokenizer, MODEL_MAX_LENGTH))
 
     captured: list[torch.Tensor] = []

@@ -50,9 +50,9 @@ def caption_labels(captions: Sequence[str], tokenizer, length: int | None = None
     length = length or tokenizer.model_max_length
     colors, shapes = list(world.COLORS), list(world.SHAPES)
     out = np.full((len(captions), length, len(GROUPS)), IGNORE, np.int64)
-    for n, cap in enumerate(captions):
+    n_tokens = [len(ids) for ids in tokenizer(list(captions)).input_ids]  # BOS + words + EOS
+    for n, (cap, n_tok) in enumerate(zip(captions, n_tokens)):
         p = world.parse_caption(cap)
-        n_tok = len(tokenizer(cap).input_ids)  # BOS + words + EOS
         if n_tok != len(p.words) + 2:
             raise ValueError(f"caption {cap!r} does not tokenize one token per word")
         eos = len(p.words) + 1
