@@ -459,6 +459,9 @@ def train_bundled(cfg: TrainConfig) -> Path:
         ema_unet = EMAModel(unet.parameters(), decay=cfg.ema_decay)
         ema_text = EMAModel(text.parameters(), decay=cfg.ema_decay)
         step = warm_start = int(state["unet_step"])
+        # the EMA goes on with the decay it had reached: a fresh EMAModel restarts diffusers' (1+s)/(10+s)
+        # ramp and would average over a few hundred steps only
+        ema_unet.optimization_step = ema_text.optimization_step = step
         print(f"resuming from exported EMA weights at step {step} with a fresh optimizer")
     unet.to(device).train()
     text.to(device).train()
@@ -564,7 +567,8 @@ def train_bundled(cfg: TrainConfig) -> Path:
             step += 1
             bar.update(1)
             bar.set_postfix(mse=f"{mse.item():.4f}", tok=f"{tl_val:.3f}")
-            log("unet", step, {"mse": mse.item(), "token_loss": tl_val, "grad_norm": float(gn)}
+            log("unet", step, {"mse": mse.item(), "token_loss": tl_val, "grad_norm": float(gn),
+                               "ema_decay": float(ema_unet.cur_decay_value)}
                 | ({"pixel_loss": pl_val} if cfg.pixel_loss_weight > 0 else {})
                 | ({"text_aux_loss": ta_val} if aux_head is not None else {}))
             over = cfg.max_minutes is not None and (time.time() - t_start) / 60 > cfg.max_minutes

@@ -11,9 +11,9 @@ from conftest import ROOT, tiny_train_config
 from models.bundled_training import loss_layers, loss_stages, pixel_loss, token_loss, token_masks, train_bundled
 
 
-def _unet_log(work):
+def _unet_log(work, key: str = "mse"):
     rows = list(csv.DictReader(open(work / "loss_log.csv")))
-    return [(int(r["step"]), float(r["value"])) for r in rows if r["stage"] == "unet" and r["key"] == "mse"]
+    return [(int(r["step"]), float(r["value"])) for r in rows if r["stage"] == "unet" and r["key"] == key]
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +62,9 @@ class TestTraining:
         state = json.loads((tmp / "out" / "training_state.json").read_text())
         assert state["unet_step"] == 25
         assert [s for s, _ in _unet_log(tmp / "work")][-2:] == [24, 25]
+        # the EMA keeps the decay it had reached instead of restarting its warm-up at 0
+        decay = dict(_unet_log(tmp / "work", "ema_decay"))
+        assert 0 < decay[23] < decay[24] < decay[25]
 
 
 class TestTokenLoss:
