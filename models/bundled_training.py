@@ -342,8 +342,15 @@ def _lr_at(step: int, cfg: TrainConfig, warm_start: int = 0) -> float:
     return cfg.lr * min(1.0, (step - warm_start + 1) / cfg.warmup)
 
 
-def export_pipeline(cfg: TrainConfig, unet, text_encoder, tokenizer, vae, step: int, extra: dict) -> Path:
-    """Save the pipeline (given weights) in diffusers format + training_state.json to cfg.out_dir."""
+AUX_HEAD_FILE = "text_aux_head.safetensors"  # training-only probe head, beside the pipeline (not a component)
+
+
+def export_pipeline(cfg: TrainConfig, unet, text_encoder, tokenizer, vae, step: int, extra: dict,
+                    aux_head: TextAuxHead | None = None) -> Path:
+    """Save the pipeline (given weights) in diffusers format + training_state.json to cfg.out_dir.
+
+    The text-aux probe head, when given, is saved too (a few KB) so that a resume on a new machine keeps it.
+    """
     from diffusers import StableDiffusionPipeline
 
     out = Path(cfg.out_dir)
@@ -356,6 +363,10 @@ def export_pipeline(cfg: TrainConfig, unet, text_encoder, tokenizer, vae, step: 
     cfg_d.pop("work_dir")
     state = {"unet_step": step, "config": cfg_d, **extra}
     (tmp / "training_state.json").write_text(json.dumps(state, indent=2))
+    if aux_head is not None:
+        from safetensors.torch import save_file
+
+        save_file({k: v.detach().cpu().contiguous() for k, v in aux_head.state_dict().items()}, tmp / AUX_HEAD_FILE)
     log_src = Path(cfg.work_dir) / "loss_log.csv"
     if log_src.exists():
         (tmp / "training_log.csv").write_text(log_src.read_text())
@@ -462,7 +473,13 @@ def train_bundled(cfg: TrainConfig) -> Path:
         # the EMA goes on with the decay it had reached: a fresh EMAModel restarts diffusers' (1+s)/(10+s)
         # ramp and would average over a few hundred steps only
         ema_unet.optimization_step = ema_text.optimization_step = step
-        print(f"resuming from exported EMA weights at step {step} with a fresh optimizer")
+        restored = ""
+        if aux_head is not None and (exported / AUX_HEAD_FILE).exists():
+            from safetensors.torch import load_file
+
+            aux_head.load_state_dict(load_file(exported / AUX_HEAD_FILE))
+            restored = " (text-aux probe head restored)"
+        print(f"resuming from exported EMA weights at step {step} with a fresh optimizer{restored}")
     unet.to(device).train()
     text.to(device).train()
     ema_unet.to(device)
@@ -507,7 +524,7 @@ def train_bundled(cfg: TrainConfig) -> Path:
         ema_unet.copy_to(u.parameters())
         ema_text.copy_to(t.parameters())
         export_pipeline(cfg, u.eval(), t.eval(), tokenizer, vae.cpu(), step,
-                        {"train_minutes_this_run": round((time.time() - t_start) / 60, 1)})
+                        {"train_minutes_this_run": round((time.time() - t_start) / 60, 1)}, aux_head)
         vae.to(device)
 
     use_tok = cfg.token_loss_weight > 0 or cfg.pixel_loss_weight > 0

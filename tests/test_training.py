@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import ROOT, tiny_train_config
-from models.bundled_training import loss_layers, loss_stages, pixel_loss, token_loss, token_masks, train_bundled
+from models.bundled_training import AUX_HEAD_FILE, loss_layers, loss_stages, pixel_loss, token_loss, token_masks, train_bundled
 
 
 def _unet_log(work, key: str = "mse"):
@@ -53,12 +53,16 @@ class TestTraining:
         steps = [s for s, _ in _unet_log(tmp / "work")]
         assert steps == list(range(1, 24))
 
-    def test_resume_from_export_on_a_new_machine(self, trained):
+    def test_resume_from_export_on_a_new_machine(self, trained, capsys):
         """Without the work-dir checkpoint, training resumes from the exported weights and step count."""
         cfg, tmp = trained
         (tmp / "work" / "unet_ckpt.pt").unlink()
+        assert (tmp / "out" / AUX_HEAD_FILE).exists()
         cfg.unet_steps = 25
         train_bundled(cfg)
+        printed = capsys.readouterr().out
+        assert "resuming from exported EMA weights at step 23" in printed
+        assert "text-aux probe head restored" in printed
         state = json.loads((tmp / "out" / "training_state.json").read_text())
         assert state["unet_step"] == 25
         assert [s for s, _ in _unet_log(tmp / "work")][-2:] == [24, 25]
