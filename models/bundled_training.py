@@ -430,6 +430,9 @@ def train_bundled(cfg: TrainConfig) -> Path:
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     work = Path(cfg.work_dir)
     work.mkdir(parents=True, exist_ok=True)
+    exported_log = Path(cfg.out_dir) / "training_log.csv"
+    if not (work / "loss_log.csv").exists() and exported_log.exists():  # a new machine: keep the history
+        (work / "loss_log.csv").write_text(exported_log.read_text())
     log = _Logger(work / "loss_log.csv")
     t_start = time.time()
 
