@@ -44,7 +44,8 @@ def failure_breakdown(kinds: Sequence[str], verdicts: Sequence[dict]) -> dict:
     single: one_object (exactly one detection). relation: two_objects (exactly two detections), objects_ok
     (both phrases drawn), relation_ok, relation_ok_given_objects (placement right when both objects are).
     count: count_ok (right number of objects), attributes_ok_given_count (all of the caption's color and
-    shape when the number is right).
+    shape when the number is right), too_few / too_many (objects drawn against the number asked), and
+    count_ok_by_number (count_ok per number asked, e.g. {"2": .., "3": ..}).
     """
     by = {k: [d for kk, d in zip(kinds, verdicts) if kk == k] for k in world.KINDS}
     rel = by.get("relation", [])
@@ -56,7 +57,11 @@ def failure_breakdown(kinds: Sequence[str], verdicts: Sequence[dict]) -> dict:
                      "relation_ok": _rate(d["relation_ok"] for d in rel),
                      "relation_ok_given_objects": _rate(d["relation_ok"] for d in rel if d["objects_ok"])},
         "count": {"count_ok": _rate(d["count_ok"] for d in cnt),
-                  "attributes_ok_given_count": _rate(d["found"] == len(d["detections"]) for d in cnt if d["count_ok"])},
+                  "attributes_ok_given_count": _rate(d["found"] == len(d["detections"]) for d in cnt if d["count_ok"]),
+                  "too_few": _rate(len(d["detections"]) < d["asked"] for d in cnt),
+                  "too_many": _rate(len(d["detections"]) > d["asked"] for d in cnt),
+                  "count_ok_by_number": {str(n): _rate(d["count_ok"] for d in cnt if d["asked"] == n)
+                                         for n in sorted({d["asked"] for d in cnt})}},
     }
 
 

@@ -323,5 +323,5 @@ def check(image: Image.Image | np.ndarray, caption: str | world.Scene) -> dict[s
         ph = parsed.phrases[0]
         found = sum(_matches(d, ph) for d in dets)
         count_ok = len(dets) == ph.count
-        out.update(count_ok=count_ok, found=found, correct=count_ok and found == ph.count)
+        out.update(count_ok=count_ok, asked=ph.count, found=found, correct=count_ok and found == ph.count)
     return out

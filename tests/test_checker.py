@@ -254,7 +254,7 @@ class TestCheckApi:
 
     def test_result_fields_per_kind(self, dataset, results):
         """Each kind reports its own detail fields next to kind, correct and detections."""
-        fields = {"single": set(), "relation": {"objects_ok", "relation_ok"}, "count": {"count_ok", "found"}}
+        fields = {"single": set(), "relation": {"objects_ok", "relation_ok"}, "count": {"count_ok", "asked", "found"}}
         for s, r in zip(dataset, results):
             extra = {"size_ok"} if s.kind == "single" and s.size_word else set()
             assert set(r) == {"kind", "caption", "correct", "detections"} | fields[s.kind] | extra

@@ -38,6 +38,8 @@ class TestFailureBreakdown:
         assert c["attributes_ok_given_count"] == pytest.approx(1 / 2)
         assert res["details"]["single"]["one_object"] == 1.0 and res["single"] == 1.0
         assert res["count"] == pytest.approx(1 / 3)
+        assert (c["too_few"], c["too_many"]) == (pytest.approx(1 / 3), 0.0)
+        assert c["count_ok_by_number"] == {"2": 1.0, "3": 0.0}
 
     def test_empty_kind_gives_none(self):
         d = failure_breakdown([], [])
