@@ -77,13 +77,18 @@ def summarize(kinds: Sequence[str], verdicts: Sequence[dict]) -> dict:
 
 
 def evaluate_generation(pipe, n_per_kind: int = 100, steps: int | None = None, guidance: float | None = None,
-                        seed: int = 0, prompt_seed: int = EVAL_SEED, return_images: bool = False) -> dict:
-    """Generate each held-out prompt once (seed = `seed` + i) and judge it with the scene checker."""
+                        seed: int = 0, prompt_seed: int = EVAL_SEED, return_images: bool = False,
+                        kinds: Sequence[str] | None = None) -> dict:
+    """Generate each held-out prompt once (seed = `seed` + i) and judge it with the scene checker.
+
+    `kinds` keeps only those kinds' prompts; each keeps the seed it has in the full evaluation.
+    """
     from models.sampling import generate_images
 
-    pairs = held_out_prompts(n_per_kind, prompt_seed)
-    kinds, caps = [k for k, _ in pairs], [c for _, c in pairs]
-    imgs = generate_images(pipe, caps, [seed + i for i in range(len(caps))], steps=steps, guidance=guidance)
+    pairs = [(i, k, c) for i, (k, c) in enumerate(held_out_prompts(n_per_kind, prompt_seed))
+             if kinds is None or k in kinds]
+    kinds, caps = [k for _, k, _ in pairs], [c for _, _, c in pairs]
+    imgs = generate_images(pipe, caps, [seed + i for i, _, _ in pairs], steps=steps, guidance=guidance)
     verdicts = score_generations(imgs, caps)
     d = pipe.discolens_defaults if hasattr(pipe, "discolens_defaults") else None
     res = summarize(kinds, verdicts)

@@ -44,3 +44,15 @@ class TestFailureBreakdown:
     def test_empty_kind_gives_none(self):
         d = failure_breakdown([], [])
         assert d["relation"]["objects_ok"] is None and d["count"]["count_ok"] is None
+
+
+def test_kinds_keep_the_seeds_of_the_full_evaluation(tiny_pipe):
+    """Evaluating only the count prompts gives the same images as those prompts get in the full run."""
+    from interp.generation_eval import evaluate_generation
+
+    full = evaluate_generation(tiny_pipe, n_per_kind=2, steps=2, return_images=True)
+    part = evaluate_generation(tiny_pipe, n_per_kind=2, steps=2, return_images=True, kinds=("count",))
+    assert part["n"] == 2 and part["n_single"] == 0 and part["n_count"] == 2
+    assert part["captions"] == full["captions"][-2:]
+    for a, b in zip(part["images"], full["images"][-2:]):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
