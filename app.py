@@ -18,7 +18,7 @@ from interp.matching import MatchOptions, score_image_captions, validate_caption
 from interp.matching_eval import SCORER_HOOKS, scorer_hook
 from interp.workbench import slice_choices, slice_overlays, traced_generation
 from models import world
-from models.loading import ModelLoadError, bundled_models, load_pipeline
+from models.loading import ModelLoadError, bundled_models, load_pipeline, model_defaults, resolve_model_id
 
 MAX_STEPS = 100
 PLAIN_MODEL = "shapes-v1-plain"  # the same world trained without the token loss
@@ -31,6 +31,12 @@ def _pipe(model: str | None):
         return load_pipeline(model or None)
     except ModelLoadError as e:
         raise gr.Error(str(e))
+
+
+def sampling_defaults(model: str | None) -> tuple[int, float]:
+    """(steps, guidance) a model is meant to be sampled with: its `discolens.json`, else diffusers' usual ones."""
+    d = model_defaults(resolve_model_id((model or "").strip() or None))
+    return min(d.steps, MAX_STEPS), float(d.guidance)
 
 
 def generate(prompt: str, model: str, seed: float, steps: float, guidance: float):
@@ -245,6 +251,7 @@ def replot_atlas(table, metric: str):
 
 def build_demo() -> gr.Blocks:
     models = list(bundled_models()) or ["shapes-v1"]
+    default_steps, default_guidance = sampling_defaults(models[0])
     with gr.Blocks(title="DiscoLens") as demo:
         gr.Markdown("# DiscoLens\nText-to-image diffusion models as discriminators: "
                     "generate, then see where each word's cross-attention goes.")
@@ -255,8 +262,8 @@ def build_demo() -> gr.Blocks:
                                     allow_custom_value=True, elem_id="model")
                 with gr.Row():
                     seed = gr.Number(value=0, precision=0, label="Seed", elem_id="seed")
-                    steps = gr.Slider(1, MAX_STEPS, value=25, step=1, label="Steps", elem_id="steps")
-                    guidance = gr.Slider(0, 15, value=3.0, step=0.5, label="Guidance", elem_id="guidance")
+                    steps = gr.Slider(1, MAX_STEPS, value=default_steps, step=1, label="Steps", elem_id="steps")
+                    guidance = gr.Slider(0, 15, value=default_guidance, step=0.5, label="Guidance", elem_id="guidance")
                 go = gr.Button("Generate", variant="primary", elem_id="generate")
             with gr.Column(scale=1):
                 image = gr.Image(label="Generated image", type="pil", elem_id="image")
@@ -274,6 +281,7 @@ def build_demo() -> gr.Blocks:
                  api_name="generate")
         for w in (layer, head, step):
             w.change(explore, [state, layer, head, step], slice_maps, api_name=False)
+        model.change(sampling_defaults, model, [steps, guidance], api_name=False)
 
         gr.Markdown("## Match: the model as an image-text matcher\nOne noised UNet call per timestep, all captions in "
                     "one batch, the same noise for every caption.")

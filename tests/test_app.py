@@ -7,6 +7,7 @@ import pytest
 
 import app
 from interp.matching import MatchOptions
+from conftest import ROOT
 
 
 class TestApp:
@@ -46,6 +47,16 @@ class TestApp:
         """Bad inputs become a gr.Error with a clear message."""
         with pytest.raises(gr.Error, match=match):
             app.generate(prompt, str(tiny_pipe_dir), seed, steps, guidance)
+
+    def test_sampling_defaults_follow_the_model(self, tmp_path):
+        """The sliders take a model's own discolens.json defaults; a hub id gets diffusers' 7.5."""
+        import json
+
+        (tmp_path / "discolens.json").write_text(json.dumps({"guidance": 2.5, "steps": 20, "size": 64}))
+        assert app.sampling_defaults(str(tmp_path)) == (20, 2.5)
+        shipped = json.loads((ROOT / "assets" / "models" / "shapes-v1" / "discolens.json").read_text())
+        assert app.sampling_defaults("shapes-v1") == (shipped["steps"], shipped["guidance"])
+        assert app.sampling_defaults("stabilityai/stable-diffusion-2-1-base") == (25, 7.5)
 
     def test_unknown_model_is_a_gr_error(self):
         """A model that cannot be loaded is reported, not raised as a traceback."""
