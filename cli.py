@@ -316,8 +316,11 @@ def _cmd_eval_matching(a: argparse.Namespace) -> int:
     res["unet_calls_per_pair"] = res["unet_evals_per_pair"]  # the outside-check contract's name
     res["per_split"] = res["by_type"]  # accuracy per hard-negative split (attribute swap, role swap, ...)
     res["processes"] = state.num_processes if state else 1
-    if state and not state.is_main_process:
-        return 0
+    if state:  # every rank leaves the gloo group together: exiting with it alive can abort a rank (SIGABRT)
+        state.wait_for_everyone()
+        state.destroy_process_group()
+        if not state.is_main_process:
+            return 0
     if a.json:
         print(json.dumps(res))
     else:
