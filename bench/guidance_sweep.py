@@ -19,6 +19,7 @@ VAL_SEED = 20_011  # neither the training data's seed (0) nor the test prompts' 
 
 
 def main(argv: list[str] | None = None) -> int:
+    from interp.generation_eval import EVAL_SEED, evaluate_generation
     from models import world
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -30,14 +31,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--threads", type=int, default=None)
     a = p.parse_args(argv)
-    if a.prompt_seed == _eval_seed():
+    if a.prompt_seed == EVAL_SEED:
         p.error("--prompt-seed is the test prompts' seed; a sweep must not choose on them")
     if a.n_per_kind < 1 or any(g < 0 for g in a.guidance):
         p.error("--n-per-kind must be >= 1 and guidance values >= 0")
 
     import torch
 
-    from interp.generation_eval import evaluate_generation
     from models import load_pipeline
 
     if a.threads:
@@ -48,12 +48,6 @@ def main(argv: list[str] | None = None) -> int:
                                   prompt_seed=a.prompt_seed, kinds=a.kinds)
         print(json.dumps(res), flush=True)
     return 0
-
-
-def _eval_seed() -> int:
-    from interp.generation_eval import EVAL_SEED
-
-    return EVAL_SEED
 
 
 if __name__ == "__main__":

@@ -87,11 +87,11 @@ def evaluate_generation(pipe, n_per_kind: int = 100, steps: int | None = None, g
 
     pairs = [(i, k, c) for i, (k, c) in enumerate(held_out_prompts(n_per_kind, prompt_seed))
              if kinds is None or k in kinds]
-    kinds, caps = [k for _, k, _ in pairs], [c for _, _, c in pairs]
+    prompt_kinds, caps = [k for _, k, _ in pairs], [c for _, _, c in pairs]
     imgs = generate_images(pipe, caps, [seed + i for i, _, _ in pairs], steps=steps, guidance=guidance)
     verdicts = score_generations(imgs, caps)
     d = pipe.discolens_defaults if hasattr(pipe, "discolens_defaults") else None
-    res = summarize(kinds, verdicts)
+    res = summarize(prompt_kinds, verdicts)
     res.update({"steps": steps or (d.steps if d else 25), "guidance": guidance if guidance is not None else (d.guidance if d else 7.5),
                 "seed": seed, "prompt_seed": prompt_seed})
     if return_images:

@@ -4,20 +4,15 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from conftest import _free_port
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _run(launcher: list[str], model: Path) -> subprocess.CompletedProcess:
@@ -28,8 +23,9 @@ def _run(launcher: list[str], model: Path) -> subprocess.CompletedProcess:
 
 
 def _eval(launcher: list[str], model: Path, launches: int = 1) -> list[dict]:
-    """Run eval-matching under `launcher`; a launch whose process died of a signal (a gloo rendezvous that
-    aborted, seen once in ~20 runs inside the full suite) is started again on a fresh port, up to `launches`."""
+    """Run eval-matching under `launcher`; a launch whose process died of a signal (rank 0 aborted once in a
+    full-suite run, before the ranks left the gloo group together) is started again on a fresh port, up to
+    `launches`."""
     for attempt in range(launches):
         out = _run([a if a != "{port}" else str(_free_port()) for a in launcher], model)
         if out.returncode == 0 or "Signal" not in out.stderr or attempt == launches - 1:
