@@ -22,13 +22,31 @@ class UserError(Exception):
     """An input problem reported as one line on stderr."""
 
 
+def _parse_kind_weights(items: list[str]) -> dict[str, float]:
+    """`["count=3", "single=0.5"]` -> {"count": 3.0, "single": 0.5}, validated against the world's kinds."""
+    from models import world
+
+    out = {}
+    for it in items:
+        kind, sep, val = it.partition("=")
+        try:
+            w = float(val)
+        except ValueError:
+            w = float("nan")
+        if not sep or kind not in world.KINDS or not w > 0 or w == float("inf"):
+            raise UserError(f"--kind-weights takes KIND=WEIGHT with KIND in {', '.join(world.KINDS)} "
+                            f"and WEIGHT > 0; got {it!r}")
+        out[kind] = w
+    return out
+
+
 def _cmd_train_bundled(a: argparse.Namespace) -> int:
     from models.bundled_training import TrainConfig, loss_stages, train_bundled
 
     cfg = TrainConfig()
     for k in ("out_dir", "work_dir", "unet_steps", "vae_steps", "batch", "lr", "warmup", "token_loss_weight",
               "token_loss_layers", "pixel_loss_weight", "text_aux_weight", "max_minutes", "threads", "device", "n_images", "seed", "export_every",
-              "checkpoint_every"):
+              "checkpoint_every", "ema_decay"):
         v = getattr(a, k)
         if v is not None:
             setattr(cfg, k, v)
@@ -36,6 +54,10 @@ def _cmd_train_bundled(a: argparse.Namespace) -> int:
         raise UserError("loss weights must be >= 0")
     if cfg.lr <= 0 or cfg.warmup < 1:
         raise UserError("--lr must be > 0 and --warmup at least 1")
+    if not 0 < cfg.ema_decay < 1:
+        raise UserError("--ema-decay must be between 0 and 1 (exclusive)")
+    if a.kind_weights:
+        cfg.kind_weights = _parse_kind_weights(a.kind_weights)
     try:
         loss_stages(cfg.token_loss_layers)
     except ValueError as e:
@@ -432,6 +454,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="TokenCompose's pixel-level BCE term (default 0: off)")
     t.add_argument("--text-aux-weight", dest="text_aux_weight", type=float,
                    help="scene-parsing probes on the text encoder's states (models/text_aux.py; default 0.1, 0 = off)")
+    t.add_argument("--kind-weights", dest="kind_weights", nargs="+", metavar="KIND=WEIGHT",
+                   help="batch sampling weight per scene kind over the cached data, e.g. count=3 (default: uniform)")
+    t.add_argument("--ema-decay", dest="ema_decay", type=float, help="EMA decay of the exported weights (default 0.999)")
     t.add_argument("--max-minutes", dest="max_minutes", type=float)
     t.add_argument("--threads", type=int)
     t.add_argument("--device")

@@ -50,6 +50,9 @@ class TrainConfig:
     seed: int = 0
     n_images: int = 60_000
     mix: dict = dataclasses.field(default_factory=lambda: {"single": 0.25, "relation": 0.45, "count": 0.30})
+    # batch sampling weight per scene kind over the cached data (missing kinds: 1); None = uniform. Changes the
+    # training mix without re-rendering or re-caching latents, e.g. {"count": 3.0}
+    kind_weights: dict | None = None
     # VAE
     vae_steps: int = 1000
     vae_batch: int = 32
@@ -338,6 +341,26 @@ def loss_layers(unet, selection: str | None) -> list[str] | None:
     return None if stages is None else [l.name for l in cross_attention_layers(unet) if l.stage in stages]
 
 
+def sample_weights(kinds: np.ndarray, kind_weights: dict | None) -> torch.Tensor | None:
+    """Per-image sampling weights `[n_images]` from the cached kind codes (indices into world.KINDS)."""
+    if not kind_weights:
+        return None
+    unknown = set(kind_weights) - set(world.KINDS)
+    if unknown:
+        raise ValueError(f"unknown scene kind(s) {sorted(unknown)}; expected some of {world.KINDS}")
+    if any(float(w) <= 0 for w in kind_weights.values()):
+        raise ValueError("kind weights must be > 0")
+    per_kind = torch.tensor([float(kind_weights.get(k, 1.0)) for k in world.KINDS])
+    return per_kind[torch.from_numpy(kinds.astype(np.int64))]
+
+
+def kind_shares(kinds: np.ndarray, weights: torch.Tensor | None) -> dict[str, float]:
+    """Expected share of each kind in a training batch."""
+    w = torch.ones(len(kinds)) if weights is None else weights
+    k = torch.from_numpy(kinds.astype(np.int64))
+    return {name: round(float(w[k == i].sum() / w.sum()), 4) for i, name in enumerate(world.KINDS)}
+
+
 def _lr_at(step: int, cfg: TrainConfig, warm_start: int = 0) -> float:
     return cfg.lr * min(1.0, (step - warm_start + 1) / cfg.warmup)
 
@@ -505,6 +528,9 @@ def train_bundled(cfg: TrainConfig) -> Path:
     masks = torch.from_numpy(data["masks"])
     bits = torch.from_numpy(data["bits"])
     n = len(latents)
+    weights = sample_weights(data["kinds"], cfg.kind_weights)
+    if weights is not None:
+        print(f"batch mix by kind: {kind_shares(data['kinds'], weights)}")
     aux_labels = None
     if aux_head is not None:
         caps = [c.strip() for c in tokenizer.batch_decode(data["input_ids"], skip_special_tokens=True)]
@@ -535,7 +561,10 @@ def train_bundled(cfg: TrainConfig) -> Path:
     with _StopFlag() as flag, ctx, tqdm(total=cfg.unet_steps, initial=step, desc="unet") as bar:
         while step < cfg.unet_steps:
             g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-            idx = torch.randint(0, n, (cfg.batch,), generator=g)
+            if weights is None:
+                idx = torch.randint(0, n, (cfg.batch,), generator=g)
+            else:
+                idx = torch.multinomial(weights, cfg.batch, replacement=True, generator=g)
             x0 = (latents[idx] * sf).to(device)
             ids = input_ids[idx].clone()
             drop = torch.rand(cfg.batch, generator=g) < cfg.caption_dropout

@@ -4,11 +4,13 @@ from __future__ import annotations
 import csv
 import json
 
+import numpy as np
 import pytest
 import torch
 
 from conftest import ROOT, tiny_train_config
-from models.bundled_training import AUX_HEAD_FILE, loss_layers, loss_stages, pixel_loss, token_loss, token_masks, train_bundled
+from models import world
+from models.bundled_training import AUX_HEAD_FILE, kind_shares, sample_weights, loss_layers, loss_stages, pixel_loss, token_loss, token_masks, train_bundled
 
 
 def _unet_log(work, key: str = "mse"):
@@ -159,7 +161,11 @@ class TestPixelLossAndLayers:
 
         for args, match in ((["--token-loss-layers", "middle"], "token_loss_layers"),
                             (["--pixel-loss-weight", "-1"], ">= 0"), (["--warmup", "0"], "--warmup"),
-                            (["--lr", "0"], "--lr")):
+                            (["--lr", "0"], "--lr"), (["--ema-decay", "1"], "--ema-decay"),
+                            (["--kind-weights", "counts=3"], "--kind-weights"),
+                            (["--kind-weights", "count=0"], "--kind-weights"),
+                            (["--kind-weights", "count"], "--kind-weights"),
+                            (["--kind-weights", "count=nan"], "--kind-weights")):
             code = cli.main(["train-bundled", *args, "--out-dir", "/nonexistent/x"])
             err = capsys.readouterr().err
             assert code == 2 and match in err and err.count("\n") == 1
@@ -219,3 +225,37 @@ def test_export_shards_large_weights_and_loads_them_back(tmp_path, monkeypatch):
     back = load_pipeline(str(out), device="cpu")
     for (k, a), (_, b) in zip(pipe.unet.state_dict().items(), back.unet.state_dict().items()):
         assert torch.equal(a, b), k
+
+
+class TestKindWeights:
+    KINDS = np.array([0] * 25 + [1] * 45 + [2] * 30, np.int8)  # indices into world.KINDS
+
+    def test_uniform_when_unset(self):
+        assert sample_weights(self.KINDS, None) is None and sample_weights(self.KINDS, {}) is None
+        assert kind_shares(self.KINDS, None) == {"single": 0.25, "relation": 0.45, "count": 0.3}
+
+    def test_weights_follow_each_image_kind(self):
+        w = sample_weights(self.KINDS, {"count": 3.0, "single": 0.5})
+        assert w.shape == (100,)
+        assert set(w[:25].tolist()) == {0.5} and set(w[25:70].tolist()) == {1.0} and set(w[70:].tolist()) == {3.0}
+        # count: 30 * 3 / (25 * 0.5 + 45 + 90)
+        assert kind_shares(self.KINDS, w)["count"] == pytest.approx(90 / 147.5, abs=1e-4)
+
+    def test_batches_drawn_with_the_weights_match_the_shares(self):
+        w = sample_weights(self.KINDS, {"count": 3.0})
+        idx = torch.multinomial(w, 20_000, replacement=True, generator=torch.Generator().manual_seed(0))
+        got = (torch.from_numpy(self.KINDS.astype(np.int64))[idx] == world.KINDS.index("count")).float().mean()
+        assert float(got) == pytest.approx(kind_shares(self.KINDS, w)["count"], abs=0.015)
+
+    def test_bad_weights_raise(self):
+        with pytest.raises(ValueError, match="unknown scene kind"):
+            sample_weights(self.KINDS, {"counts": 2.0})
+        with pytest.raises(ValueError, match="> 0"):
+            sample_weights(self.KINDS, {"count": 0.0})
+
+    @pytest.mark.slow
+    def test_training_with_kind_weights_records_them(self, tmp_path, capsys):
+        cfg = tiny_train_config(tmp_path, vae_steps=2, unet_steps=2, kind_weights={"count": 3.0})
+        out = train_bundled(cfg)
+        assert "batch mix by kind" in capsys.readouterr().out
+        assert json.loads((out / "training_state.json").read_text())["config"]["kind_weights"] == {"count": 3.0}
