@@ -455,7 +455,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--text-aux-weight", dest="text_aux_weight", type=float,
                    help="scene-parsing probes on the text encoder's states (models/text_aux.py; default 0.1, 0 = off)")
     t.add_argument("--kind-weights", dest="kind_weights", nargs="+", metavar="KIND=WEIGHT",
-                   help="batch sampling weight per scene kind over the cached data, e.g. count=3 (default: uniform)")
+                   help="batch sampling weight per scene kind over the cached data (default count=3; count=1 = uniform)")
     t.add_argument("--ema-decay", dest="ema_decay", type=float, help="EMA decay of the exported weights (default 0.999)")
     t.add_argument("--max-minutes", dest="max_minutes", type=float)
     t.add_argument("--threads", type=int)
