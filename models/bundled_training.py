@@ -349,8 +349,8 @@ def sample_weights(kinds: np.ndarray, kind_weights: dict | None) -> torch.Tensor
     unknown = set(kind_weights) - set(world.KINDS)
     if unknown:
         raise ValueError(f"unknown scene kind(s) {sorted(unknown)}; expected some of {world.KINDS}")
-    if any(float(w) <= 0 for w in kind_weights.values()):
-        raise ValueError("kind weights must be > 0")
+    if not all(0 < float(w) < float("inf") for w in kind_weights.values()):
+        raise ValueError("kind weights must be finite and > 0")
     per_kind = torch.tensor([float(kind_weights.get(k, 1.0)) for k in world.KINDS])
     return per_kind[torch.from_numpy(kinds.astype(np.int64))]
 

@@ -250,8 +250,9 @@ class TestKindWeights:
     def test_bad_weights_raise(self):
         with pytest.raises(ValueError, match="unknown scene kind"):
             sample_weights(self.KINDS, {"counts": 2.0})
-        with pytest.raises(ValueError, match="> 0"):
-            sample_weights(self.KINDS, {"count": 0.0})
+        for bad in (0.0, -1.0, float("nan"), float("inf")):
+            with pytest.raises(ValueError, match="> 0"):
+                sample_weights(self.KINDS, {"count": bad})
 
     @pytest.mark.slow
     def test_training_with_kind_weights_records_them(self, tmp_path, capsys):
