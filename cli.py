@@ -23,21 +23,22 @@ class UserError(Exception):
 
 
 def _parse_kind_weights(items: list[str]) -> dict[str, float]:
-    """`["count=3", "single=0.5"]` -> {"count": 3.0, "single": 0.5}, validated against the world's kinds."""
-    from models import world
+    """`["count=3", "single=0.5"]` -> {"count": 3.0, "single": 0.5}, checked by the trainer's own check."""
+    from models.bundled_training import check_kind_weights
 
     out = {}
     for it in items:
         kind, sep, val = it.partition("=")
         try:
-            w = float(val)
+            out[kind] = float(val)
         except ValueError:
-            w = float("nan")
-        if not sep or kind not in world.KINDS or not w > 0 or w == float("inf"):
-            raise UserError(f"--kind-weights takes KIND=WEIGHT with KIND in {', '.join(world.KINDS)} "
-                            f"and WEIGHT > 0; got {it!r}")
-        out[kind] = w
-    return out
+            sep = ""
+        if not sep:
+            raise UserError(f"--kind-weights takes KIND=WEIGHT (e.g. count=3); got {it!r}")
+    try:
+        return check_kind_weights(out)
+    except ValueError as e:
+        raise UserError(f"--kind-weights: {e}")
 
 
 def _cmd_train_bundled(a: argparse.Namespace) -> int:

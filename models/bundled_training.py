@@ -342,15 +342,21 @@ def loss_layers(unet, selection: str | None) -> list[str] | None:
     return None if stages is None else [l.name for l in cross_attention_layers(unet) if l.stage in stages]
 
 
-def sample_weights(kinds: np.ndarray, kind_weights: dict | None) -> torch.Tensor | None:
-    """Per-image sampling weights `[n_images]` from the cached kind codes (indices into world.KINDS)."""
-    if not kind_weights:
-        return None
+def check_kind_weights(kind_weights: dict) -> dict:
+    """The weights, if every kind is one of world.KINDS and every weight finite and > 0; ValueError otherwise."""
     unknown = set(kind_weights) - set(world.KINDS)
     if unknown:
         raise ValueError(f"unknown scene kind(s) {sorted(unknown)}; expected some of {world.KINDS}")
     if not all(0 < float(w) < float("inf") for w in kind_weights.values()):
         raise ValueError("kind weights must be finite and > 0")
+    return kind_weights
+
+
+def sample_weights(kinds: np.ndarray, kind_weights: dict | None) -> torch.Tensor | None:
+    """Per-image sampling weights `[n_images]` from the cached kind codes (indices into world.KINDS)."""
+    if not kind_weights:
+        return None
+    check_kind_weights(kind_weights)
     per_kind = torch.tensor([float(kind_weights.get(k, 1.0)) for k in world.KINDS])
     return per_kind[torch.from_numpy(kinds.astype(np.int64))]
 
