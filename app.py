@@ -11,13 +11,13 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 import gradio as gr
 
-from interp.faithfulness import atlas_for_model, compare_word_maps, render_scene
+from interp.tasks.faithfulness import atlas_for_model, compare_word_maps, render_scene
 from interp.figures import atlas_plotly, breakdown_plotly
 from interp.heatmaps import overlay
-from interp.matching import MatchOptions, score_image_captions, validate_captions
-from interp.matching_eval import SCORER_HOOKS, scorer_hook
-from interp.workbench import slice_choices, slice_overlays, traced_generation
-from models import world
+from interp.tasks.matching import MatchOptions, score_image_captions, validate_captions
+from interp.tasks.matching_eval import SCORER_HOOKS, scorer_hook
+from interp.tasks.workbench import slice_choices, slice_overlays, traced_generation
+from models.shapes import world
 from models.loading import ModelLoadError, bundled_models, load_pipeline, model_defaults, resolve_model_id
 
 MAX_STEPS = 100
@@ -109,7 +109,7 @@ def _attention_prompt(path):
     """A saved attention prompt (cli.py train-prompt) from an uploaded file path, or None; gr.Error if unreadable."""
     if not path:
         return None
-    from models.prompt_learning import load_prompt
+    from interp.tasks.prompt_learning import load_prompt
 
     try:
         return load_prompt(getattr(path, "name", path))
@@ -142,7 +142,7 @@ def match(image, captions_text: str, model: str, scorer_label: str, timesteps_te
     if any(not 0 <= t < n_train for t in ts):
         raise gr.Error(f"timesteps must lie in 0..{n_train - 1}")
     key = SCORERS[scorer_label]
-    from models.prompt_learning import apply_prompt
+    from interp.tasks.prompt_learning import apply_prompt
 
     prompt = _attention_prompt(prompt_file)
     try:

@@ -24,7 +24,7 @@ class UserError(Exception):
 
 def _parse_kind_weights(items: list[str]) -> dict[str, float]:
     """`["count=3", "single=0.5"]` -> {"count": 3.0, "single": 0.5}, checked by the trainer's own check."""
-    from models.bundled_training import check_kind_weights
+    from models.training.bundled import check_kind_weights
 
     out = {}
     for it in items:
@@ -42,7 +42,7 @@ def _parse_kind_weights(items: list[str]) -> dict[str, float]:
 
 
 def _cmd_train_bundled(a: argparse.Namespace) -> int:
-    from models.bundled_training import TrainConfig, loss_stages, train_bundled
+    from models.training.bundled import TrainConfig, loss_stages, train_bundled
 
     cfg = TrainConfig()
     for k in ("out_dir", "work_dir", "unet_steps", "vae_steps", "batch", "lr", "warmup", "token_loss_weight",
@@ -83,7 +83,7 @@ def _cmd_generate(a: argparse.Namespace) -> int:
     from models.loading import load_pipeline
 
     pipe = load_pipeline(a.model)
-    from interp.workbench import validate_prompt
+    from interp.tasks.workbench import validate_prompt
 
     try:
         validate_prompt(a.prompt, pipe.tokenizer)
@@ -100,7 +100,7 @@ def _cmd_generate(a: argparse.Namespace) -> int:
 
 def _cmd_sample_grid(a: argparse.Namespace) -> int:
     from interp.figures import sample_grid
-    from interp.generation_eval import held_out_prompts, score_generations
+    from interp.tasks.generation_eval import held_out_prompts, score_generations
     from models.loading import load_pipeline
     from models.sampling import generate_images
 
@@ -117,7 +117,7 @@ def _cmd_sample_grid(a: argparse.Namespace) -> int:
 
 
 def _cmd_eval_generation(a: argparse.Namespace) -> int:
-    from interp.generation_eval import evaluate_generation
+    from interp.tasks.generation_eval import evaluate_generation
     from models.loading import load_pipeline
 
     if a.n_per_kind < 1:
@@ -143,7 +143,7 @@ def _check_out_dir(path: str) -> None:
 
 
 def _load_benchmark(name: str):
-    from models.benchmarks import load_benchmark
+    from models.shapes.benchmarks import load_benchmark
 
     try:
         return load_benchmark(name)
@@ -164,7 +164,7 @@ def _read_image(path: str):
 
 
 def _check_vocab(pipe, prompts) -> None:
-    from interp.matching import out_of_vocabulary
+    from interp.tasks.matching import out_of_vocabulary
 
     for p in prompts:
         bad = out_of_vocabulary(pipe.tokenizer, p)
@@ -174,9 +174,9 @@ def _check_vocab(pipe, prompts) -> None:
 
 def _match_options(a: argparse.Namespace, pipe):
     """MatchOptions from the scoring flags; timesteps are checked against the model's training schedule."""
-    from interp.matching import MatchOptions
-    from interp.matching_eval import SCORER_HOOKS
-    from interp.matching_report import noise_level_timesteps
+    from interp.tasks.matching import MatchOptions
+    from interp.tasks.matching_eval import SCORER_HOOKS
+    from interp.tasks.matching_report import noise_level_timesteps
 
     n_train = int(pipe.scheduler.config.num_train_timesteps)
     if a.timesteps and a.noise_levels:
@@ -197,7 +197,7 @@ def _match_options(a: argparse.Namespace, pipe):
 
 
 def _cmd_maps(a: argparse.Namespace) -> int:
-    from interp.matching import word_maps_for_image
+    from interp.tasks.matching import word_maps_for_image
     from models.loading import load_pipeline
 
     img = _read_image(a.image)
@@ -218,7 +218,7 @@ def _cmd_maps(a: argparse.Namespace) -> int:
 
 def _scored(a: argparse.Namespace, min_count: int) -> dict:
     """Validate image and captions, load the model, score with the chosen scorer (one batched pass)."""
-    from interp.matching import score_image_captions, validate_captions
+    from interp.tasks.matching import score_image_captions, validate_captions
     from models.loading import load_pipeline
 
     img = _read_image(a.image)
@@ -236,7 +236,7 @@ def _scored(a: argparse.Namespace, min_count: int) -> dict:
 
 def _attn_prompt(a: argparse.Namespace, pipe):
     """apply_prompt context for --attn-prompt FILE (a no-op without it)."""
-    from models.prompt_learning import apply_prompt, load_prompt
+    from interp.tasks.prompt_learning import apply_prompt, load_prompt
 
     pr = None
     if getattr(a, "attn_prompt", None):
@@ -252,7 +252,7 @@ def _attn_prompt(a: argparse.Namespace, pipe):
 
 def _scorer_fn(a: argparse.Namespace):
     """The scorer function of --scorer where it is not a plain MatchOptions scorer, else None."""
-    from interp.matching_eval import SCORER_HOOKS, scorer_hook
+    from interp.tasks.matching_eval import SCORER_HOOKS, scorer_hook
 
     return scorer_hook(a.scorer, a.variant, a.grad_norm) if a.scorer in SCORER_HOOKS else None
 
@@ -292,7 +292,7 @@ def _cmd_score(a: argparse.Namespace) -> int:
 
 
 def _cmd_eval_grounding(a: argparse.Namespace) -> int:
-    from interp.grounding_eval import evaluate_grounding
+    from interp.tasks.grounding_eval import evaluate_grounding
     from models.loading import load_pipeline
 
     if a.n_scenes < 2:
@@ -303,7 +303,7 @@ def _cmd_eval_grounding(a: argparse.Namespace) -> int:
         raise UserError(f"--timesteps must lie in 0..{n_train - 1}")
     res = evaluate_grounding(pipe, n_scenes=a.n_scenes, timesteps=a.timesteps, return_rows=bool(a.atlas_dir))
     if a.generations:
-        from interp.grounding_eval import evaluate_generation_grounding
+        from interp.tasks.grounding_eval import evaluate_generation_grounding
 
         res["generations"] = evaluate_generation_grounding(pipe, n_per_kind=a.generations)
     if a.atlas_dir:
@@ -321,7 +321,7 @@ def _cmd_eval_grounding(a: argparse.Namespace) -> int:
 
 
 def _cmd_eval_matching(a: argparse.Namespace) -> int:
-    from interp.matching_eval import evaluate_matching
+    from interp.tasks.matching_eval import evaluate_matching
     from models.loading import load_pipeline
 
     bench = _load_benchmark(a.benchmark)
@@ -329,7 +329,7 @@ def _cmd_eval_matching(a: argparse.Namespace) -> int:
         raise UserError("--limit must be at least 1")
     fn = _scorer_fn(a)
     # under `accelerate launch` / torchrun every process scores a share of the items on its own device
-    from interp.matching_eval import distributed_state
+    from interp.tasks.matching_eval import distributed_state
 
     state = distributed_state()
     pipe = load_pipeline(a.model, device=str(state.device) if state else None)
@@ -352,7 +352,7 @@ def _cmd_eval_matching(a: argparse.Namespace) -> int:
 
 
 def _cmd_report_matching(a: argparse.Namespace) -> int:
-    from interp.matching_report import GROUPS, report_markdown, run_report
+    from interp.tasks.matching_report import GROUPS, report_markdown, run_report
     from models.loading import load_pipeline
 
     groups = a.groups or list(GROUPS)
@@ -390,7 +390,7 @@ def _cmd_report_matching(a: argparse.Namespace) -> int:
 
 def _cmd_train_prompt(a: argparse.Namespace) -> int:
     from models.loading import load_pipeline
-    from models.prompt_learning import save_prompt, train_prompt
+    from interp.tasks.prompt_learning import save_prompt, train_prompt
 
     if a.steps < 1:
         raise UserError("--steps must be at least 1")
@@ -436,7 +436,7 @@ def _add_match_args(p: argparse.ArgumentParser, inputs: bool = True) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from interp.matching_report import GROUPS
+    from interp.tasks.matching_report import GROUPS
     p = argparse.ArgumentParser(prog="cli.py", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
 
@@ -576,7 +576,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except Exception as e:  # known user-facing error classes give one line, anything else a traceback
         from models.loading import ModelLoadError
-        from models.world import CaptionError
+        from models.shapes.world import CaptionError
 
         if isinstance(e, (ModelLoadError, CaptionError)):
             print(f"error: {e}", file=sys.stderr)

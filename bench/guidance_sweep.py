@@ -19,8 +19,8 @@ VAL_SEED = 20_011  # neither the training data's seed (0) nor the test prompts' 
 
 
 def main(argv: list[str] | None = None) -> int:
-    from interp.generation_eval import EVAL_SEED, evaluate_generation
-    from models import world
+    from interp.tasks.generation_eval import EVAL_SEED, evaluate_generation
+    from models.shapes import world
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None, help="bundled model when omitted")

@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from models import load_pipeline  # noqa: E402
-from models.world import COLORS  # noqa: E402
+from models.shapes.world import COLORS  # noqa: E402
 
 PAIRS = [("red", "circle", "blue", "square"), ("green", "triangle", "yellow", "circle"),
          ("purple", "square", "orange", "triangle"), ("blue", "circle", "red", "triangle")]

@@ -144,7 +144,7 @@ def breakdown_plotly(breakdowns: dict, captions: Sequence[str] | None = None):
     """Plotly heat maps of LSE score breakdowns, one panel per caption: layers x timesteps.
 
     Args:
-        breakdowns: {caption: ScoreBreakdown} (from `interp.matching.score_image_captions`).
+        breakdowns: {caption: ScoreBreakdown} (from `interp.tasks.matching.score_image_captions`).
         captions: which captions, in order (default: all).
     """
     import plotly.graph_objects as go

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from models import world
+from models.shapes import world
 from models.trace import AttentionTrace
 
 from .heatmaps import SPECIAL, merge_subwords, token_heatmaps

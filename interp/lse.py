@@ -1,5 +1,5 @@
 """Discffusion scores from cross-attention traces, and the Diffusion-Classifier baseline. Pure functions over
-traces, tensors and numbers; no model is run here (models.scoring_pass runs it).
+traces, tensors and numbers; no model is run here (models.unet_pass runs it).
 
 Eq. 4 of Discffusion (TMLR): for a cross-attention map A in R^{n x m} (n image positions, m text tokens)
 
@@ -166,7 +166,7 @@ def lse_score(trace: AttentionTrace, source: Literal["probs", "logits"] = "probs
     (`trace.cosine`, whatever `source` says) and is pooled by its mean (see the module docstring).
 
     Args:
-        trace: an AttentionTrace (e.g. from models.scoring_pass.noised_unet_pass).
+        trace: an AttentionTrace (e.g. from models.unet_pass.noised_unet_pass).
         source: "probs" (post-softmax) or "logits" (pre-softmax; the trace needs logits=True).
         layers: None (all traced), indices / aliases / module paths, or "last_per_stage".
         steps: indices into the trace's steps (None: all).

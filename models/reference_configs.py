@@ -231,7 +231,7 @@ def _load_tokenizer(tokenizer_dir: str | Path | None):
 
     if tokenizer_dir is not None:
         return CLIPTokenizer.from_pretrained(str(tokenizer_dir))
-    from .vocab import build_clip_tokenizer_files
+    from models.shapes.vocab import build_clip_tokenizer_files
 
     with tempfile.TemporaryDirectory(prefix="discolens-tok-") as tmp:
         return CLIPTokenizer.from_pretrained(str(build_clip_tokenizer_files(tmp)))
@@ -256,7 +256,7 @@ def build_reference_pipeline(arch: str, scale: str | int = "tiny", tokenizer_dir
         scale: ``"tiny"`` (width / 8), ``"full"`` (real sizes) or an int width divisor; any divisor > 1
             also sets the default size to 8x8 latents / 64x64 images.
         tokenizer_dir: a CLIP-format tokenizer folder (e.g. from
-            `models.vocab.build_clip_tokenizer_files`); ``None`` builds the project's one in a temp dir.
+            `models.shapes.vocab.build_clip_tokenizer_files`); ``None`` builds the project's one in a temp dir.
         seed: base seed of the random init.
         scheduler: a diffusers scheduler class name (e.g. ``"DDIMScheduler"``) to build from the hub
             scheduler config instead of its own class; ``None`` keeps the hub's.

@@ -20,7 +20,7 @@ torch.set_num_threads(1)  # tiny models gain nothing from more; and 1 thread kee
 
 
 def tiny_train_config(tmp: Path, **kw):
-    from models.bundled_training import TrainConfig
+    from models.training.bundled import TrainConfig
 
     base = dict(out_dir=str(tmp / "out"), work_dir=str(tmp / "work"), n_images=128, vae_steps=4, vae_batch=8,
                 unet_steps=4, batch=8, warmup=1, unet_channels=(32, 32, 32), heads=4, text_layers=1,
@@ -34,8 +34,8 @@ def build_tiny_pipeline(folder: Path, seed: int = 0):
     from diffusers import StableDiffusionPipeline
     from transformers import CLIPTokenizer
 
-    from models.bundled_training import make_inference_scheduler, make_text_encoder, make_unet, make_vae
-    from models.vocab import build_clip_tokenizer_files
+    from models.training.bundled import make_inference_scheduler, make_text_encoder, make_unet, make_vae
+    from models.shapes.vocab import build_clip_tokenizer_files
 
     cfg = tiny_train_config(folder)
     torch.manual_seed(seed)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import app
-from interp.matching import MatchOptions
+from interp.tasks.matching import MatchOptions
 from conftest import ROOT
 
 
@@ -68,7 +68,7 @@ class TestMatchTab:
     def _img(self):
         import numpy as np
 
-        from models import world
+        from models.shapes import world
 
         return world.render(world.scene_from_caption("a red circle left of a blue square", np.random.default_rng(0)))
 
@@ -121,7 +121,7 @@ class TestMatchTab:
         import torch
 
         from models.loading import load_pipeline
-        from models.prompt_learning import save_prompt, train_prompt
+        from interp.tasks.prompt_learning import save_prompt, train_prompt
 
         pipe = load_pipeline(str(tiny_pipe_dir))
         prompt, _ = train_prompt(pipe, "counting", MatchOptions(timesteps=(300,)), steps=2, lr=0.05)
@@ -185,7 +185,7 @@ class TestFaithfulnessTab:
 
     def test_two_models_side_by_side(self, tiny_pipe_dir, other_pipe_dir):
         """The render, one gallery per model (one overlay per word), a per-word table with means, a summary."""
-        from interp.faithfulness import render_scene
+        from interp.tasks.faithfulness import render_scene
 
         scene = render_scene(4, "relation")
         words = scene.caption.split()

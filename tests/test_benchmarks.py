@@ -1,4 +1,4 @@
-"""Tests for the fixed matching benchmarks (models.benchmarks) and their evaluation (interp.matching_eval)."""
+"""Tests for the fixed matching benchmarks (models.shapes.benchmarks) and their evaluation (interp.tasks.matching_eval)."""
 from __future__ import annotations
 
 import json
@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from interp.matching import MatchOptions
-from interp.matching_eval import compare_scorers, evaluate_matching, item_outcome
-from models import benchmarks as bm
-from models import world
+from interp.tasks.matching import MatchOptions
+from interp.tasks.matching_eval import compare_scorers, evaluate_matching, item_outcome
+from models.shapes import benchmarks as bm
+from models.shapes import world
 
 ROOT = Path(__file__).resolve().parent.parent
 TS = (200, 600)  # two timesteps keep the tiny-pipe runs short
@@ -64,7 +64,7 @@ class TestBuild:
             fresh = bm.build_benchmark(name, tmp_path / name)
             committed = bm.DEFAULT_ROOT / name
             assert (fresh / "benchmark.json").read_bytes() == (committed / "benchmark.json").read_bytes(), \
-                f"{name}: rebuild with `python -m models.benchmarks`"
+                f"{name}: rebuild with `python -m models.shapes.benchmarks`"
             f, c = bm.load_benchmark(fresh), bm.load_benchmark(name)
             for it_f, it_c in list(zip(f.items, c.items))[::7]:
                 for k in range(len(it_f.images)):
@@ -116,7 +116,7 @@ class TestCommittedSets:
     def test_readme_documents_sizes_and_command(self, loaded):
         """The README's table rows match the sets (items, seed, train / test) and name the build command."""
         text = (bm.DEFAULT_ROOT / "README.md").read_text()
-        assert "python -m models.benchmarks" in text
+        assert "python -m models.shapes.benchmarks" in text
         for name, b in loaded.items():
             row = re.search(rf"^\| {name} \| (\d+) \| (\d+) \| .* \| (\d+) / (\d+) \|$", text, re.M)
             assert row, name

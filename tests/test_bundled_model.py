@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from models import world
+from models.shapes import world
 from models.attention_capture import cross_attention_layers
 from models.loading import BUNDLED_DIR, load_pipeline
 
@@ -79,8 +79,8 @@ class TestBundledTrace:
     def test_word_maps_point_at_their_objects(self, bundled):
         """On held-out renders, color and shape word maps (maps default) peak inside their object."""
         from interp.grounding import pointing_game, word_mask_pairs
-        from interp.grounding_eval import held_out_scenes
-        from interp.matching import word_maps_for_image
+        from interp.tasks.grounding_eval import held_out_scenes
+        from interp.tasks.matching import word_maps_for_image
 
         hits = []
         for s in held_out_scenes(6, seed=555):

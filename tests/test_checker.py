@@ -11,7 +11,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for `import models`
 
-from models import checker, world  # noqa: E402
+from models.shapes import checker, world  # noqa: E402
 
 SEED = 2024
 N_SCENES = 320

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 import cli
-from models import world
+from models.shapes import world
 
 
 @pytest.fixture(scope="module")

@@ -8,13 +8,13 @@ import pytest
 import torch
 from PIL import Image
 
-from interp.head_attribution import ProbeProcessor
+from interp.scorers.head_weighted import ProbeProcessor
 from interp.lse import POOLINGS, lse_score, pool
-from interp.matching import MatchOptions, score_image_captions
-from interp.matching_eval import compare_scorers, evaluate_matching
-from models import benchmarks as bm
+from interp.tasks.matching import MatchOptions, score_image_captions
+from interp.tasks.matching_eval import compare_scorers, evaluate_matching
+from models.shapes import benchmarks as bm
 from models.attention_capture import capture_cross_attention, cross_attention_layers
-from models.scoring_pass import encode_image, noised_unet_pass
+from models.unet_pass import encode_image, noised_unet_pass
 from models.trace import AttentionTrace, LayerInfo, trace
 
 PROMPTS = ["a red circle left of a blue square", "a green triangle"]

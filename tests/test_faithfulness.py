@@ -5,13 +5,13 @@ import numpy as np
 import pytest
 import torch
 
-from interp.faithfulness import atlas_for_model, compare_word_maps, render_scene
+from interp.tasks.faithfulness import atlas_for_model, compare_word_maps, render_scene
 from interp.grounding import aggregate_maps, score_maps, word_mask_pairs
-from interp.grounding_eval import held_out_scenes
+from interp.tasks.grounding_eval import held_out_scenes
 from interp.head_atlas import CLASSES
 from interp.heatmaps import merge_subwords
-from models import world
-from models.scoring_pass import encode_image, noised_unet_pass
+from models.shapes import world
+from models.unet_pass import encode_image, noised_unet_pass
 
 from conftest import build_tiny_pipeline
 

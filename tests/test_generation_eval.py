@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from interp.generation_eval import failure_breakdown, score_generations, summarize
-from models import world
+from interp.tasks.generation_eval import failure_breakdown, score_generations, summarize
+from models.shapes import world
 
 
 def _verdicts(pairs):
@@ -48,7 +48,7 @@ class TestFailureBreakdown:
 
 def test_kinds_keep_the_seeds_of_the_full_evaluation(tiny_pipe):
     """Evaluating only the count prompts gives the same images as those prompts get in the full run."""
-    from interp.generation_eval import evaluate_generation
+    from interp.tasks.generation_eval import evaluate_generation
 
     full = evaluate_generation(tiny_pipe, n_per_kind=2, steps=2, return_images=True)
     part = evaluate_generation(tiny_pipe, n_per_kind=2, steps=2, return_images=True, kinds=("count",))

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from interp.grounding import (DEFAULT_THRESHOLDS, aggregate_maps, best_iou, energy_inside, grounding_table,
                               pointing_game, rank_slices, score_maps, summarize, word_mask_pairs)
 from interp.heatmaps import layer_maps, token_heatmaps
-from models import world
+from models.shapes import world
 from models.trace import AttentionTrace, LayerInfo, trace
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
@@ -338,7 +338,7 @@ class TestTokenLoss:
 
     @staticmethod
     def _case(leak: float):
-        from models.bundled_training import token_loss
+        from models.training.bundled import token_loss
 
         torch.manual_seed(0)
         tmask = torch.zeros(1, 3, 16)
@@ -362,7 +362,7 @@ class TestTokenLoss:
 
     def test_invalid_tokens_do_not_count(self):
         """A token marked invalid (no object) adds nothing, whatever its map."""
-        from models.bundled_training import token_loss
+        from models.training.bundled import token_loss
 
         probs = torch.rand(1, 2, 16, 2)
         tmask = torch.zeros(1, 2, 16)

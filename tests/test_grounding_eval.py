@@ -4,9 +4,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from interp.grounding_eval import held_out_scenes, scene_from_detections
-from models import world
-from models.checker import check
+from interp.tasks.grounding_eval import held_out_scenes, scene_from_detections
+from models.shapes import world
+from models.shapes.checker import check
 
 
 class TestHeldOut:

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from conftest import ROOT
-from interp.generation_eval import EVAL_SEED, held_out_prompts
+from interp.tasks.generation_eval import EVAL_SEED, held_out_prompts
 
 spec = importlib.util.spec_from_file_location("guidance_sweep", ROOT / "bench" / "guidance_sweep.py")
 gs = importlib.util.module_from_spec(spec)

@@ -10,7 +10,7 @@ import torch
 
 from interp.grounding import grounding_table
 from interp.head_atlas import atlas_grid, atlas_table, save_atlas
-from models import world
+from models.shapes import world
 from models.trace import AttentionTrace, LayerInfo
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"

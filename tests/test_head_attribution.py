@@ -1,4 +1,4 @@
-"""Tests of interp.head_attribution: captum probe gradients, Eq. 7 head weighting, the scorer hook."""
+"""Tests of interp.scorers.head_weighted: captum probe gradients, Eq. 7 head weighting, the scorer hook."""
 from __future__ import annotations
 
 import copy
@@ -8,11 +8,11 @@ import pytest
 import torch
 from PIL import Image
 
-from interp.head_attribution import (AttentionProbe, ProbeProcessor, _token_columns, attribute_maps,
+from interp.scorers.head_weighted import (AttentionProbe, ProbeProcessor, _token_columns, attribute_maps,
                                      head_weighted_score, make_head_weighted_scorer, matching_objective,
                                      probe_gradients, probed_attention)
 from interp.lse import lse_pool
-from interp.matching import MatchOptions, score_image_captions
+from interp.tasks.matching import MatchOptions, score_image_captions
 from models.attention_capture import CaptureProcessor, capture_cross_attention, cross_attention_layers
 
 CAPTIONS = ["a red circle", "a blue square on the left"]

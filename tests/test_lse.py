@@ -189,7 +189,7 @@ TIMESTEPS = [100, 600]
 
 @pytest.fixture(scope="module")
 def latent(tiny_pipe):
-    from models.scoring_pass import encode_image
+    from models.unet_pass import encode_image
 
     rng = np.random.default_rng(0)
     img = Image.fromarray(rng.integers(0, 256, (40, 52, 3), dtype=np.uint8))
@@ -198,7 +198,7 @@ def latent(tiny_pipe):
 
 @pytest.fixture(scope="module")
 def batched(tiny_pipe, latent):
-    from models.scoring_pass import noised_unet_pass
+    from models.unet_pass import noised_unet_pass
 
     return noised_unet_pass(tiny_pipe, latent, CAPTIONS, TIMESTEPS, noise_seed=3, uncond=True)
 
@@ -224,7 +224,7 @@ class TestScoringPass:
 
     def test_batching_equals_one_by_one(self, tiny_pipe, latent, batched):
         """Each caption alone gets the same attention score and errors as in the 3-caption batch."""
-        from models.scoring_pass import noised_unet_pass
+        from models.unet_pass import noised_unet_pass
 
         for k, cap in enumerate(CAPTIONS):
             alone = noised_unet_pass(tiny_pipe, latent, [cap], TIMESTEPS, noise_seed=3)
@@ -233,7 +233,7 @@ class TestScoringPass:
 
     def test_fixed_noise_is_shared(self, tiny_pipe, latent):
         """The same caption twice in one batch gets identical scores and errors."""
-        from models.scoring_pass import noised_unet_pass
+        from models.unet_pass import noised_unet_pass
 
         r = noised_unet_pass(tiny_pipe, latent, ["a red circle", "a blue square", "a red circle"], TIMESTEPS)
         assert _score(r.traces[0]) == _score(r.traces[2]) != _score(r.traces[1])
@@ -253,14 +253,14 @@ class TestScoringPass:
 class TestScoringPassValidation:
     def test_no_captions(self, tiny_pipe, latent):
         """An empty caption list is a ValueError."""
-        from models.scoring_pass import noised_unet_pass
+        from models.unet_pass import noised_unet_pass
 
         with pytest.raises(ValueError, match="captions is empty"):
             noised_unet_pass(tiny_pipe, latent, [], TIMESTEPS)
 
     def test_empty_caption(self, tiny_pipe, latent):
         """An empty caption string is a ValueError naming its index."""
-        from models.scoring_pass import noised_unet_pass
+        from models.unet_pass import noised_unet_pass
 
         with pytest.raises(ValueError, match="caption 1 is empty"):
             noised_unet_pass(tiny_pipe, latent, ["a red circle", "  "], TIMESTEPS)
@@ -268,7 +268,7 @@ class TestScoringPassValidation:
     @pytest.mark.parametrize("t", [-1, 1000])
     def test_timestep_out_of_range(self, tiny_pipe, latent, t):
         """A timestep outside [0, num_train_timesteps) is a ValueError."""
-        from models.scoring_pass import noised_unet_pass
+        from models.unet_pass import noised_unet_pass
 
         with pytest.raises(ValueError, match="out of range"):
             noised_unet_pass(tiny_pipe, latent, ["a red circle"], [10, t])

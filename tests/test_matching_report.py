@@ -6,10 +6,10 @@ import json
 import pytest
 
 import cli
-from interp import matching_report as mr
-from interp.matching import MatchOptions
-from interp.matching_eval import evaluate_matching
-from models import benchmarks as bm
+from interp.tasks import matching_report as mr
+from interp.tasks.matching import MatchOptions
+from interp.tasks.matching_eval import evaluate_matching
+from models.shapes import benchmarks as bm
 
 
 @pytest.fixture(scope="module")

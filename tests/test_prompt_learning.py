@@ -5,12 +5,12 @@ import numpy as np
 import pytest
 import torch
 
-from interp.matching import MatchOptions, score_image_captions
-from models import world
+from interp.tasks.matching import MatchOptions, score_image_captions
+from models.shapes import world
 from models.attention_capture import cross_attention_layers
-from models.prompt_learning import (AttentionPrompt, Triplet, apply_prompt, collect_triplets, load_prompt,
+from interp.tasks.prompt_learning import (AttentionPrompt, Triplet, apply_prompt, collect_triplets, load_prompt,
                                     prompt_scores, save_prompt, train_prompt, triplet_loss)
-from models.scoring_pass import noised_unet_pass
+from models.unet_pass import noised_unet_pass
 
 OPTS = MatchOptions(timesteps=(200, 600))
 
@@ -126,7 +126,7 @@ class TestApplyPrompt:
 
     def test_zero_prompt_under_trace(self, tiny_pipe, renders):
         """Under noised_unet_pass (capture processors) a zero prompt changes neither errors nor attention logits."""
-        from models.scoring_pass import encode_image
+        from models.unet_pass import encode_image
 
         z = encode_image(tiny_pipe, renders[0][0])
         ref = noised_unet_pass(tiny_pipe, z, [renders[0][1]], [300])
@@ -335,7 +335,7 @@ class TestInputs:
 
     def test_benchmark_train_split(self):
         """Winoground's train split gives 2 image + 2 caption negatives per item; comvg has no image negatives."""
-        from models.benchmarks import DEFAULT_ROOT, load_benchmark
+        from models.shapes.benchmarks import DEFAULT_ROOT, load_benchmark
 
         if not (DEFAULT_ROOT / "winoground" / "benchmark.json").is_file():
             pytest.skip("benchmarks not built")

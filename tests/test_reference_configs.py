@@ -17,7 +17,7 @@ from models.reference_configs import (
     save_reference_pipeline,
     scaled_config,
 )
-from models.vocab import MODEL_MAX_LENGTH, build_clip_tokenizer_files
+from models.shapes.vocab import MODEL_MAX_LENGTH, build_clip_tokenizer_files
 
 PIPELINE_ARCHS = ("sd15", "sd21base")
 

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 
 from interp.lse import denoising_score
-from interp.matching import MatchOptions, score_image_captions
-from interp.routed_score import content_words, route, routed_scorer_fn
-from interp.structure_score import structure_scorer_fn
-from models import world
+from interp.tasks.matching import MatchOptions, score_image_captions
+from interp.scorers.routed import content_words, route, routed_scorer_fn
+from interp.structure import structure_scorer_fn
+from models.shapes import world
 
 
 @pytest.fixture(scope="module")

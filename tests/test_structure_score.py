@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 
 from interp.lse import lse_score
-from interp.matching import MatchOptions
-from interp.structure_score import (StructureConfig, bind_caption, histogram_intersection, structure_score,
+from interp.tasks.matching import MatchOptions
+from interp.structure import (StructureConfig, bind_caption, histogram_intersection, structure_score,
                                     structure_scorer_fn, structure_scores)
-from models import world
+from models.shapes import world
 from models.trace import AttentionTrace, LayerInfo
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
@@ -229,7 +229,7 @@ class TestScorerHook:
 
     def test_evaluate_matching_accepts_it(self, tiny_pipe):
         """evaluate_matching runs with scorer_fn=structure_scorer_fn and reports its name and cost."""
-        from interp.matching_eval import evaluate_matching
+        from interp.tasks.matching_eval import evaluate_matching
 
         r = evaluate_matching(tiny_pipe, "comvg", MatchOptions(timesteps=(300,)), limit=1,
                               scorer_fn=structure_scorer_fn, per_item=False)

@@ -8,10 +8,10 @@ import torch
 from transformers import CLIPTokenizer
 
 from conftest import tiny_train_config
-from models import world
-from models.bundled_training import train_bundled
-from models.text_aux import GROUPS, IGNORE, TextAuxHead, aux_accuracy, caption_labels, text_aux_loss
-from models.vocab import build_clip_tokenizer_files
+from models.shapes import world
+from models.training.bundled import train_bundled
+from models.training.text_aux import GROUPS, IGNORE, TextAuxHead, aux_accuracy, caption_labels, text_aux_loss
+from models.shapes.vocab import build_clip_tokenizer_files
 
 
 @pytest.fixture(scope="module")

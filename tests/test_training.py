@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from conftest import ROOT, tiny_train_config
-from models import world
-from models.bundled_training import AUX_HEAD_FILE, kind_shares, sample_weights, loss_layers, loss_stages, pixel_loss, token_loss, token_masks, train_bundled
+from models.shapes import world
+from models.training.bundled import AUX_HEAD_FILE, kind_shares, sample_weights, loss_layers, loss_stages, pixel_loss, token_loss, token_masks, train_bundled
 
 
 def _unet_log(work, key: str = "mse"):
@@ -176,7 +176,7 @@ def test_tokenizer_build_is_identical_across_processes(tmp_path):
     import subprocess
     import sys
 
-    code = "import sys; from models.vocab import build_clip_tokenizer_files as b; b(sys.argv[1])"
+    code = "import sys; from models.shapes.vocab import build_clip_tokenizer_files as b; b(sys.argv[1])"
     texts = set()
     for i in range(3):
         subprocess.run([sys.executable, "-c", code, str(tmp_path / f"t{i}")], check=True, cwd=str(ROOT))
@@ -188,8 +188,8 @@ def test_training_keeps_the_tokenizer_of_the_run(tmp_path):
     """A work dir's tokenizer is reused as is; without one, a resumed export's tokenizer is taken over."""
     from transformers import CLIPTokenizer
 
-    from models.bundled_training import training_tokenizer
-    from models.vocab import build_clip_tokenizer_files
+    from models.training.bundled import training_tokenizer
+    from models.shapes.vocab import build_clip_tokenizer_files
 
     cfg = tiny_train_config(tmp_path)
     tok = CLIPTokenizer.from_pretrained(build_clip_tokenizer_files(tmp_path / "fresh"))
@@ -211,7 +211,7 @@ def test_training_keeps_the_tokenizer_of_the_run(tmp_path):
 
 def test_export_shards_large_weights_and_loads_them_back(tmp_path, monkeypatch):
     """With a small shard size the export writes several UNet shards + an index; from_pretrained reads them."""
-    import models.bundled_training as bt
+    import models.training.bundled as bt
     from conftest import build_tiny_pipeline
     from models import load_pipeline
 

@@ -12,7 +12,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for `import models`
 
-from models import world  # noqa: E402
+from models.shapes import world  # noqa: E402
 
 SEED = 123
 N_SCENES = 200

@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import world
+from models.shapes import world
 
 IGNORE = -100
 GROUPS: dict[str, int] = {

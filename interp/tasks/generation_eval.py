@@ -11,7 +11,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from models import world
+from models.shapes import world
 
 EVAL_SEED = 10_007  # the training data uses seed 0; held-out prompts and layouts come from this seed
 
@@ -28,7 +28,7 @@ def held_out_prompts(n_per_kind: int = 100, seed: int = EVAL_SEED) -> list[tuple
 
 def score_generations(images: Sequence[Image.Image], captions: Sequence[str]) -> list[dict]:
     """The scene checker's verdict for each (image, caption)."""
-    from models.checker import check
+    from models.shapes.checker import check
 
     return [check(img, cap) for img, cap in zip(images, captions)]
 

@@ -1,10 +1,10 @@
 """A structure-aware attention score: does the cross-attention layout agree with the caption's structure?
 
 Same trace and same UNet calls as the LSE scorer (`interp.lse`); only the read-out differs. Pure functions
-over traces, except `structure_scorer_fn`, which runs one batched noised UNet pass.
+over traces; the registered scorer ("structure", `interp.scorers.structure`) runs the noised pass.
 
 Read-out, per caption:
- 1. Parse the caption (`models.world.parse_caption`) into noun phrases (their content words: number,
+ 1. Parse the caption (`models.shapes.world.parse_caption`) into noun phrases (their content words: number,
     size, color, shape) and the relation. Captions outside the grammar are bound leniently
     (`bind_caption`): every run of consecutive content words is a phrase, and a relation is kept when a
     relation expression ("left of", "right of", "above", "below") stands between exactly two phrases.
@@ -44,7 +44,7 @@ hard negatives (swapped attributes, swapped roles, flipped relations), not for a
     >>> res = noised_unet_pass(pipe, encode_image(pipe, image), captions, [300])
     >>> s = structure_score(res.traces[0], captions[0])
     >>> s.score, s.binding, s.relation, s.as_dict()["phrases"]
-    >>> evaluate_matching(pipe, "comvg", MatchOptions(timesteps=(300,)), scorer_fn=structure_scorer_fn)
+    >>> evaluate_matching(pipe, "comvg", MatchOptions(scorer="structure", timesteps=(300,)))
 """
 from __future__ import annotations
 
@@ -56,15 +56,14 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from models import world
+from models.shapes import world
 from models.trace import AttentionTrace
 
-from .heatmaps import word_heatmaps
-from .lse import ScoreBreakdown, lse_score
+from interp.heatmaps import word_heatmaps
+from interp.lse import ScoreBreakdown, lse_score
 
 __all__ = ["StructureConfig", "Binding", "PhraseTerms", "StructureScore", "bind_caption", "histogram_intersection",
-           "word_distributions", "structure_score", "structure_scores", "structure_scorer_fn",
-           "make_structure_scorer"]
+           "word_distributions", "structure_score", "structure_scores", "lse_kwargs"]
 
 CONTENT = ("size", "color", "shape", "count")
 LSE_DEFAULTS = {"source": "probs", "layers": None, "pooling": "lse", "lam": 1.0, "tokens": "words"}
@@ -265,7 +264,7 @@ def structure_score(trace: AttentionTrace, caption: str | None = None, config: S
     """Structure score of one traced caption (formula in the module docstring).
 
     Args:
-        trace: the caption's AttentionTrace (e.g. from models.scoring_pass.noised_unet_pass).
+        trace: the caption's AttentionTrace (e.g. from models.unet_pass.noised_unet_pass).
         caption: the caption (default: the trace's prompt); its words must be spelled by the trace's tokens.
         config: aggregation and weights.
         lse_kw: options of the LSE fallback / LSE term (`interp.lse.lse_score` keywords; default
@@ -337,48 +336,6 @@ def structure_scores(traces: Sequence[AttentionTrace], captions: Sequence[str],
     return {s.caption: s for s in scored}
 
 
-# ----------------------------------------------------------------------------------------------
-# Scorer hook (interp.matching_eval)
-# ----------------------------------------------------------------------------------------------
-def _lse_kw(options) -> dict:
+def lse_kwargs(options) -> dict:
+    """The LSE settings (source, layers, pooling, lam, tokens) of a `MatchOptions`-like object."""
     return {k: getattr(options, k) for k in LSE_DEFAULTS if hasattr(options, k)}
-
-
-def make_structure_scorer(config: StructureConfig = StructureConfig(), all_or_none: bool = True, name: str = "structure"):
-    """A `scorer_fn(pipe, image, captions, options)` for `interp.matching_eval` with the given config.
-
-    One batched noised UNet pass (`options.timesteps`, `options.noise_seed`, all captions as batch rows),
-    then `structure_scores` over the traces; the LSE fallback / term uses `options.source`, `layers`,
-    `pooling`, `lam` and `tokens`. Returns {"scores", "breakdowns" (StructureScore), "unet_evals",
-    "unet_calls", "pass"}.
-    """
-
-    @torch.no_grad()
-    def scorer(pipe, image, captions: Sequence[str], options) -> dict[str, Any]:
-        from models.scoring_pass import encode_image, noised_unet_pass
-
-        from .matching import validate_captions
-
-        caps = validate_captions(captions, min_count=1)
-        lse_kw = _lse_kw(options)
-        need_lse = bool(config.w_lse) or any(not bind_caption(c).scoreable for c in caps)
-        logits = need_lse and lse_kw.get("source") == "logits"
-        res = noised_unet_pass(pipe, encode_image(pipe, image), caps, list(options.timesteps),
-                               noise_seed=options.noise_seed, logits=logits)
-        br = structure_scores(res.traces, caps, config, lse_kw, all_or_none)
-        scores = {c: float(s.score) for c, s in br.items()}
-        bad = [c for c, v in scores.items() if not math.isfinite(v)]
-        if bad:
-            raise ValueError(f"non-finite structure score for {bad}")
-        return {"scores": scores, "breakdowns": br, "unet_evals": res.unet_evals, "unet_calls": res.unet_calls,
-                "pass": res}
-
-    scorer.__name__ = name
-    scorer.__qualname__ = name
-    return scorer
-
-
-structure_scorer_fn = make_structure_scorer(name="structure")
-structure_scorer_fn.__doc__ = (
-    "Scorer hook with the default StructureConfig: `structure_scorer_fn(pipe, image, captions, options)`"
-    " -> {scores, breakdowns, unet_evals, unet_calls, pass}.")

@@ -2,12 +2,12 @@
 one held-out render, scored against the world's exact masks, and a model's head atlas.
 
 Orchestration over existing pieces, returning plain data (no UI here):
-    * `render_scene`: a held-out scene of the shapes world (`models.world`), seeded by the caller;
+    * `render_scene`: a held-out scene of the shapes world (`models.shapes.world`), seeded by the caller;
     * `compare_word_maps`: per model the default aggregate word maps of one noised UNet call
-      (`interp.matching.word_maps_for_image`), scored per word with `interp.grounding`'s pointing game
+      (`interp.tasks.matching.word_maps_for_image`), scored per word with `interp.grounding`'s pointing game
       and energy inside the word's mask (`word_mask_pairs`, `pointing_game`, `energy_inside`);
     * `atlas_for_model`: `interp.head_atlas.atlas_table` over the per-slice grounding rows of
-      `interp.grounding_eval.evaluate_grounding` on held-out renders.
+      `interp.tasks.grounding_eval.evaluate_grounding` on held-out renders.
 
 Example:
     >>> scene = render_scene(3, "relation")
@@ -23,12 +23,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from models import world
+from models.shapes import world
 
-from .grounding import energy_inside, pointing_game, word_mask_pairs
-from .grounding_eval import GROUNDING_SEED, evaluate_grounding
-from .head_atlas import atlas_table
-from .matching import DEFAULT_MAP_TIMESTEP, validate_captions, word_maps_for_image
+from interp.grounding import energy_inside, pointing_game, word_mask_pairs
+from interp.tasks.grounding_eval import GROUNDING_SEED, evaluate_grounding
+from interp.head_atlas import atlas_table
+from interp.tasks.matching import DEFAULT_MAP_TIMESTEP, validate_captions, word_maps_for_image
 
 __all__ = ["SCENE_SEED", "render_scene", "compare_word_maps", "atlas_for_model"]
 
@@ -85,7 +85,7 @@ def compare_word_maps(pipes: Mapping[str, object], image: Image.Image, caption: 
 
     Per model: one noised UNet call at `timestep` with the noise of `noise_seed` (the same draw for every
     model), all layers and heads averaged, sub-word tokens summed per word, maps at the image's size
-    (`interp.matching.word_maps_for_image`). With the scene's exact masks, per word: the pointing game
+    (`interp.tasks.matching.word_maps_for_image`). With the scene's exact masks, per word: the pointing game
     (map's argmax inside the word's mask) and the energy inside the mask (`interp.grounding`); relation
     words and "a" have no mask and get None.
 
@@ -153,7 +153,7 @@ def atlas_for_model(pipe, n_scenes: int = 12, timesteps: Sequence[int] = (DEFAUL
 
     The rows are `evaluate_grounding`'s per-slice grounding table (one noised, traced UNet call per
     timestep per scene, every layer x head x step x masked word scored against the exact masks), on the
-    scenes `interp.grounding_eval.held_out_scenes(n_scenes, seed)`, as `cli.py eval-grounding --atlas-dir`.
+    scenes `interp.tasks.grounding_eval.held_out_scenes(n_scenes, seed)`, as `cli.py eval-grounding --atlas-dir`.
 
     Args:
         pipe: a Stable-Diffusion-family pipeline.

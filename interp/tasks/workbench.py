@@ -14,7 +14,7 @@ from PIL import Image
 from models.loading import ModelDefaults
 from models.trace import AttentionTrace, trace
 
-from .heatmaps import overlay, word_heatmaps
+from interp.heatmaps import overlay, word_heatmaps
 
 
 @dataclasses.dataclass

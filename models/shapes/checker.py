@@ -39,7 +39,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from models import world
+from models.shapes import world
 
 _PALETTE_NAMES: tuple[str, ...] = tuple(world.COLORS)
 _PALETTE = np.array([world.COLORS[c] for c in _PALETTE_NAMES], np.float32)  # [C, 3]

@@ -39,7 +39,7 @@ Conventions (documented choices):
 Example:
     >>> res = head_weighted_score(pipe, image, ["a red circle", "a blue square"], MatchOptions())
     >>> res["scores"], res["plain_scores"], res["per_caption"]["a red circle"]["table"]  # [layers, heads]
-    >>> evaluate_matching(pipe, "winoground", MatchOptions(), scorer_fn=make_head_weighted_scorer("gxa"))
+    >>> HeadWeightedScorer(variant="gxa").score(pipe, image, captions, MatchOptions()).heads["tables"]
 """
 from __future__ import annotations
 
@@ -53,14 +53,16 @@ from captum.attr import LayerGradientXActivation
 from diffusers.models.attention_processor import Attention
 
 from models.attention_capture import CaptureProcessor, CrossAttnLayer, capture_cross_attention, select_layer_names
-from models.scoring_pass import _validate, encode_image
+from models.unet_pass import _validate, encode_image
+from models.limits import validate_captions
 from models.trace import real_token_count
 
-from .lse import SPECIAL, pool
+from interp.lse import SPECIAL, pool
+from interp.scorers.base import MatchOptions, ScoreResult, Scorer
 
 __all__ = ["VARIANTS", "AttentionProbe", "ProbeProcessor", "ProbeSet", "probed_attention", "select_layer_names",
            "matching_objective", "probe_gradients", "attribute_maps", "head_weighted_score",
-           "make_head_weighted_scorer"]
+           "HeadWeightedScorer"]
 
 Variant = Literal["eq7", "gxa"]
 VARIANTS = ("eq7", "gxa")
@@ -238,8 +240,8 @@ def head_weighted_score(pipe, image, captions: Sequence[str], options=None, vari
     Args:
         pipe: a Stable-Diffusion-family pipeline (unet, vae, tokenizer, text_encoder, scheduler).
         image: a PIL image.
-        captions: the captions (cleaned as `interp.matching.validate_captions`; the keys of the result).
-        options: `interp.matching.MatchOptions` (source, layers, pooling, lam, tokens, timesteps,
+        captions: the captions (cleaned as `models.limits.validate_captions`; the keys of the result).
+        options: `interp.scorers.MatchOptions` (source, layers, pooling, lam, tokens, timesteps,
             noise_seed; `scorer` is ignored). Default: MatchOptions().
         variant: "eq7" (A_h ⊙ Σ_h' ∂f/∂A_h') or "gxa" (A_h ⊙ ∂f/∂A_h).
         grad_norm: "none" (Eq. 7 as written) or "mean_abs" (see the module docstring).
@@ -251,8 +253,6 @@ def head_weighted_score(pipe, image, captions: Sequence[str], options=None, vari
          "timesteps", "variant", "grad_norm", "source",
          "unet_calls" S, "unet_evals" S*K, "unet_backward_calls" S, "unet_backwards" S*K}
     """
-    from .matching import MatchOptions, validate_captions
-
     options = MatchOptions() if options is None else options
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; choose one of {VARIANTS}")
@@ -323,16 +323,31 @@ def head_weighted_score(pipe, image, captions: Sequence[str], options=None, vari
             "unet_calls": S, "unet_evals": S * K, "unet_backward_calls": S, "unet_backwards": S * K}
 
 
-def make_head_weighted_scorer(variant: Variant = "eq7", grad_norm: GradNorm = "none") -> Callable[..., dict]:
-    """A `scorer_fn(pipe, image, captions, options)` for `interp.matching_eval`, named after its settings
-    (e.g. "head_weighted_eq7"), running `head_weighted_score` with `variant` and `grad_norm`."""
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown variant {variant!r}; choose one of {VARIANTS}")
-    if grad_norm not in ("none", "mean_abs"):
-        raise ValueError(f"unknown grad_norm {grad_norm!r}; use 'none' or 'mean_abs'")
+@dataclasses.dataclass(repr=False)
+class HeadWeightedScorer(Scorer):
+    """Eq. 7 head-weighted LSE: `head_weighted_score` with `variant` and `grad_norm` (S forwards + S backwards)."""
 
-    def scorer(pipe, image, captions, options):
-        return head_weighted_score(pipe, image, captions, options, variant=variant, grad_norm=grad_norm)
+    variant: Variant = "eq7"
+    grad_norm: GradNorm = "none"
+    name: str = "head_weighted"
+    shares_pass: bool = False
+    label: str = "head_weighted — gradient-weighted heads (Discffusion Eq. 7, captum)"
+    description: str = ("LSE over head maps weighted by the score's gradient (one backward pass per timestep). "
+                        "Shows which heads drive the score; reads word order and relations no better than LSE.")
 
-    scorer.__name__ = f"head_weighted_{variant}" + ("" if grad_norm == "none" else f"_{grad_norm}")
-    return scorer
+    def __post_init__(self) -> None:
+        if self.variant not in VARIANTS:
+            raise ValueError(f"unknown variant {self.variant!r}; choose one of {VARIANTS}")
+        if self.grad_norm not in ("none", "mean_abs"):
+            raise ValueError(f"unknown grad_norm {self.grad_norm!r}; use 'none' or 'mean_abs'")
+
+    def score(self, pipe, image, captions: Sequence[str], options: MatchOptions = MatchOptions()) -> ScoreResult:
+        r = head_weighted_score(pipe, image, captions, options, variant=self.variant, grad_norm=self.grad_norm)
+        caps = list(r["scores"])
+        heads = {"layers": r["layers"], "score_layers": r["score_layers"], "heads": r["heads"],
+                 "timesteps": r["timesteps"], "variant": r["variant"], "grad_norm": r["grad_norm"],
+                 "source": r["source"], "tables": {c: r["per_caption"][c]["table"] for c in caps},
+                 "per_caption": r["per_caption"]}
+        return ScoreResult(self.name, caps, [r["scores"][c] for c in caps], unet_calls=r["unet_calls"],
+                           unet_evals=r["unet_evals"], unet_backwards=r["unet_backwards"], heads=heads,
+                           extra={"plain_scores": r["plain_scores"], "unet_backward_calls": r["unet_backward_calls"]})

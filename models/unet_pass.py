@@ -28,7 +28,7 @@ from typing import Sequence
 
 import torch
 
-from .trace import AttentionTrace, trace
+from models.trace import AttentionTrace, trace
 
 __all__ = ["PassResult", "encode_image", "noised_unet_pass", "native_size", "to_epsilon"]
 

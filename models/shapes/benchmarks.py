@@ -1,11 +1,11 @@
-"""Fixed, seeded, versioned image-text matching test sets built from the shapes world (`models.world`).
+"""Fixed, seeded, versioned image-text matching test sets built from the shapes world (`models.shapes.world`).
 
 Each benchmark lives in `assets/benchmarks/<name>/`: `benchmark.json` (version, seed, generator, split rule,
 counts, chance levels, items) and `images/*.png` (64x64 renders). Building is deterministic: the same
 name, seed and code give a byte-identical `benchmark.json` and identical pixels.
 
-    python -m models.benchmarks                 # (re)build all four under assets/benchmarks/
-    python -m models.benchmarks counting --out /tmp/b
+    python -m models.shapes.benchmarks                 # (re)build all four under assets/benchmarks/
+    python -m models.shapes.benchmarks counting --out /tmp/b
 
     >>> b = load_benchmark("winoground")
     >>> it = b.split("test")[0]
@@ -49,13 +49,13 @@ from typing import Callable, Sequence
 import numpy as np
 from PIL import Image
 
-from . import world
+from models.shapes import world
 
 __all__ = ["BENCHMARK_VERSION", "BENCHMARKS", "SIZES", "SEEDS", "TYPES", "TRAIN_SHARE", "CHANCE", "DEFAULT_ROOT",
            "Item", "Benchmark", "build_benchmark", "build_all", "load_benchmark", "generate_items"]
 
 BENCHMARK_VERSION = 1
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the repo root
 DEFAULT_ROOT = ROOT / "assets" / "benchmarks"
 BENCHMARKS = ("winoground", "comvg", "counting", "refcocog")
 SIZES = {"winoground": 100, "comvg": 150, "counting": 100, "refcocog": 60}
@@ -77,6 +77,8 @@ CHANCE = {
     "counting": {"accuracy": 0.5},
     "refcocog": {"top1": 1 / REFCOCOG_CAPTIONS, "top5": 5 / REFCOCOG_CAPTIONS},
 }
+# the generator label recorded in benchmark.json when v1 was built (module paths of that time: models.benchmarks is
+# models.shapes.benchmarks now); kept verbatim so the committed sets still equal a fresh build
 GENERATOR = (f"models.benchmarks v{BENCHMARK_VERSION} over models.world (shapes world, "
              f"{world.IMAGE_SIZE}x{world.IMAGE_SIZE} renders); numpy.random.default_rng(seed)")
 DESCRIPTIONS = {
@@ -378,19 +380,19 @@ def load_benchmark(name: str | Path, root: str | Path | None = None) -> Benchmar
     """Load a benchmark by name (from `root`, default assets/benchmarks) or from a folder path.
 
     Raises:
-        FileNotFoundError: no benchmark.json there (build it with `python -m models.benchmarks`).
+        FileNotFoundError: no benchmark.json there (build it with `python -m models.shapes.benchmarks`).
         ValueError: the file's version differs from BENCHMARK_VERSION (rebuild it).
     """
     p = Path(name)
     folder = p if (p / "benchmark.json").is_file() else (Path(root) if root is not None else DEFAULT_ROOT) / str(name)
     path = folder / "benchmark.json"
     if not path.is_file():
-        raise FileNotFoundError(f"no benchmark at {path}; build it with `python -m models.benchmarks {p.name}`"
+        raise FileNotFoundError(f"no benchmark at {path}; build it with `python -m models.shapes.benchmarks {p.name}`"
                                 + (f" (known: {', '.join(BENCHMARKS)})" if str(name) not in BENCHMARKS else ""))
     d = json.loads(path.read_text(encoding="utf-8"))
     if d.get("version") != BENCHMARK_VERSION:
         raise ValueError(f"{path} is version {d.get('version')}, this code reads version {BENCHMARK_VERSION}; "
-                         f"rebuild it with `python -m models.benchmarks {d.get('name', p.name)}`")
+                         f"rebuild it with `python -m models.shapes.benchmarks {d.get('name', p.name)}`")
     items = [Item(it["id"], it["split"], it["type"], it["images"], it["captions"], it["answers"], it["scenes"],
                   it.get("meta", {}), folder) for it in d["items"]]
     return Benchmark(d["name"], d["version"], d["seed"], d["generator"], d["description"], d["train_share"],
@@ -398,7 +400,7 @@ def load_benchmark(name: str | Path, root: str | Path | None = None) -> Benchmar
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m models.benchmarks", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m models.shapes.benchmarks", description=__doc__.split("\n")[0])
     ap.add_argument("names", nargs="*", default=list(BENCHMARKS), help=f"default: all of {', '.join(BENCHMARKS)}")
     ap.add_argument("--out", default=None, help="root folder (default assets/benchmarks)")
     a = ap.parse_args(argv)

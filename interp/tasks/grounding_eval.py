@@ -11,9 +11,9 @@ from typing import Sequence
 
 import numpy as np
 
-from models import world
+from models.shapes import world
 
-from .grounding import aggregate_maps, grounding_table, rank_slices, score_maps, summarize
+from interp.grounding import aggregate_maps, grounding_table, rank_slices, score_maps, summarize
 
 GROUNDING_SEED = 20_011  # held-out renders (the training data uses seed 0)
 DEFAULT_TIMESTEPS = (100, 300, 500, 700)
@@ -45,7 +45,7 @@ def evaluate_grounding(pipe, n_scenes: int = 60, timesteps: Sequence[int] = DEFA
          held-out half), "best_layer", "best_head", "unet_evals", and "rows" (every slice's metrics)
          when `return_rows`}.
     """
-    from models.scoring_pass import encode_image, noised_unet_pass
+    from models.unet_pass import encode_image, noised_unet_pass
 
     scenes = held_out_scenes(n_scenes, seed)
     traces, rows = [], []
@@ -124,10 +124,10 @@ def evaluate_generation_grounding(pipe, n_per_kind: int = 10, steps: int | None 
     bound to detections). Returns {"n_prompts", "n_scored", "by_class", "by_step"}."""
     import torch
 
-    from models.checker import check
+    from models.shapes.checker import check
     from models.trace import trace
 
-    from .generation_eval import held_out_prompts
+    from interp.tasks.generation_eval import held_out_prompts
 
     d = getattr(pipe, "discolens_defaults", None)
     rows: list[dict] = []

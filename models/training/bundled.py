@@ -8,7 +8,7 @@ Stages (each resumable, state under `work_dir`):
                 10 % caption dropout to exactly the pipeline's "" encoding, EMA, grad clip, and the
                 TokenCompose-style token loss on cross-attention (option `token_loss_weight`), and
                 optionally scene-parsing probes on the text encoder's states (`text_aux_weight`,
-                models.text_aux: makes the relation words separable for the UNet).
+                models.training.text_aux: makes the relation words separable for the UNet).
 
 The pipeline (EMA weights) is exported to `out_dir` in diffusers format every `export_every` steps;
 a later run on a new machine resumes from the exported weights + `training_state.json`.
@@ -34,10 +34,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from . import world
-from .attention_capture import capture_cross_attention
-from .text_aux import IGNORE, TextAuxHead, caption_labels, text_aux_loss
-from .vocab import MODEL_MAX_LENGTH, build_clip_tokenizer_files
+from models.shapes import world
+from models.attention_capture import capture_cross_attention
+from models.training.text_aux import IGNORE, TextAuxHead, caption_labels, text_aux_loss
+from models.shapes.vocab import MODEL_MAX_LENGTH, build_clip_tokenizer_files
 
 LATENT = 16
 MAX_SHARD = "15MB"  # weight files stay small in the git tree; from_pretrained reads the shard index
@@ -69,7 +69,7 @@ class TrainConfig:
     token_loss_weight: float = 0.1  # 0 = the plain model
     token_loss_layers: str = "all"  # cross-attention layers the grounding losses see: "all" or stages "down,mid,up"
     pixel_loss_weight: float = 0.0  # TokenCompose's second (pixel-level BCE) term; 0 = off
-    text_aux_weight: float = 0.1  # scene-parsing probes on the text encoder's states (models.text_aux); 0 = off
+    text_aux_weight: float = 0.1  # scene-parsing probes on the text encoder's states (models.training.text_aux); 0 = off
     unet_channels: tuple = (64, 128, 128)
     heads: int = 4
     text_layers: int = 3
@@ -325,7 +325,7 @@ def loss_stages(selection: str | None) -> tuple[str, ...] | None:
     """The UNet stages of a `token_loss_layers` value: "all" -> None (every layer), "mid,up" -> ("mid", "up")."""
     if selection in (None, "", "all"):
         return None
-    from .attention_capture import STAGES
+    from models.attention_capture import STAGES
 
     stages = tuple(x.strip() for x in selection.split(",") if x.strip())
     if not stages or any(x not in STAGES for x in stages):
@@ -336,7 +336,7 @@ def loss_stages(selection: str | None) -> tuple[str, ...] | None:
 
 def loss_layers(unet, selection: str | None) -> list[str] | None:
     """Module paths of the cross-attention layers the grounding losses see (None = every layer)."""
-    from .attention_capture import cross_attention_layers
+    from models.attention_capture import cross_attention_layers
 
     stages = loss_stages(selection)
     return None if stages is None else [l.name for l in cross_attention_layers(unet) if l.stage in stages]

@@ -1,7 +1,7 @@
-"""Image-text matching accuracy on the fixed shapes-world benchmarks (`models.benchmarks`).
+"""Image-text matching accuracy on the fixed shapes-world benchmarks (`models.shapes.benchmarks`).
 
-Every image of an item is scored against all of the item's captions in ONE batched, traced UNet pass
-(`interp.matching.score_image_captions`: one UNet call per timestep, the captions as batch rows, the same
+Every image of an item is scored against all of the item's captions by a registered scorer (`interp.scorers`;
+for most, ONE batched, traced UNet pass: one UNet call per timestep, the captions as batch rows, the same
 noise for every caption), giving a score table `M[image][caption]` per item. The metrics only compare
 entries of these tables, so they are checked with hand-made scorers independently of any model.
 
@@ -22,11 +22,10 @@ captions per image: lse and denoise use S * K evals per image, i.e. exactly S pe
 one "" row per call, S * (K + 1) per image, i.e. S * (1 + 1/K) per pair (1.5 S for the 2-caption
 benchmarks, 1.1 S for refcocog's 10 captions).
 
-Scorer hook: `scorer_fn(pipe, image, captions, options) -> {"scores": {caption: float}, "unet_evals": int,
-"unet_calls": int}` (higher score = better match; the signature of `score_image_captions`, which is the
-default). A structure-aware scorer plugs in there without changes here.
+Scorer: any `interp.scorers.Scorer` (a registered name through `options.scorer`, or an instance, e.g. a
+hand-made one in tests); only its `ScoreResult.scores` and costs are read here.
 
-    >>> res = evaluate_matching(pipe, "winoground", MatchOptions(scorer="lse"))
+    >>> res = evaluate_matching(pipe, "winoground", MatchOptions(scorer="auto"))
     >>> res["metrics"]["group_score"], res["chance"]["group_score"], res["unet_evals_per_pair"]
     >>> rep = compare_scorers(pipe, "comvg", [MatchOptions(scorer="lse"), MatchOptions(scorer="denoise_norm")])
     >>> rep["table"]
@@ -40,17 +39,14 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from models.benchmarks import CHANCE, Benchmark, Item, load_benchmark
+from models.shapes.benchmarks import CHANCE, Benchmark, Item, load_benchmark
 
-from .lse import denoising_score, lse_score
-from .matching import MatchOptions, needs_cosine, needs_logits, score_image_captions
+from models.unet_pass import encode_image, noised_unet_pass
 
-__all__ = ["SCORERS", "SCORER_HOOKS", "ScorerFn", "scorer_hook", "evaluate_matching", "compare_scorers",
-           "item_outcome", "summarize_outcomes", "options_label", "distributed_state"]
+from interp.scorers import MatchOptions, PassSpec, Scorer, get_scorer
 
-SCORERS = ("lse", "denoise", "denoise_norm")
-SCORER_HOOKS = ("auto", "structure", "head_weighted")  # scorers with their own scorer_fn (see `scorer_hook`)
-ScorerFn = Callable[[Any, Any, Sequence[str], MatchOptions], dict]
+__all__ = ["evaluate_matching", "compare_scorers", "item_outcome", "summarize_outcomes", "options_label",
+           "distributed_state"]
 # which metric family a benchmark uses; unknown names are inferred from the item structure
 _FAMILY = {"winoground": "group", "comvg": "pair", "counting": "pair", "refcocog": "topk"}
 
@@ -115,24 +111,6 @@ def _chance(name: str, family: str, items: Sequence[Item]) -> dict:
     return {"top1": 1 / k, "top5": min(5, k) / k}
 
 
-def scorer_hook(name: str, variant: str = "eq7", grad_norm: str = "none") -> ScorerFn:
-    """The scorer_fn of a name in SCORER_HOOKS: "auto" (interp.routed_score), "structure" (interp.structure_score)
-    or "head_weighted" (interp.head_attribution, with its `variant` and `grad_norm`)."""
-    if name == "auto":
-        from .routed_score import routed_scorer_fn
-
-        return routed_scorer_fn
-    if name == "structure":
-        from .structure_score import structure_scorer_fn
-
-        return structure_scorer_fn
-    if name == "head_weighted":
-        from .head_attribution import make_head_weighted_scorer
-
-        return make_head_weighted_scorer(variant, grad_norm)
-    raise ValueError(f"unknown scorer hook {name!r}; choose one of {SCORER_HOOKS}")
-
-
 # ----------------------------------------------------------------------------------------------
 # Running
 # ----------------------------------------------------------------------------------------------
@@ -151,11 +129,9 @@ def _select(b: Benchmark, split: str | None, limit: int | None) -> list[Item]:
     return items
 
 
-def _check_options(options: MatchOptions, custom: bool) -> None:
+def _check_options(options: MatchOptions) -> None:
     if not isinstance(options, MatchOptions):
         raise TypeError(f"options must be a MatchOptions, got {type(options).__name__}")
-    if not custom and options.scorer not in SCORERS:
-        raise ValueError(f"unknown scorer {options.scorer!r}; choose one of {SCORERS} or pass scorer_fn")
 
 
 def options_label(o: MatchOptions) -> str:
@@ -250,26 +226,22 @@ def _cost(calls: int, evals: int, pairs: int) -> dict:
             "unet_evals_per_pair": evals / pairs if pairs else math.nan}
 
 
-def _calls_of(res: dict) -> int:
-    if "unet_calls" in res:
-        return int(res["unet_calls"])
-    p = res.get("pass")
-    return int(p.unet_calls) if p is not None else 0
+def _scorer_name(scorer: Scorer) -> str:
+    return scorer.name or type(scorer).__name__
 
 
 def evaluate_matching(pipe, benchmark: Benchmark | str | Path, options: MatchOptions = MatchOptions(),
-                      split: str | None = "test", limit: int | None = None, scorer_fn: ScorerFn | None = None,
+                      split: str | None = "test", limit: int | None = None, scorer: Scorer | str | None = None,
                       per_item: bool = True) -> dict:
-    """Matching metrics of one option set on a benchmark.
+    """Matching metrics of one scorer on a benchmark.
 
     Args:
-        pipe: the pipeline (passed to the scorer; may be None for a `scorer_fn` that runs no model).
+        pipe: the pipeline (passed to the scorer; may be None for a scorer that runs no model).
         benchmark: a loaded Benchmark, a benchmark name (assets/benchmarks/<name>) or a folder.
-        options: MatchOptions; `options.scorer` picks "lse", "denoise" or "denoise_norm".
+        options: MatchOptions; `options.scorer` names the registered scorer unless `scorer` is given.
         split: "test" (default), "train", or None / "all".
         limit: score only the first `limit` items of the split (file order).
-        scorer_fn: replaces `score_image_captions` (same signature and result keys; see the module docstring),
-            e.g. a structure-aware scorer.
+        scorer: a Scorer instance or registry name, replacing `options.scorer`.
         per_item: include each item's score table and outcome under "items".
     Returns:
         JSON-ready dict: "benchmark", "version", "split", "limit", "n_items", "family", "scorer", "options",
@@ -278,42 +250,34 @@ def evaluate_matching(pipe, benchmark: Benchmark | str | Path, options: MatchOpt
         denoise, S * (1 + 1/K) for denoise_norm, with S timesteps and K captions per image), and "items"
         ([{"id", "type", "scores" (M[image][caption]), outcome}]) when `per_item`.
     """
-    _check_options(options, scorer_fn is not None)
+    _check_options(options)
+    sc = get_scorer(options.scorer if scorer is None else scorer)
     b = as_benchmark(benchmark)
     items = _select(b, split, limit)
-    fn = scorer_fn or score_image_captions
 
     def score_image(image, captions):
-        res = fn(pipe, image, captions, options)
-        return [res["scores"]], _calls_of(res), int(res.get("unet_evals", 0))
+        res = sc.score(pipe, image, captions, options)
+        return [res.by_caption], res.unet_calls, res.unet_evals
 
     tables, calls, evals, pairs = _run_sharded(items, score_image, 1)
     out = _report(b, items, tables[0], split, limit, per_item)
-    name = options.scorer if scorer_fn is None else getattr(scorer_fn, "__name__", "custom")
-    out.update(scorer=str(name), label=options_label(options) if scorer_fn is None else str(name),
+    name = _scorer_name(sc)
+    out.update(scorer=name, label=options_label(options) if name == options.scorer else name,
                options=_options_dict(options), **_cost(calls, evals, pairs))
     return out
 
 
-def _scores_from_pass(res, captions: list[str], o: MatchOptions) -> dict[str, float]:
-    """Scores of one option set from a shared PassResult, computed as `score_image_captions` does."""
-    if o.scorer == "lse":
-        return {c: float(lse_score(tr, source=o.source, layers=o.layers, pooling=o.pooling, lam=o.lam,
-                                   tokens=o.tokens).score) for c, tr in zip(captions, res.traces)}
-    s = denoising_score(res.errors, res.uncond_errors if o.scorer == "denoise_norm" else None)
-    return {c: float(v) for c, v in zip(captions, np.atleast_1d(s))}
-
-
 def compare_scorers(pipe, benchmark: Benchmark | str | Path, scorers: Sequence[MatchOptions],
-                    split: str | None = "test", limit: int | None = None, scorer_fn: ScorerFn | None = None,
+                    split: str | None = "test", limit: int | None = None, scorer: Scorer | str | None = None,
                     per_item: bool = False) -> dict:
     """Several option sets side by side on the same items, timesteps and noise.
 
     All option sets must share `timesteps` and `noise_seed` (ValueError otherwise; sweep timesteps with
-    separate `evaluate_matching` runs). Without `scorer_fn`, each image gets ONE pass serving every option
-    set (logits traced if any lse option reads logits, cosine maps if any has pooling="cosine", the "" row
-    added if any is denoise_norm), so the options see the very same UNet outputs; with `scorer_fn`, it is
-    called once per option set.
+    separate `evaluate_matching` runs). When every option set's scorer reads one plain pass
+    (`Scorer.shares_pass`), each image gets ONE pass serving every option set (logits traced if any reads
+    logits, cosine maps if any pools cosine, the "" row added if any needs it), so the options see the very
+    same UNet outputs; otherwise each option set's scorer runs on its own. `scorer` (instance or name)
+    replaces every `options.scorer`.
 
     Returns:
         {"benchmark", "split", "n_items", "timesteps", "noise_seed", "labels",
@@ -322,61 +286,58 @@ def compare_scorers(pipe, benchmark: Benchmark | str | Path, scorers: Sequence[M
          "table": [{"label", "scorer", **metrics, "unet_evals_per_pair"}] (one row per option set),
          "chance", "shared_pass": {"unet_calls", "unet_evals", "pairs", "unet_evals_per_pair"} (actually run)}
     """
-    scorers = list(scorers)
-    if not scorers:
+    options = list(scorers)
+    if not options:
         raise ValueError("no option sets to compare")
-    for o in scorers:
-        _check_options(o, scorer_fn is not None)
-    ts, seed = tuple(scorers[0].timesteps), scorers[0].noise_seed
-    for o in scorers[1:]:
+    for o in options:
+        _check_options(o)
+    ts, seed = tuple(options[0].timesteps), options[0].noise_seed
+    for o in options[1:]:
         if tuple(o.timesteps) != ts or o.noise_seed != seed:
             raise ValueError("compare_scorers needs the same timesteps and noise_seed in every option set "
                              f"(got {tuple(o.timesteps)}/{o.noise_seed} vs {ts}/{seed}); "
                              "run evaluate_matching separately to compare timesteps")
+    scs = [get_scorer(o.scorer if scorer is None else scorer) for o in options]
     b = as_benchmark(benchmark)
     items = _select(b, split, limit)
     labels: list[str] = []
-    for o in scorers:
-        lab = options_label(o) if scorer_fn is None else f"{getattr(scorer_fn, '__name__', 'custom')}:{options_label(o)}"
+    for o, sc in zip(options, scs):
+        lab = options_label(o) if sc.name == o.scorer else f"{_scorer_name(sc)}:{options_label(o)}"
         base, k = lab, 2
         while lab in labels:
             lab, k = f"{base}#{k}", k + 1
         labels.append(lab)
 
-    alone = [[0, 0] for _ in scorers]  # per option: calls, evals if run alone
-    if scorer_fn is None:
-        from models.scoring_pass import encode_image, noised_unet_pass
-
-        need_logits = any(needs_logits(o) for o in scorers)
-        need_cosine = any(needs_cosine(o) for o in scorers)
-        need_uncond = any(o.scorer == "denoise_norm" for o in scorers)
-
+    alone = [[0, 0] for _ in options]  # per option: calls, evals if run alone
+    if all(sc.shares_pass for sc in scs):
         def score_image(image, captions):
+            spec = PassSpec()
+            for o, sc in zip(options, scs):
+                spec = spec.merge(sc.needs(o, captions))
             res = noised_unet_pass(pipe, encode_image(pipe, image), captions, list(ts), noise_seed=seed,
-                                   logits=need_logits, cosine=need_cosine, uncond=need_uncond)
-            for a, o in zip(alone, scorers):
-                a[0] += res.unet_calls
-                a[1] += res.unet_calls * (len(captions) + int(o.scorer == "denoise_norm"))
-            return [_scores_from_pass(res, captions, o) for o in scorers], res.unet_calls, res.unet_evals
+                                   logits=spec.logits, cosine=spec.cosine, uncond=spec.uncond)
+            outs = [sc.score_pass(res, o) for o, sc in zip(options, scs)]
+            for a, r in zip(alone, outs):
+                a[0] += r.unet_calls
+                a[1] += r.unet_evals
+            return [r.by_caption for r in outs], res.unet_calls, res.unet_evals
     else:
         def score_image(image, captions):
             outs, calls, evals = [], 0, 0
-            for a, o in zip(alone, scorers):
-                r = scorer_fn(pipe, image, captions, o)
-                c, e = _calls_of(r), int(r.get("unet_evals", 0))
-                a[0] += c
-                a[1] += e
-                calls += c
-                evals += e
-                outs.append(r["scores"])
+            for a, o, sc in zip(alone, options, scs):
+                r = sc.score(pipe, image, captions, o)
+                a[0] += r.unet_calls
+                a[1] += r.unet_evals
+                calls += r.unet_calls
+                evals += r.unet_evals
+                outs.append(r.by_caption)
             return outs, calls, evals
 
-    tables, calls, evals, pairs = _run(items, score_image, len(scorers))
+    tables, calls, evals, pairs = _run(items, score_image, len(options))
     results, table = {}, []
-    for lab, o, tab, (c, e) in zip(labels, scorers, tables, alone):
+    for lab, o, sc, tab, (c, e) in zip(labels, options, scs, tables, alone):
         r = _report(b, items, tab, split, limit, per_item)
-        r.update(scorer=o.scorer if scorer_fn is None else getattr(scorer_fn, "__name__", "custom"), label=lab,
-                 options=_options_dict(o), **_cost(c, e, pairs))
+        r.update(scorer=_scorer_name(sc), label=lab, options=_options_dict(o), **_cost(c, e, pairs))
         results[lab] = r
         table.append({"label": lab, "scorer": r["scorer"], **r["metrics"],
                       "unet_evals_per_pair": r["unet_evals_per_pair"]})

@@ -60,8 +60,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention_capture import capture_cross_attention, cross_attention_layers, select_layer_names
-from .trace import real_token_count
+from models.attention_capture import capture_cross_attention, cross_attention_layers, select_layer_names
+from models.trace import real_token_count
 
 __all__ = ["VARIANTS", "NEGATIVES", "FORMAT_VERSION", "PromptLayer", "AttentionPrompt", "Triplet", "apply_prompt",
            "collect_triplets", "prompt_scores", "triplet_loss", "train_prompt", "save_prompt", "load_prompt"]
@@ -408,7 +408,7 @@ def collect_triplets(data, negatives: str = "both", split: str = "train") -> lis
     Raises:
         ValueError: unknown `negatives`, a malformed tuple, or no triplets at all.
     """
-    from .benchmarks import Benchmark, Item, load_benchmark
+    from models.shapes.benchmarks import Benchmark, Item, load_benchmark
 
     if negatives not in NEGATIVES:
         raise ValueError(f"unknown negatives {negatives!r}; choose one of {NEGATIVES}")
@@ -485,7 +485,7 @@ def _token_columns(tokenizer, ids: torch.Tensor, tokens: str) -> list[int]:
 
 def _encode_pairs(pipe, pairs: Sequence[tuple[Any, str]], tokens: str) -> _Rows:
     """Encode unique images and captions once (frozen VAE / text encoder, no gradients); one row per pair."""
-    from .scoring_pass import encode_image
+    from models.unet_pass import encode_image
 
     img_index: dict[int, int] = {}
     images: list = []
@@ -599,7 +599,7 @@ def prompt_scores(pipe, image, captions: Sequence[str], options=None, prompt: At
     Equals `score_image_captions(pipe, image, captions, options)["scores"]` under `apply_prompt` (a consistency
     check of the training score); the noise is `options.noise_seed`'s.
     """
-    from interp.matching import MatchOptions
+    from interp.tasks.matching import MatchOptions
 
     options = options or MatchOptions()
     _check_options(options)
@@ -619,7 +619,7 @@ def triplet_loss(pipe, data, options=None, margin: float = 0.2, prompt: Attentio
 
     Returns {"loss", "accuracy" (share of triplets with f_pos > f_neg), "violations" (hinge > 0), "n_triplets"}.
     """
-    from interp.matching import MatchOptions
+    from interp.tasks.matching import MatchOptions
 
     options = options or MatchOptions()
     _check_options(options)
@@ -667,7 +667,7 @@ def train_prompt(pipe, benchmark_or_pairs, options=None, steps: int = 50, lr: fl
     Args:
         pipe: a Stable-Diffusion-family pipeline; its UNet, VAE and text encoder stay frozen (bit-identical).
         benchmark_or_pairs: anything `collect_triplets` takes (a Benchmark / name: its "train" split).
-        options: interp.matching.MatchOptions; the score f (source, layers, pooling, lam, tokens, timesteps,
+        options: interp.tasks.matching.MatchOptions; the score f (source, layers, pooling, lam, tokens, timesteps,
             noise_seed) is the one scoring uses. `scorer` must be "lse".
         steps: optimiser steps (Adam), each on a minibatch of `batch_size` triplets (shuffled, seeded epochs).
         lr: Adam learning rate.
@@ -687,7 +687,7 @@ def train_prompt(pipe, benchmark_or_pairs, options=None, steps: int = 50, lr: fl
         ValueError: no training pairs, steps < 1, lr <= 0, margin < 0, batch_size < 1, unknown variant / negatives,
             options.scorer != "lse", a prompt that does not fit the UNet.
     """
-    from interp.matching import MatchOptions
+    from interp.tasks.matching import MatchOptions
 
     options = options or MatchOptions()
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:

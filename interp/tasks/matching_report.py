@@ -1,13 +1,13 @@
 """The Discffusion report: does each claim of the paper hold for a model on the shapes benchmarks?
 
 One function, `run_report`, runs named groups of experiments (each an option set, a scorer hook or a few-shot
-attention prompt) over the benchmarks with `interp.matching_eval`, and returns plain rows; `report_markdown`
+attention prompt) over the benchmarks with `interp.tasks.matching_eval`, and returns plain rows; `report_markdown`
 renders them as tables. Option sets that share timesteps and noise go through ONE shared pass per image
 (`compare_scorers`), so their differences are the scorers' alone.
 
 Groups (paper reference in brackets):
     scorers    LSE vs the Diffusion-Classifier score (plain / unconditional-normalised) vs the structure-aware
-               score vs the routed score (interp.routed_score), same timesteps: equal UNet calls per pair
+               score vs the routed score (interp.scorers.routed), same timesteps: equal UNet calls per pair
                (denoise_norm adds the "" row)
     pooling    LSE vs mean vs max over tokens vs max over positions (vs cosine of projected features where the
                installed interp.lse offers it) [Table 3]; probabilities vs logits
@@ -30,9 +30,9 @@ import math
 import time
 from typing import Callable, Iterable, Sequence
 
-from .lse import POOLINGS
-from .matching import MatchOptions
-from .matching_eval import as_benchmark, compare_scorers, evaluate_matching, scorer_hook
+from interp.lse import POOLINGS
+from interp.tasks.matching import MatchOptions
+from interp.tasks.matching_eval import as_benchmark, compare_scorers, evaluate_matching, scorer_hook
 
 __all__ = ["GROUPS", "PRIMARY", "Experiment", "experiments", "noise_level_timesteps", "schedule_timesteps",
            "run_report", "report_markdown"]
@@ -137,7 +137,7 @@ def run_report(pipe, benchmarks: Sequence, groups: Sequence[str] = GROUPS, base:
 
     Args:
         pipe: the pipeline (frozen; few-shot prompts are applied in a context and removed afterwards).
-        benchmarks: loaded Benchmarks, or names / folders (`models.benchmarks.load_benchmark`).
+        benchmarks: loaded Benchmarks, or names / folders (`models.shapes.benchmarks.load_benchmark`).
         groups: which groups of `GROUPS` to run.
         base: the LSE option set every variation starts from (scorer must be "lse").
         split, limit: the evaluation items (`evaluate_matching`); prompts train on the "train" split.
@@ -182,7 +182,7 @@ def run_report(pipe, benchmarks: Sequence, groups: Sequence[str] = GROUPS, base:
             t0 = time.time()
             extra = {}
             if e.prompt is not None:
-                from models.prompt_learning import apply_prompt, train_prompt
+                from interp.tasks.prompt_learning import apply_prompt, train_prompt
 
                 prompt, log = train_prompt(pipe, bench, e.options, steps=prompt_steps, margin=e.margin,
                                            variant=e.prompt, seed=seed)

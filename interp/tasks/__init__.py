@@ -1,0 +1,1 @@
+"""Tasks: what the app and the CLI call (validation, orchestration over models and read-outs)."""

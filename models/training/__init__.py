@@ -1,0 +1,1 @@
+"""Training: the bundled model and its text-aux probes."""
