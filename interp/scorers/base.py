@@ -59,6 +59,7 @@ class PassSpec:
     cosine: bool = False
     uncond: bool = False
     grad: bool = False
+    padded: bool = False  # trace all key columns of the padded text (BOS, words, EOS, padding), not real tokens only
 
     def merge(self, other: "PassSpec") -> "PassSpec":
         """The pass serving both specs."""
