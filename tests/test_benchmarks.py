@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from interp.tasks.matching import MatchOptions
+from interp.scorers import MatchOptions, ScoreResult, Scorer
 from interp.tasks.matching_eval import compare_scorers, evaluate_matching, item_outcome
 from models.shapes import benchmarks as bm
 from models.shapes import world
@@ -24,7 +24,7 @@ def loaded():
 
 
 def _oracle(bench, mode="true"):
-    """A scorer_fn that knows the answers: looks the image up by its pixels.
+    """A Scorer that knows the answers: looks the image up by its pixels.
 
     mode "true": the true caption scores 1, others 0; "reversed": the opposite; "subject_only": true
     ordering on comvg items of type "subject" only, reversed elsewhere.
@@ -36,14 +36,16 @@ def _oracle(bench, mode="true"):
             assert key not in truth, "two images of a benchmark have identical pixels"
             truth[key] = (it, it.captions[it.answers[k]])
 
-    def fn(pipe, image, captions, options):
-        it, true = truth[image.tobytes()]
-        good = mode == "true" or (mode == "subject_only" and it.type == "subject")
-        scores = {c: float((c == true) == good) for c in captions}
-        return {"scores": scores, "unet_evals": len(options.timesteps) * len(captions),
-                "unet_calls": len(options.timesteps)}
+    class Oracle(Scorer):
+        name = f"oracle_{mode}"
 
-    return fn
+        def score(self, pipe, image, captions, options=MatchOptions()):
+            it, true = truth[image.tobytes()]
+            good = mode == "true" or (mode == "subject_only" and it.type == "subject")
+            return ScoreResult(self.name, list(captions), [float((c == true) == good) for c in captions],
+                               unet_calls=len(options.timesteps), unet_evals=len(options.timesteps) * len(captions))
+
+    return Oracle()
 
 
 class TestBuild:
@@ -267,8 +269,8 @@ class TestMetricLogic:
         """A scorer that prefers the true caption gets every metric 1; the reversed one gets 0."""
         b = loaded[name]
         opts = MatchOptions(timesteps=TS)
-        good = evaluate_matching(None, b, opts, scorer_fn=_oracle(b))
-        bad = evaluate_matching(None, b, opts, scorer_fn=_oracle(b, "reversed"))
+        good = evaluate_matching(None, b, opts, scorer=_oracle(b))
+        bad = evaluate_matching(None, b, opts, scorer=_oracle(b, "reversed"))
         keys = [k for k in good["metrics"] if k != "mean_rank"]
         assert keys == [k for k in bm.CHANCE[name]]
         assert all(good["metrics"][k] == 1.0 for k in keys)
@@ -280,7 +282,7 @@ class TestMetricLogic:
     def test_per_type_accounting(self, loaded):
         """A scorer right on comvg "subject" items only scores 1 there, 0 on the others, 1/3 overall."""
         b = loaded["comvg"]
-        res = evaluate_matching(None, b, MatchOptions(timesteps=TS), split="all", scorer_fn=_oracle(b, "subject_only"))
+        res = evaluate_matching(None, b, MatchOptions(timesteps=TS), split="all", scorer=_oracle(b, "subject_only"))
         assert res["by_type"]["subject"] == {"accuracy": 1.0, "n": 50}
         assert res["by_type"]["object"]["accuracy"] == 0.0 == res["by_type"]["predicate"]["accuracy"]
         assert res["metrics"]["accuracy"] == pytest.approx(1 / 3)
@@ -333,4 +335,4 @@ class TestEvaluateMatching:
         with pytest.raises(ValueError, match="timesteps"):
             compare_scorers(None, loaded["comvg"], [MatchOptions(timesteps=(100,)), MatchOptions(timesteps=(200,))])
         with pytest.raises(ValueError):
-            evaluate_matching(None, loaded["comvg"], MatchOptions(), limit=0, scorer_fn=_oracle(loaded["comvg"]))
+            evaluate_matching(None, loaded["comvg"], MatchOptions(), limit=0, scorer=_oracle(loaded["comvg"]))

@@ -279,14 +279,14 @@ class TestMatching:
         caps = list(it.captions)
         opts = MatchOptions(pooling="cosine", timesteps=TS)
         got = score_image_captions(tiny_pipe, image, caps, opts)
-        assert got["pass"].traces[0].logits == {}  # logits only when an option reads them
+        assert got.pass_result.traces[0].logits == {}  # logits only when an option reads them
         res = noised_unet_pass(tiny_pipe, encode_image(tiny_pipe, image), caps, list(TS), noise_seed=opts.noise_seed,
                                logits=False, cosine=True)
         for c, tr in zip(caps, res.traces):
             want = lse_score(tr, pooling="cosine", layers=opts.layers, tokens=opts.tokens).score
-            assert got["scores"][c] == pytest.approx(want, abs=1e-9)
+            assert got.by_caption[c] == pytest.approx(want, abs=1e-9)
             assert -1.0 <= want <= 1.0
-        assert got["scores"][caps[0]] != got["scores"][caps[1]]
+        assert got.scores[0] != got.scores[1]
 
     def test_compare_scorers_one_shared_pass(self, tiny_pipe, winoground):
         """lse + cosine in compare_scorers: one UNet call per timestep per image, scores as when run alone."""

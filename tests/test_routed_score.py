@@ -6,8 +6,8 @@ import pytest
 
 from interp.lse import denoising_score
 from interp.tasks.matching import MatchOptions, score_image_captions
-from interp.scorers.routed import content_words, route, routed_scorer_fn
-from interp.structure import structure_scorer_fn
+from interp.scorers import get_scorer
+from interp.scorers.routed import content_words, route
 from models.shapes import world
 
 
@@ -39,17 +39,17 @@ class TestScorer:
     def test_structure_branch_equals_structure_scorer(self, tiny_pipe, image):
         caps = ["a red circle left of a blue square", "a blue square left of a red circle"]
         o = MatchOptions(timesteps=(300, 600))
-        got = routed_scorer_fn(tiny_pipe, image, caps, o)
-        ref = structure_scorer_fn(tiny_pipe, image, caps, o)
-        assert got["routed_to"] == "structure" and got["unet_calls"] == 2 and got["unet_evals"] == 4
-        assert got["scores"] == pytest.approx(ref["scores"], abs=1e-6)
+        got = get_scorer("auto").score(tiny_pipe, image, caps, o)
+        ref = get_scorer("structure").score(tiny_pipe, image, caps, o)
+        assert got.routed_to == "structure" and got.unet_calls == 2 and got.unet_evals == 4
+        assert got.scores == pytest.approx(ref.scores, abs=1e-6)
 
     def test_denoise_branch_equals_diffusion_classifier(self, tiny_pipe, image):
         caps = ["two red circles", "three blue squares"]
         o = MatchOptions(timesteps=(300, 600))
-        got = routed_scorer_fn(tiny_pipe, image, caps, o)
+        got = get_scorer("auto").score(tiny_pipe, image, caps, o)
         ref = score_image_captions(tiny_pipe, image, caps, MatchOptions(scorer="denoise", timesteps=(300, 600)))
-        assert got["routed_to"] == "denoise" and got["unet_evals"] == 4
-        assert got["scores"] == pytest.approx(ref["scores"], abs=1e-6)
-        want = denoising_score(got["pass"].errors)
-        assert [got["scores"][c] for c in caps] == pytest.approx(list(want))
+        assert got.routed_to == "denoise" and got.unet_evals == 4
+        assert got.scores == pytest.approx(ref.scores, abs=1e-6)
+        want = denoising_score(got.pass_result.errors)
+        assert got.scores == pytest.approx(list(want))

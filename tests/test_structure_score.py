@@ -9,9 +9,11 @@ import torch
 import torch.nn.functional as F
 
 from interp.lse import lse_score
+from interp.scorers import get_scorer
 from interp.tasks.matching import MatchOptions
+from interp.tasks.matching_eval import evaluate_matching
 from interp.structure import (StructureConfig, bind_caption, histogram_intersection, structure_score,
-                                    structure_scorer_fn, structure_scores)
+                                    structure_scores)
 from models.shapes import world
 from models.trace import AttentionTrace, LayerInfo
 
@@ -214,24 +216,22 @@ class TestOutsideGrammar:
         assert mixed[TRUE].method == "structure" and mixed["a dog"].method == "lse"
 
 
-class TestScorerHook:
-    def test_scorer_fn_on_tiny_pipe(self, tiny_pipe):
-        """structure_scorer_fn runs one batched pass and returns the hook's keys."""
+class TestRegisteredScorer:
+    def test_scorer_on_tiny_pipe(self, tiny_pipe):
+        """The registered "structure" scorer runs one batched pass and returns its structure terms."""
         scene = world.scene_from_caption(TRUE, np.random.default_rng(0))
         caps = [TRUE, "a blue square left of a red circle"]
         opts = MatchOptions(timesteps=(300, 600), source="probs")
-        res = structure_scorer_fn(tiny_pipe, world.render(scene), caps, opts)
-        assert {"scores", "unet_evals", "unet_calls"} <= set(res)
-        assert set(res["scores"]) == set(caps)
-        assert all(math.isfinite(v) for v in res["scores"].values())
-        assert res["unet_calls"] == 2 and res["unet_evals"] == 4
-        assert all(b.method == "structure" for b in res["breakdowns"].values())
+        res = get_scorer("structure").score(tiny_pipe, world.render(scene), caps, opts)
+        assert res.captions == caps
+        assert all(math.isfinite(v) for v in res.scores)
+        assert res.unet_calls == 2 and res.unet_evals == 4
+        assert all(b.method == "structure" for b in res.structure.values())
+        assert res.scores == [res.structure[c].score for c in caps]
 
     def test_evaluate_matching_accepts_it(self, tiny_pipe):
-        """evaluate_matching runs with scorer_fn=structure_scorer_fn and reports its name and cost."""
-        from interp.tasks.matching_eval import evaluate_matching
-
-        r = evaluate_matching(tiny_pipe, "comvg", MatchOptions(timesteps=(300,)), limit=1,
-                              scorer_fn=structure_scorer_fn, per_item=False)
+        """evaluate_matching runs the "structure" scorer by name and reports its name and cost."""
+        r = evaluate_matching(tiny_pipe, "comvg", MatchOptions(scorer="structure", timesteps=(300,)), limit=1,
+                              per_item=False)
         assert r["scorer"] == "structure" and r["n_items"] == 1
         assert r["unet_evals_per_pair"] == 1

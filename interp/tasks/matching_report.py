@@ -25,6 +25,7 @@ Groups (paper reference in brackets):
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import time
@@ -32,7 +33,8 @@ from typing import Callable, Iterable, Sequence
 
 from interp.lse import POOLINGS
 from interp.tasks.matching import MatchOptions
-from interp.tasks.matching_eval import as_benchmark, compare_scorers, evaluate_matching, scorer_hook
+from interp.tasks.matching_eval import as_benchmark, compare_scorers, evaluate_matching
+from interp.tasks.prompt_learning import apply_prompt, train_prompt
 
 __all__ = ["GROUPS", "PRIMARY", "Experiment", "experiments", "noise_level_timesteps", "schedule_timesteps",
            "run_report", "report_markdown"]
@@ -45,12 +47,12 @@ PRIMARY = {"winoground": "group_score", "comvg": "accuracy", "counting": "accura
 
 @dataclasses.dataclass(frozen=True)
 class Experiment:
-    """One row of the report: an option set, optionally with a scorer hook or a few-shot prompt."""
+    """One row of the report: an option set, optionally with another registered scorer or a few-shot prompt."""
 
     group: str
     label: str
     options: MatchOptions
-    scorer: str | None = None  # None (MatchOptions.scorer) | "structure" | "head_weighted" | "auto"
+    scorer: str | None = None  # a registered scorer (interp.scorers) replacing options.scorer, e.g. "auto"
     prompt: str | None = None  # None (zero-shot) | "additive" | "lora"
     margin: float = 0.2
 
@@ -69,8 +71,6 @@ def schedule_timesteps(scheduler, n: int) -> tuple[int, ...]:
     """The timesteps of an `n`-step sampling schedule of `scheduler`, in sampling order (noisiest first)."""
     if n < 1:
         raise ValueError(f"schedule steps must be at least 1, got {n}")
-    import copy
-
     s = copy.deepcopy(scheduler)
     s.set_timesteps(n)
     return tuple(int(t) for t in s.timesteps)
@@ -182,8 +182,6 @@ def run_report(pipe, benchmarks: Sequence, groups: Sequence[str] = GROUPS, base:
             t0 = time.time()
             extra = {}
             if e.prompt is not None:
-                from interp.tasks.prompt_learning import apply_prompt, train_prompt
-
                 prompt, log = train_prompt(pipe, bench, e.options, steps=prompt_steps, margin=e.margin,
                                            variant=e.prompt, seed=seed)
                 extra = {"prompt_loss": [log[0]["loss"], log[-1]["loss"]], "prompt_steps": prompt_steps}
@@ -191,7 +189,7 @@ def run_report(pipe, benchmarks: Sequence, groups: Sequence[str] = GROUPS, base:
                     res = evaluate_matching(pipe, bench, e.options, split=split, limit=limit, per_item=False)
             else:
                 res = evaluate_matching(pipe, bench, e.options, split=split, limit=limit, per_item=False,
-                                        scorer_fn=scorer_hook(e.scorer) if e.scorer else None)
+                                        scorer=e.scorer)
             emit(_row(e, res, bench.name, time.time() - t0, extra))
     return rows
 

@@ -1,0 +1,98 @@
+"""The scorer registry: every registered scorer runs on the tiny pipeline and returns a consistent ScoreResult."""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+
+from interp.scorers import DEFAULT_SCORER, MatchOptions, PassSpec, ScoreResult, Scorer, get_scorer, scorer_names, scorers
+from models.shapes import world
+
+CAPTIONS = ["a red circle left of a blue square", "a blue square left of a red circle", "two green triangles"]
+OPTS = MatchOptions(timesteps=(300, 600))
+
+
+@pytest.fixture(scope="module")
+def image():
+    return world.render(world.scene_from_caption(CAPTIONS[0], np.random.default_rng(0)))
+
+
+class TestRegistry:
+    def test_names_are_unique_and_match_the_instances(self):
+        names = scorer_names()
+        assert len(set(names)) == len(names) and DEFAULT_SCORER in names
+        assert [s.name for s in scorers()] == list(names)
+
+    def test_every_scorer_explains_itself(self):
+        for s in scorers():
+            assert s.label.startswith(s.name) and len(s.description) > 40, s.name
+
+    def test_unknown_name_lists_the_known_ones(self):
+        with pytest.raises(ValueError, match="choose one of auto"):
+            get_scorer("nope")
+
+    def test_instances_pass_through(self):
+        s = get_scorer("denoise")
+        assert get_scorer(s) is s
+        assert get_scorer("head_weighted", variant="gxa").variant == "gxa"
+
+    def test_pass_specs_merge(self):
+        assert PassSpec(logits=True).merge(PassSpec(uncond=True)) == PassSpec(logits=True, uncond=True)
+
+
+@pytest.mark.parametrize("name", scorer_names())
+def test_scorer_runs_and_ranks_by_its_scores(name, tiny_pipe, image):
+    """Each registered scorer returns one finite score per caption, a ranking sorted by them, and its cost."""
+    res = get_scorer(name).score(tiny_pipe, image, CAPTIONS, OPTS)
+    assert isinstance(res, ScoreResult) and res.scorer == name
+    assert res.captions == CAPTIONS and len(res.scores) == 3 and all(math.isfinite(v) for v in res.scores)
+    ranked = res.ranking()
+    assert sorted(c for c, _ in ranked) == sorted(CAPTIONS)
+    assert [v for _, v in ranked] == sorted(res.scores, reverse=True)
+    assert res.unet_calls == len(OPTS.timesteps) and res.unet_evals >= res.unet_calls * len(CAPTIONS)
+
+
+@pytest.mark.parametrize("name", [n for n in scorer_names() if get_scorer(n).shares_pass])
+def test_shared_pass_scores_equal_own_pass(name, tiny_pipe, image):
+    """score_pass on a pass run for this scorer's needs gives the same scores as .score()."""
+    from models.unet_pass import encode_image, noised_unet_pass
+
+    sc = get_scorer(name)
+    spec = sc.needs(OPTS, CAPTIONS).merge(PassSpec(logits=True, uncond=True))  # a richer pass changes nothing
+    res = noised_unet_pass(tiny_pipe, encode_image(tiny_pipe, image), CAPTIONS, list(OPTS.timesteps),
+                           noise_seed=OPTS.noise_seed, logits=spec.logits, cosine=spec.cosine, uncond=spec.uncond)
+    assert sc.score_pass(res, OPTS).scores == pytest.approx(sc.score(tiny_pipe, image, CAPTIONS, OPTS).scores,
+                                                            rel=1e-6, abs=1e-9)
+
+
+class TestScoreResult:
+    def test_ranking_and_lookup(self):
+        r = ScoreResult("x", ["a", "b", "c"], [0.1, 0.5, -1.0], unet_calls=1, unet_evals=3)
+        assert r.ranking() == [("b", 0.5), ("a", 0.1), ("c", -1.0)]
+        assert r.by_caption == {"a": 0.1, "b": 0.5, "c": -1.0}
+
+    def test_refuses_mismatched_or_non_finite_scores(self):
+        with pytest.raises(ValueError, match="2 scores for 3 captions"):
+            ScoreResult("x", ["a", "b", "c"], [0.1, 0.5], unet_calls=1, unet_evals=3)
+        with pytest.raises(ValueError, match="non-finite"):
+            ScoreResult("x", ["a"], [math.nan], unet_calls=1, unet_evals=1)
+
+    def test_a_new_scorer_is_one_class(self, tiny_pipe, image):
+        """A Scorer subclass with needs + score_pass works through the base's one pass."""
+
+        class MinusError(Scorer):
+            name = "minus_error"
+
+            def needs(self, options, captions=()):
+                return PassSpec()
+
+            def score_pass(self, res, options):
+                return ScoreResult(self.name, res.captions, [-float(e.mean()) for e in res.errors],
+                                   unet_calls=res.unet_calls, unet_evals=res.unet_evals, pass_result=res)
+
+        got = MinusError().score(tiny_pipe, image, CAPTIONS[:2], OPTS)
+        ref = get_scorer("denoise").score(tiny_pipe, image, CAPTIONS[:2], OPTS)
+        assert got.scores == pytest.approx(ref.scores, rel=1e-6)
+        assert dataclasses.is_dataclass(got)
