@@ -9,28 +9,29 @@ import os
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
+import contextlib
+
 import gradio as gr
 
-from interp.tasks.faithfulness import atlas_for_model, compare_word_maps, render_scene
-from interp.figures import atlas_plotly, breakdown_plotly
+from interp.figures import breakdown_plotly
 from interp.heatmaps import overlay
-from interp.tasks.matching import MatchOptions, score_image_captions, validate_captions
-from interp.tasks.matching_eval import SCORER_HOOKS, scorer_hook
-from interp.tasks.workbench import slice_choices, slice_overlays, traced_generation
+from interp.scorers import ScoreResult, scorers
+from interp.tasks import inputs
+from interp.tasks.workbench import slice_choices, slice_overlays
+from models.limits import MAX_ATLAS_SCENES, MAX_GUIDANCE, MAX_STEPS, parse_numbers, user_message
+from models.loading import ModelLoadError, bundled_models, model_defaults, resolve_model_id
 from models.shapes import world
-from models.loading import ModelLoadError, bundled_models, load_pipeline, model_defaults, resolve_model_id
 
-MAX_STEPS = 100
 PLAIN_MODEL = "shapes-v1-plain"  # the same world trained without the token loss
-ATLAS_METRICS = ("energy", "pointing")
-MAX_ATLAS_SCENES = 60
 
 
-def _pipe(model: str | None):
+@contextlib.contextmanager
+def _shown():
+    """Input errors (models.limits / interp.tasks.inputs) and unloadable models as gr.Error, one line."""
     try:
-        return load_pipeline(model or None)
-    except ModelLoadError as e:
-        raise gr.Error(str(e))
+        yield
+    except (ValueError, KeyError, ModelLoadError) as e:
+        raise gr.Error(user_message(e)) from None
 
 
 def sampling_defaults(model: str | None) -> tuple[int, float]:
@@ -41,19 +42,8 @@ def sampling_defaults(model: str | None) -> tuple[int, float]:
 
 def generate(prompt: str, model: str, seed: float, steps: float, guidance: float):
     """Generate an image and its per-word cross-attention maps."""
-    if seed is None or steps is None or guidance is None:
-        raise gr.Error("seed, steps and guidance must be numbers")
-    if not (1 <= int(steps) <= MAX_STEPS):
-        raise gr.Error(f"steps must be between 1 and {MAX_STEPS}")
-    if not (0 <= float(guidance) <= 30):
-        raise gr.Error("guidance must be between 0 and 30")
-    if int(seed) < 0:
-        raise gr.Error("seed must be non-negative")
-    pipe = _pipe(model)
-    try:
-        res = traced_generation(pipe, prompt, seed=int(seed), steps=int(steps), guidance=float(guidance))
-    except ValueError as e:
-        raise gr.Error(str(e))
+    with _shown():
+        res = inputs.traced_generation(model, prompt, seed=seed, steps=steps, guidance=guidance)
     ch = slice_choices(res.trace)
     return (res.image.resize((256, 256), resample=0), res.overlays(), (res.image, res.trace),
             gr.Dropdown(choices=ch["layers"], value="all"), gr.Dropdown(choices=ch["heads"], value="all"),
@@ -65,34 +55,33 @@ def explore(state, layer: str, head: str, step: str):
     if not state:
         raise gr.Error("generate an image first")
     image, tr = state
-    try:
+    with _shown():
         return slice_overlays(image, tr, layer, head, step)
-    except (ValueError, KeyError) as e:
-        raise gr.Error(str(e))
 
 
-SCORERS = {"LSE over attention logits (Discffusion)": "lse",
-           "Auto: structure-aware if the captions share their words, else denoising error": "auto",
-           "Denoising error (Diffusion Classifier)": "denoise",
-           "Denoising error, unconditional-normalised": "denoise_norm",
-           "Structure-aware (binding + relation)": "structure",
-           "LSE with gradient-weighted heads (Discffusion Eq. 7, captum)": "head_weighted"}
 HEAD_HEADERS = ["caption", "layer", "head", "attribution"]
 
 
-def _head_rows(res: dict) -> list[list]:
+def scorer_description(name: str) -> str:
+    """What the chosen scorer can and cannot tell apart (shown under the dropdown)."""
+    return next((f"*{sc.description}*" for sc in scorers() if sc.name == name), "")
+
+
+def _head_rows(res: ScoreResult) -> list[list]:
     """The head-weighted scorer's attribution tables [layers, heads] per caption, as long-format rows."""
+    if res.heads is None:
+        return []
     rows = []
-    for c, d in res.get("per_caption", {}).items():
-        for layer, vals in zip(res["layers"], d["table"]):
+    for c, table in res.heads["tables"].items():
+        for layer, vals in zip(res.heads["layers"], table):
             rows += [[c, layer, h, float(v)] for h, v in enumerate(vals) if v == v]  # v == v: skip NaN padding
     return rows
 
 
-def _structure_notes(res: dict) -> str:
+def _structure_notes(res: ScoreResult) -> str:
     """One line per caption: what the structure scorer bound, or why it fell back to LSE."""
     lines = []
-    for c, s in res.get("breakdowns", {}).items():
+    for c, s in (res.structure or {}).items():
         if s.method != "structure":
             lines.append(f"- `{c}`: {s.note}")
             continue
@@ -105,60 +94,20 @@ def _structure_notes(res: dict) -> str:
     return "\n".join(lines)
 
 
-def _attention_prompt(path):
-    """A saved attention prompt (cli.py train-prompt) from an uploaded file path, or None; gr.Error if unreadable."""
-    if not path:
-        return None
-    from interp.tasks.prompt_learning import load_prompt
-
-    try:
-        return load_prompt(getattr(path, "name", path))
-    except (FileNotFoundError, ValueError, OSError) as e:
-        raise gr.Error(f"cannot load the attention prompt: {str(e).splitlines()[0]}")
-
-
-def _score(key: str, pipe, image, caps: list[str], ts: tuple[int, ...]) -> dict:
-    """Scores of one scorer (one batched noised pass; head weighting adds backward passes)."""
-    if key in SCORER_HOOKS:
-        return scorer_hook(key)(pipe, image, caps, MatchOptions(timesteps=ts))
-    return score_image_captions(pipe, image, caps, MatchOptions(scorer=key, timesteps=ts))
-
-
-def match(image, captions_text: str, model: str, scorer_label: str, timesteps_text: str, prompt_file=None):
+def match(image, captions_text: str, model: str, scorer: str, timesteps_text: str, prompt_file=None):
     """Rank captions for an image; the LSE breakdown by layer and timestep, head attributions or structure notes."""
-    if image is None:
-        raise gr.Error("upload or generate an image first")
-    try:
-        caps = validate_captions([c for c in (captions_text or "").splitlines() if c.strip()], min_count=2)
-        ts = tuple(int(t) for t in (timesteps_text or "").replace(",", " ").split())
-    except ValueError as e:
-        raise gr.Error(str(e) if "caption" in str(e) else "timesteps must be whole numbers, e.g. 200 400 600 800")
-    if not ts:
-        raise gr.Error("give at least one timestep, e.g. 200 400 600 800")
-    if scorer_label not in SCORERS:
-        raise gr.Error(f"unknown scorer {scorer_label!r}")
-    pipe = _pipe(model)
-    n_train = int(pipe.scheduler.config.num_train_timesteps)
-    if any(not 0 <= t < n_train for t in ts):
-        raise gr.Error(f"timesteps must lie in 0..{n_train - 1}")
-    key = SCORERS[scorer_label]
-    from interp.tasks.prompt_learning import apply_prompt
-
-    prompt = _attention_prompt(prompt_file)
-    try:
-        with apply_prompt(pipe, prompt):
-            res = _score(key, pipe, image, caps, ts)
-    except ValueError as e:
-        raise gr.Error(str(e).splitlines()[0])
-    ranked = sorted(res["scores"].items(), key=lambda kv: -kv[1])
+    with _shown():
+        res = inputs.score_captions(model, image, [c for c in (captions_text or "").splitlines() if c.strip()], scorer,
+                                    timesteps=parse_numbers(timesteps_text), prompt_file=prompt_file)
+    ranked = res.ranking()
     table = [[i + 1, c, round(v, 5)] for i, (c, v) in enumerate(ranked)]
-    fig = breakdown_plotly(res["breakdowns"], [c for c, _ in ranked]) if key == "lse" and res["breakdowns"] else None
-    cost = f"{res['unet_evals']} UNet evaluations ({len(ts)} timesteps x {len(caps)} captions, one batch each)"
-    if key == "head_weighted":
-        cost += f" and {res['unet_backwards']} backward passes (captum)"
-    notes = _structure_notes(res) if key == "structure" or res.get("routed_to") == "structure" else ""
-    if key == "auto":
-        notes = f"Routed to **{res['routed_to']}**.\n" + notes
+    fig = breakdown_plotly(res.breakdown, [c for c, _ in ranked]) if res.breakdown else None
+    cost = f"{res.unet_evals} UNet evaluations in {res.unet_calls} batched calls (all captions in one batch)"
+    if res.unet_backwards:
+        cost += f" and {res.unet_backwards} backward passes (captum)"
+    notes = _structure_notes(res)
+    if res.routed_to is not None:
+        notes = f"Routed to **{res.routed_to}**.\n" + notes
     return table, fig, cost, _head_rows(res), notes
 
 
@@ -173,31 +122,11 @@ def _labels(model_a: str, model_b: str) -> tuple[str, str]:
     return (f"A: {a}", f"B: {b}") if a == b else (a, b)
 
 
-def _whole(value, what: str) -> int:
-    """A whole number from a Number widget, or gr.Error."""
-    try:
-        f = float(value)
-        if f != int(f):
-            raise ValueError
-    except (TypeError, ValueError, OverflowError):
-        raise gr.Error(f"{what} must be a whole number") from None
-    return int(f)
-
-
 def faithfulness(seed: float, kind: str, model_a: str, model_b: str, timestep: float):
     """Word maps of two models on one held-out render, scored per word against the exact masks."""
-    s, t = _whole(seed, "scene seed"), _whole(timestep, "timestep")
-    try:
-        scene = render_scene(s, kind)
-    except ValueError as e:
-        raise gr.Error(str(e))
     la, lb = _labels(model_a, model_b)
-    pipes = {la: _pipe(model_a), lb: _pipe(model_b)}
-    image = world.render(scene)
-    try:
-        res = compare_word_maps(pipes, image, scene.caption, t, scene=scene)
-    except ValueError as e:
-        raise gr.Error(str(e))
+    with _shown():
+        scene, image, res = inputs.compare_models({la: model_a, lb: model_b}, seed, kind, timestep)
     galleries = []
     for name in (la, lb):
         r = res["models"][name]
@@ -216,37 +145,26 @@ def faithfulness(seed: float, kind: str, model_a: str, model_b: str, timestep: f
     rows.append(["mean (masked words)", "", ""] + [round(res["models"][n][k], 3) for n in (la, lb)
                                                    for k in ("mean_pointing", "mean_energy")])
     table = {"headers": headers, "data": rows}
-    summary = (f"**{scene.caption}** ({scene.kind} scene, seed {s}); one noised UNet call per model at t={t}, "
-               "all layers and heads averaged. Pointing: the map's peak lies in the word's mask; energy: share of "
-               "the map inside the mask (a uniform map scores the mask area).")
+    summary = (f"**{scene.caption}** ({scene.kind} scene, seed {int(float(seed))}); one noised UNet call per model at "
+               f"t={res['timestep']}, all layers and heads averaged. Pointing: the map's peak lies in the word's mask; "
+               "energy: share of the map inside the mask (a uniform map scores the mask area).")
     return image.resize((256, 256), resample=0), galleries[0], galleries[1], table, summary
 
 
 def atlas(model: str, timestep: float, n_scenes: float, metric: str):
     """The head atlas of a model on held-out renders: plot, the table (for re-plotting), and what was run."""
-    t, n = _whole(timestep, "timestep"), _whole(n_scenes, "number of scenes")
-    if not 1 <= n <= MAX_ATLAS_SCENES:
-        raise gr.Error(f"number of scenes must lie in 1..{MAX_ATLAS_SCENES}")
-    if metric not in ATLAS_METRICS:
-        raise gr.Error(f"unknown metric {metric!r}; choose {' or '.join(ATLAS_METRICS)}")
-    pipe = _pipe(model)
-    try:
-        table = atlas_for_model(pipe, n_scenes=n, timesteps=(t,))
-        fig = atlas_plotly(table, metric=metric)
-    except ValueError as e:
-        raise gr.Error(str(e))
-    note = (f"{model or 'shapes-v1'}: {n} held-out scenes at t={t}, one noised UNet call each; every layer x head "
-            "scored per word class (energy is not chance-corrected: count masks cover 2-3 objects).")
+    with _shown():
+        table, fig = inputs.head_atlas(model, timestep, n_scenes, metric)
+    note = (f"{model or 'shapes-v1'}: {int(float(n_scenes))} held-out scenes at t={int(float(timestep))}, one noised "
+            "UNet call each; every layer x head scored per word class (energy is not chance-corrected: count masks "
+            "cover 2-3 objects).")
     return fig, table, note
 
 
 def replot_atlas(table, metric: str):
     """The last atlas under another metric (no model run)."""
-    if not table:
-        return None
-    if metric not in ATLAS_METRICS:
-        raise gr.Error(f"unknown metric {metric!r}; choose {' or '.join(ATLAS_METRICS)}")
-    return atlas_plotly(table, metric=metric)
+    with _shown():
+        return inputs.replot_atlas(table, metric)
 
 
 def build_demo() -> gr.Blocks:
@@ -263,7 +181,7 @@ def build_demo() -> gr.Blocks:
                 with gr.Row():
                     seed = gr.Number(value=0, precision=0, label="Seed", elem_id="seed")
                     steps = gr.Slider(1, MAX_STEPS, value=default_steps, step=1, label="Steps", elem_id="steps")
-                    guidance = gr.Slider(0, 15, value=default_guidance, step=0.5, label="Guidance", elem_id="guidance")
+                    guidance = gr.Slider(0, MAX_GUIDANCE, value=default_guidance, step=0.5, label="Guidance", elem_id="guidance")
                 go = gr.Button("Generate", variant="primary", elem_id="generate")
             with gr.Column(scale=1):
                 image = gr.Image(label="Generated image", type="pil", elem_id="image")
@@ -287,13 +205,16 @@ def build_demo() -> gr.Blocks:
                     "one batch, the same noise for every caption.")
         with gr.Row():
             with gr.Column():
-                m_image = gr.Image(label="Image", type="pil", elem_id="match-image")
+                m_image = gr.Image(label="Image", type="filepath", elem_id="match-image")  # read by models.limits.read_image
                 m_caps = gr.Textbox(label="Captions (one per line)", lines=4, elem_id="match-captions",
                                     value="a red circle left of a blue square\na blue square left of a red circle\n"
                                           "a red circle right of a blue square")
                 with gr.Row():
-                    m_scorer = gr.Dropdown(list(SCORERS), value=list(SCORERS)[0], label="Scorer", elem_id="match-scorer")
+                    # the app opens on LSE: its layer x timestep breakdown figure explains the score
+                    m_scorer = gr.Dropdown([(sc.label, sc.name) for sc in scorers()], value="lse", label="Scorer",
+                                           elem_id="match-scorer")
                     m_ts = gr.Textbox(value="200 400 600 800", label="Timesteps", elem_id="match-timesteps")
+                m_about = gr.Markdown(scorer_description("lse"), elem_id="match-scorer-about")
                 m_prompt = gr.File(label="Attention prompt (optional; a .safetensors file from cli.py train-prompt)",
                                    file_types=[".safetensors"], type="filepath", elem_id="match-prompt")
                 m_go = gr.Button("Rank captions", elem_id="match")
@@ -307,19 +228,20 @@ def build_demo() -> gr.Blocks:
         m_notes = gr.Markdown(elem_id="match-notes")
         m_go.click(match, [m_image, m_caps, model, m_scorer, m_ts, m_prompt], [m_table, m_plot, m_cost, m_heads, m_notes],
                    api_name="match")
+        m_scorer.change(scorer_description, m_scorer, m_about, api_name=False)
         image.change(lambda im: im.resize((64, 64)) if im is not None else None, image, m_image, api_name=False)
 
         gr.Markdown("## Faithfulness: are the words where the maps say?\nA held-out render of the shapes world, "
                     "its caption's word maps in two models (e.g. trained with and without the token loss), and "
                     "each word's map scored against the exact mask of its object(s).")
         with gr.Row():
-            f_seed = gr.Number(value=0, precision=0, minimum=0, label="Scene seed", elem_id="faith-seed")
+            f_seed = gr.Number(value=0, precision=0, label="Scene seed", elem_id="faith-seed")
             f_kind = gr.Dropdown(list(world.KINDS), value="relation", label="Scene kind", elem_id="faith-kind")
             f_model_a = gr.Dropdown(models, value=models[0], label="Model A", allow_custom_value=True,
                                     elem_id="faith-model-a")
             f_model_b = gr.Dropdown(models, value=_default_model_b(models), label="Model B", allow_custom_value=True,
                                     elem_id="faith-model-b")
-            f_t = gr.Number(value=300, precision=0, minimum=0, maximum=999, label="Timestep", elem_id="faith-timestep")
+            f_t = gr.Number(value=300, precision=0, label="Timestep", elem_id="faith-timestep")
         f_go = gr.Button("Compare word maps", variant="primary", elem_id="faith-go")
         with gr.Row():
             f_image = gr.Image(label="Held-out render", type="pil", elem_id="faith-image", scale=1)
@@ -335,7 +257,7 @@ def build_demo() -> gr.Blocks:
         with gr.Row():
             a_scenes = gr.Number(value=12, precision=0, minimum=1, maximum=MAX_ATLAS_SCENES,
                                  label="Held-out scenes", elem_id="atlas-scenes")
-            a_metric = gr.Radio(list(ATLAS_METRICS), value="energy", label="Metric", elem_id="atlas-metric")
+            a_metric = gr.Radio(list(inputs.ATLAS_METRICS), value="energy", label="Metric", elem_id="atlas-metric")
             a_go = gr.Button("Head atlas", elem_id="atlas-go")
         a_note = gr.Markdown(elem_id="atlas-note")
         a_plot = gr.Plot(label="Head atlas", elem_id="atlas-plot")

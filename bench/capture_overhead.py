@@ -1,7 +1,7 @@
 """Tracing overhead: traced vs untraced generation time, measured side by side in one run.
 
-    python bench/capture_overhead.py                  # bundled model on this device
-    python bench/capture_overhead.py --sd15           # also a full-size SD-1.5 UNet (random init; GPU advised)
+    python -m bench.capture_overhead                  # bundled model on this device
+    python -m bench.capture_overhead --sd15           # also a full-size SD-1.5 UNet (random init; GPU advised)
 
 Runs alternate (untraced, traced, untraced, traced, ...) after a warm-up so drift hits both equally;
 the ratio is the median traced time over the median untraced time. All layers x heads x steps are
@@ -12,16 +12,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from models.loading import load_pipeline  # noqa: E402
-from models.trace import Tracer, trace  # noqa: E402
+from models.loading import load_pipeline
+from models.trace import Tracer, trace
 
 
 def _sync(dev: torch.device) -> None:

@@ -12,8 +12,8 @@ Three steps:
 3. ``agreement``: both checker modes (default and strict) against the labels, per kind, with Wilson 95%
    intervals and the confusion, as JSON.
 
-    python bench/label_generations.py generate --out /tmp/labels
-    python bench/label_generations.py agreement --images /tmp/labels/images --labels assets/labels/generations_v1.jsonl
+    python -m bench.label_generations generate --out /tmp/labels
+    python -m bench.label_generations agreement --images /tmp/labels/images --labels assets/labels/generations_v1.jsonl
 """
 from __future__ import annotations
 
@@ -21,8 +21,6 @@ import argparse
 import json
 import sys
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 PROMPT_SEED = 30_001  # neither training (0), the test prompts (EVAL_SEED = 10_007) nor the sweeps (20_011/12)
 IMAGE_SEED = 30_001  # image i is generated with seed IMAGE_SEED + i
@@ -36,7 +34,7 @@ def regen_command(n_per_kind: int, prompt_seed: int, seed: int, batch_size: int)
 
     The batch size is part of it: batches of another size may change the CPU results in the last bits.
     """
-    return (f"python bench/label_generations.py generate --n-per-kind {n_per_kind} "
+    return (f"python -m bench.label_generations generate --n-per-kind {n_per_kind} "
             f"--prompt-seed {prompt_seed} --seed {seed} --batch-size {batch_size} --out /tmp/labels")
 
 
@@ -144,6 +142,40 @@ def agreement_table(labels: list[dict], verdicts: dict[str, list[dict]]) -> dict
     return out
 
 
+def strict_diagnostics(labels: list[dict], images, strict: list[dict]) -> dict:
+    """How often each strict rule fires on the labelled images, and how far the "right" ones are from firing.
+
+    Returns:
+        Indices of images with unknown objects / unknown-shape detections / size-word failures; on images
+        labelled right: the lowest shape fits (min, 1st, 5th percentile, median), the largest box aspect, and
+        the largest unexplained ink blob (pixels) that stays below the unknown-object minimum area.
+    """
+    import numpy as np
+
+    from models.shapes import checker
+
+    fits, aspect, below = [], 1.0, 0
+    for r, im, v in zip(labels, images, strict):
+        if r["label"] != "right":
+            continue
+        fits += v["shape_fits"]
+        for d in v["detections"]:
+            w, h = d["box"][2] - d["box"][0], d["box"][3] - d["box"][1]
+            aspect = max(aspect, max(w, h) / min(w, h))
+        below = max([below, *(u.area for u in checker.unknown_objects(im, min_area_64=1)
+                              if u.area < checker.UNKNOWN_MIN_AREA_64)])
+    return {
+        "unknown_objects": [r["index"] for r, v in zip(labels, strict) if v["unknown_objects"]],
+        "unknown_shapes": [r["index"] for r, v in zip(labels, strict) if any(d["shape"] == "unknown" for d in v["detections"])],
+        "size_word_captions": sum("size_ok" in v for v in strict),
+        "size_failures": [r["index"] for r, v in zip(labels, strict) if v.get("size_ok") is False],
+        "right_labelled": {"shape_fit_min_p1_p5_median": [round(float(x), 3) for x in np.percentile(fits, [0, 1, 5, 50])],
+                           "aspect_max": round(aspect, 3), "largest_blob_below_min_area": below,
+                           "min_shape_fit": checker.MIN_SHAPE_FIT, "max_aspect": checker.MAX_ASPECT,
+                           "unknown_min_area_64": checker.UNKNOWN_MIN_AREA_64},
+    }
+
+
 def cmd_agreement(a) -> int:
     from PIL import Image
 
@@ -153,8 +185,9 @@ def cmd_agreement(a) -> int:
     images = [Image.open(Path(a.images) / f"{r['index']:03d}.png").convert("RGB") for r in labels]
     verdicts = {"default": [checker.check(im, r["prompt"]) for im, r in zip(images, labels)],
                 "strict": [checker.check(im, r["prompt"], strict=True) for im, r in zip(images, labels)]}
-    res = {"command": " ".join(["python", "bench/label_generations.py", *sys.argv[1:]]),
-           "labels": a.labels, "n": len(labels), "agreement": agreement_table(labels, verdicts)}
+    res = {"command": " ".join(["python", "-m", "bench.label_generations", *sys.argv[1:]]),
+           "labels": a.labels, "n": len(labels), "agreement": agreement_table(labels, verdicts),
+           "strict_diagnostics": strict_diagnostics(labels, images, verdicts["strict"])}
     if a.disagreements:
         rows = []
         for r, vd, vs in zip(labels, verdicts["default"], verdicts["strict"]):

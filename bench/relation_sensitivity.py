@@ -9,20 +9,16 @@ Whether placement then follows the relation is measured by `python cli.py eval-g
 tried as a layout probe and dropped: it read ~0 px even for a model placing 55 % of relations right.)
 
 Usage:
-    python bench/relation_sensitivity.py [--model ID ...]
+    python -m bench.relation_sensitivity [--model ID ...]
 """
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from models import load_pipeline  # noqa: E402
-from models.shapes.world import COLORS  # noqa: E402
+from models import load_pipeline
+from models.shapes.world import COLORS
 
 PAIRS = [("red", "circle", "blue", "square"), ("green", "triangle", "yellow", "circle"),
          ("purple", "square", "orange", "triangle"), ("blue", "circle", "red", "triangle")]

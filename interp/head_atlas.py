@@ -14,19 +14,17 @@ one phrase share one mask, so these two compare fairly.
     >>> rows = [r for tr, sc in zip(traces, scenes) for r in grounding_table(tr, sc)]
     >>> table = atlas_table(rows)
     >>> table[0]["best"]["energy"]            # {"class": "color", "score": 0.41}
-    >>> save_atlas(table, "out/atlas")       # atlas.json + atlas.png
+    >>> interp.tasks.faithfulness.save_atlas(table, "out/atlas")   # atlas.json + atlas.png
 """
 from __future__ import annotations
 
-import json
 import math
 from collections import defaultdict
-from pathlib import Path
 from typing import Iterable, Sequence
 
 from .grounding import METRICS
 
-__all__ = ["CLASSES", "atlas_table", "atlas_grid", "save_atlas"]
+__all__ = ["CLASSES", "atlas_table", "atlas_grid"]
 
 CLASSES: tuple[str, ...] = ("color", "shape", "count", "size")
 
@@ -131,17 +129,3 @@ def atlas_grid(table: Sequence[dict], metric: str = "energy", timestep: float | 
             "class": b["class"], "score": float(b["score"]),
             "by_class": {c: float(v[metric]) for c, v in src["by_class"].items()}}
     return layers, heads, cells
-
-
-def save_atlas(table: Sequence[dict], folder: str | Path, metric: str = "energy") -> dict[str, Path]:
-    """Write atlas.json (the table and the metric the figure shows) and atlas.png (`atlas_figure`)."""
-    from .figures import atlas_figure
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    jpath, ppath = folder / "atlas.json", folder / "atlas.png"
-    classes = list(dict.fromkeys(c for e in table for c in e["by_class"]))
-    jpath.write_text(json.dumps({"metric": metric, "classes": classes, "table": list(table)}, indent=1))
-    fig = atlas_figure(table, metric=metric)
-    fig.savefig(ppath, dpi=120, bbox_inches="tight")
-    return {"json": jpath, "png": ppath}

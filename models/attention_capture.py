@@ -14,6 +14,10 @@ Sink protocol: `sink(name, probs, logits)`, three positional arguments; only whe
 `want_cosine=True` is the sink called as `sink(name, probs, logits, cosine=C)`, so sinks that never ask
 for cosine maps need not accept the keyword.
 
+Probes (for gradients at the maps, e.g. captum's `LayerGradientXActivation(layer=probes)`): `ProbeProcessor` is
+`CaptureProcessor` with the map routed through an identity module (`AttentionProbe`) that the rest of the attention
+reads; `ProbeSet` holds one probe per layer, and `probed_attention(unet, source)` installs them (restored on exit).
+
 Example:
     >>> got = []
     >>> with capture_cross_attention(unet, lambda name, probs, logits: got.append(probs)):
@@ -24,12 +28,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import re
-from typing import Callable, Iterator, Protocol, Sequence
+from typing import Callable, Iterator, Literal, Protocol, Sequence
 
 import torch
 from diffusers.models.attention_processor import Attention
 
-__all__ = ["CaptureProcessor", "CrossAttnLayer", "cosine_map", "cross_attention_layers", "capture_cross_attention", "layer_alias", "select_layer_names"]
+__all__ = ["AttentionProbe", "CaptureProcessor", "CrossAttnLayer", "ProbeProcessor", "ProbeSet", "cosine_map",
+           "cross_attention_layers", "capture_cross_attention", "layer_alias", "probed_attention", "select_layer_names"]
 
 
 class Sink(Protocol):
@@ -256,3 +261,112 @@ def capture_cross_attention(unet: torch.nn.Module, sink: Sink, want_logits: bool
     finally:
         for name, proc in originals.items():
             modules[name].set_processor(proc)
+
+
+# ----------------------------------------------------------------------------------------------
+# Probes: identity modules on the attention maps (gradients at the maps, e.g. with captum)
+# ----------------------------------------------------------------------------------------------
+class AttentionProbe(torch.nn.Identity):
+    """Identity through which one layer's attention map `[batch, heads, queries, keys]` passes (captum's layer)."""
+
+    def __init__(self, name: str = "") -> None:
+        super().__init__()
+        self.name = name
+
+    def extra_repr(self) -> str:
+        return repr(self.name)
+
+
+class ProbeProcessor(CaptureProcessor):
+    """`CaptureProcessor` maths with the attention map routed through an `AttentionProbe`.
+
+    `probe_logits=True`: the pre-softmax scores pass the probe and the softmax reads its output;
+    otherwise the probabilities pass it and the value product reads its output. Either way the rest of
+    the UNet sees the probe's output, so a gradient at the probe is the total derivative. The sink gets
+    the probe's output (with its graph): `probs`, and `logits` when `want_logits`. `probe`: the module to
+    use (e.g. a `ProbeSet`'s, so that captum can hook it before the processor exists); default a new one.
+    """
+
+    def __init__(self, name: str, sink: Sink, want_logits: bool = False, probe_logits: bool = True,
+                 want_cosine: bool = False, probe: AttentionProbe | None = None) -> None:
+        super().__init__(name, sink, want_logits, want_cosine)
+        self.probe = probe if probe is not None else AttentionProbe(name)
+        self.probe_logits = probe_logits
+
+    def maps(self, logits: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """CaptureProcessor's maths with the logits (or the probabilities) passing the probe."""
+        if self.probe_logits:
+            logits = self.probe(logits)
+        probs = logits.softmax(dim=-1).to(dtype)
+        if not self.probe_logits:
+            probs = self.probe(probs)
+        return logits, probs
+
+
+@dataclasses.dataclass
+class ProbeSet:
+    """One `AttentionProbe` per cross-attention layer of a UNet, and the maps that left them.
+
+    Attributes:
+        layers: the cross-attention layers, UNet order                                  [layers]
+        probes: their AttentionProbe modules, same order (captum's `layer=` list)       [layers]
+        maps: per layer module path, the map of the latest UNet call as it left the probe (with its
+            graph), `[batch, heads, queries, keys]`; "logits" or "probs" as `source` (filled by
+            `probed_attention`; a trace installing the probes keeps the maps itself)
+        source: "logits" | "probs": which map passes the probe
+    """
+
+    layers: list[CrossAttnLayer]
+    probes: list[AttentionProbe]
+    maps: dict[str, torch.Tensor]
+    source: str
+
+    @classmethod
+    def for_unet(cls, unet: torch.nn.Module, source: Literal["probs", "logits"] = "logits",
+                 layers: Sequence[str] | None = None) -> "ProbeSet":
+        """Probes for the UNet's cross-attention layers (all, or those named by path or alias); none installed."""
+        if source not in ("probs", "logits"):
+            raise ValueError(f"unknown source {source!r}; use 'probs' or 'logits'")
+        lays = cross_attention_layers(unet)
+        if layers is not None:
+            wanted = set(layers)
+            unknown = wanted - {l.name for l in lays} - {l.alias for l in lays}
+            if unknown:
+                raise ValueError(f"unknown cross-attention layers: {sorted(unknown)}")
+            lays = [l for l in lays if l.name in wanted or l.alias in wanted]
+        return cls(lays, [AttentionProbe(l.name) for l in lays], {}, source)
+
+    @property
+    def names(self) -> list[str]:
+        return [l.name for l in self.layers]
+
+    @property
+    def aliases(self) -> list[str]:
+        return [l.alias for l in self.layers]
+
+    def factory(self, name: str, sink: Sink, want_logits: bool = False, want_cosine: bool = False) -> ProbeProcessor:
+        """`capture_cross_attention`'s `processor_factory`: a ProbeProcessor using this set's probe of `name`."""
+        probe = self.probes[self.names.index(name)]
+        return ProbeProcessor(name, sink, want_logits, probe_logits=self.source == "logits",
+                              want_cosine=want_cosine, probe=probe)
+
+
+@contextlib.contextmanager
+def probed_attention(unet: torch.nn.Module, source: Literal["probs", "logits"] = "logits",
+                     layers: Sequence[str] | None = None) -> Iterator[ProbeSet]:
+    """Install `ProbeProcessor`s on the cross-attention layers (all, or those named); restore on exit,
+    also after an exception (via `capture_cross_attention`). `ProbeSet.maps` holds each layer's latest map.
+
+    Example:
+        >>> with probed_attention(unet, "logits") as ps:
+        ...     unet(x, t, encoder_hidden_states=emb)
+        >>> ps.maps[ps.names[0]].shape      # [batch, heads, queries, keys]
+    """
+    ps = ProbeSet.for_unet(unet, source, layers)
+
+    def sink(name, probs, logits):
+        ps.maps[name] = logits if source == "logits" else probs
+
+    with capture_cross_attention(unet, sink, want_logits=source == "logits", layers=ps.names,
+                                 processor_factory=ps.factory):
+        yield ps

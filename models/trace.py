@@ -11,6 +11,12 @@ exception). Two PyTorch forward hooks (removed on exit too) read what the proces
 text encoder's input ids (to know each prompt's real tokens, BOS ... EOS) and the UNet's timestep
 and latent size. With classifier-free guidance the UNet batch is `[uncond; cond]` (diffusers'
 order); the conditional half is kept, the unconditional one only when asked.
+
+Options beyond selection: `padded=True` keeps every key column of the padded text (BOS, words, EOS and padding,
+`tokenizer.model_max_length` of them) instead of the real tokens only; `grad=True` keeps the maps with their
+autograd graph (not detached; stored on the UNet's device unless `device` says otherwise), so a score of them can be
+differentiated; `processor_factory` replaces the capture processor (e.g. `ProbeSet.factory`, to route the maps
+through captum-visible probe modules).
 """
 from __future__ import annotations
 
@@ -19,11 +25,11 @@ import dataclasses
 import json
 import math
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
-from .attention_capture import CrossAttnLayer, capture_cross_attention, cross_attention_layers, layer_stage
+from .attention_capture import CaptureProcessor, CrossAttnLayer, capture_cross_attention, layer_stage
 
 __all__ = ["LayerInfo", "AttentionTrace", "Tracer", "trace", "real_token_count"]
 
@@ -50,8 +56,9 @@ class AttentionTrace:
 
     Attributes:
         prompt: the prompt text (decoded from its tokens when not given).
-        tokens: the real tokens kept, BOS ... EOS (`</w>` removed)                      [tokens]
-        token_index: their positions in the padded token sequence                       [tokens]
+        tokens: the real tokens kept, BOS ... EOS (`</w>` removed); with `padded=True` every position of the
+            padded text, padding tokens named by the tokenizer                         [tokens]
+        token_index: their positions in the padded token sequence (padded: range(max_length)) [tokens]
         timesteps: the scheduler timestep of each UNet call kept                        [steps]
         layers: the layers kept, in UNet order (down, mid, up)                          [layers]
         heads: the head indices kept (same for every layer)                             [heads]
@@ -62,6 +69,8 @@ class AttentionTrace:
         cosine: per layer alias, cosine similarity of the projected query (`to_q` of the image
             position) and key (`to_k` of the token) of each head, in [-1, 1]; cond branch, real tokens
             (only when traced with `cosine=True`)                             [steps, heads, h, w, tokens]
+        n_real: the number of real tokens (BOS ... EOS) of the prompt; they are the first n_real columns
+            (all of them unless traced with `padded=True`)
     """
 
     prompt: str
@@ -75,6 +84,11 @@ class AttentionTrace:
     uncond_probs: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
     uncond_tokens: list[str] = dataclasses.field(default_factory=list)
     cosine: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    n_real: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.n_real is None:
+            self.n_real = len(self.tokens)
 
     # ---- access ----
     @property
@@ -113,7 +127,7 @@ class AttentionTrace:
         meta = {
             "prompt": self.prompt, "tokens": self.tokens, "token_index": self.token_index,
             "timesteps": self.timesteps, "layers": [dataclasses.asdict(l) for l in self.layers],
-            "heads": self.heads, "uncond_tokens": self.uncond_tokens,
+            "heads": self.heads, "uncond_tokens": self.uncond_tokens, "n_real": self.n_real,
         }
         save_file(tensors, str(path), metadata={"discolens_trace": json.dumps(meta)})
         return path
@@ -134,7 +148,7 @@ class AttentionTrace:
         layers = [LayerInfo(**l) for l in meta["layers"]]
         return AttentionTrace(meta["prompt"], meta["tokens"], meta["token_index"], meta["timesteps"], layers,
                               meta["heads"], d["probs"], d["logits"], d["uncond_probs"], meta["uncond_tokens"],
-                              d["cosine"])
+                              d["cosine"], meta.get("n_real"))
 
 
 def real_token_count(ids: Sequence[int], eos_id: int) -> int:
@@ -159,10 +173,14 @@ class Tracer:
     def __init__(self, unet, tokenizer, text_encoder=None, prompts: Sequence[str] | None = None,
                  layers: Sequence[str] | None = None, steps: Sequence[int] | None = None,
                  heads: Sequence[int] | None = None, tokens: Sequence[int] | None = None,
-                 logits: bool = False, uncond: bool = False, device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.float16, cosine: bool = False) -> None:
+                 logits: bool = False, uncond: bool = False, device: str | torch.device | None = None,
+                 dtype: torch.dtype = torch.float16, cosine: bool = False, padded: bool = False,
+                 grad: bool = False, processor_factory: Callable[..., object] = CaptureProcessor) -> None:
         self.unet, self.tokenizer, self.text_encoder = unet, tokenizer, text_encoder
         self.want_logits, self.keep_uncond, self.want_cosine = logits, uncond, cosine
+        self.padded, self.grad, self.processor_factory = padded, grad, processor_factory
+        if device is None:  # maps with a graph stay where the UNet computes them; plain ones go to the CPU
+            device = unet.device if grad else "cpu"
         self.sel_layers = list(layers) if layers is not None else None
         self.sel_steps = set(steps) if steps is not None else None
         self.sel_heads = list(heads) if heads is not None else None
@@ -189,6 +207,9 @@ class Tracer:
                    return_tensors="pt").input_ids
 
     def _real(self, ids: torch.Tensor) -> list[list[int]]:
+        """Per row, the key columns kept: the real tokens (BOS ... EOS), or all of them with `padded`."""
+        if self.padded:
+            return [list(range(ids.shape[1])) for _ in ids]
         eos = self.tokenizer.eos_token_id
         return [list(range(real_token_count(row.tolist(), eos))) for row in ids]
 
@@ -248,7 +269,9 @@ class Tracer:
         """`[b, heads, h*w, keys]` -> kept heads, `[b, heads, h, w, keys]` in the store dtype/device."""
         if self.sel_heads is not None:
             x = x[:, self.sel_heads]
-        x = x.detach().reshape(x.shape[0], x.shape[1], h, w, x.shape[-1])
+        if not self.grad:
+            x = x.detach()
+        x = x.reshape(x.shape[0], x.shape[1], h, w, x.shape[-1])
         return x.to(self.store_device, self.store_dtype)
 
     # ---- context ----
@@ -259,6 +282,7 @@ class Tracer:
             handles.append(self.text_encoder.register_forward_pre_hook(self._text_hook, with_kwargs=True))
         try:
             with capture_cross_attention(self.unet, self._sink, self.want_logits, self.sel_layers,
+                                         processor_factory=self.processor_factory,
                                          want_cosine=self.want_cosine) as layers:
                 self._layers = layers
                 yield self
@@ -300,9 +324,12 @@ class Tracer:
                 nrow = self._neg_ids[min(i, self._neg_ids.shape[0] - 1)]
                 unc_toks = [_clean(t) for t in self.tokenizer.convert_ids_to_tokens(
                     nrow[neg_real[min(i, len(neg_real) - 1)]].tolist())]
-            prompt = " ".join(t for t in toks if t not in (self.tokenizer.bos_token, self.tokenizer.eos_token))
+            n_real = real_token_count(ids[i].tolist(), self.tokenizer.eos_token_id)
+            named = toks if not self.padded else [t for j, t in zip(keep, toks) if j < n_real]  # no padding names
+            prompt = " ".join(t for t in named if t not in (self.tokenizer.bos_token, self.tokenizer.eos_token))
+            kept_real = sum(1 for j in keep if j < n_real)
             self.traces.append(AttentionTrace(prompt, toks, keep, list(self._timesteps), infos, self.sel_heads,
-                                              probs, logits, unc, unc_toks, cos))
+                                              probs, logits, unc, unc_toks, cos, kept_real))
         self._store.clear()
 
     @property
@@ -322,7 +349,9 @@ def trace(pipe, prompts: Sequence[str] | str | None = None, **selection) -> Iter
         prompts: the prompts of the UNet batch; default: read from the text encoder's first call.
         **selection: layers (aliases or module paths), steps (UNet call indices), heads, tokens
             (indices into the real tokens), logits (bool), uncond (bool), cosine (bool: also keep the
-            cosine maps of projected query / key features, `AttentionTrace.cosine`), device, dtype.
+            cosine maps of projected query / key features, `AttentionTrace.cosine`), device, dtype,
+            padded (bool: keep all max_length key columns), grad (bool: keep the maps' autograd graph),
+            processor_factory (the capture processor, e.g. `ProbeSet.factory`).
     Yields:
         the Tracer; after the block, `tracer.traces` / `tracer.trace`.
     """

@@ -75,21 +75,23 @@ class TestMatchTab:
     def test_match_ranks_all_captions(self, tiny_pipe_dir):
         """All captions come back ranked 1..K with a breakdown figure and the UNet cost."""
         caps = "a red circle left of a blue square\na blue square left of a red circle"
-        table, fig, cost, heads, notes = app.match(self._img(), caps, str(tiny_pipe_dir), list(app.SCORERS)[0],
-                                                   "300 600")
+        table, fig, cost, heads, notes = app.match(self._img(), caps, str(tiny_pipe_dir), "lse", "300 600")
         assert [r[0] for r in table] == [1, 2] and {r[1] for r in table} == set(caps.splitlines())
         assert table[0][2] >= table[1][2] and fig is not None and "4 UNet evaluations" in cost
         assert heads == [] and notes == ""
 
-    def test_scorer_dropdown_offers_structure_and_head_weighted(self):
-        """The two interp scorers not wired before are in the dropdown."""
-        assert set(app.SCORERS.values()) >= {"lse", "denoise", "denoise_norm", "structure", "head_weighted"}
+    def test_scorer_dropdown_is_the_registry(self):
+        """The dropdown offers every registered scorer (by name), labelled by the scorer."""
+        from interp.scorers import scorer_names
+
+        [dd] = [c for c in app.demo.config["components"] if c.get("props", {}).get("elem_id") == "match-scorer"]
+        assert [v for _, v in dd["props"]["choices"]] == list(scorer_names())
 
     def test_structure_scorer_notes_bound_words(self, tiny_pipe_dir):
         """The structure scorer ranks the captions and says which words it bound, and the relation term."""
         caps = "a red circle left of a blue square\na blue square left of a red circle"
         table, fig, cost, heads, notes = app.match(self._img(), caps, str(tiny_pipe_dir),
-                                                   "Structure-aware (binding + relation)", "300")
+                                                   "structure", "300")
         assert {r[1] for r in table} == set(caps.splitlines()) and fig is None and heads == []
         lines = notes.splitlines()
         assert len(lines) == 2 and all("bound words red, circle, blue, square" in l or
@@ -98,7 +100,7 @@ class TestMatchTab:
 
     def test_structure_scorer_notes_the_lse_fallback(self, tiny_pipe_dir):
         """Captions with nothing to bind fall back to LSE, and the notes say so."""
-        *_, notes = app.match(self._img(), "red\nblue", str(tiny_pipe_dir), "Structure-aware (binding + relation)",
+        *_, notes = app.match(self._img(), "red\nblue", str(tiny_pipe_dir), "structure",
                               "300")
         assert notes.count("LSE fallback") == 2
 
@@ -108,7 +110,7 @@ class TestMatchTab:
 
         caps = "a red circle\na blue square"
         table, fig, cost, heads, notes = app.match(self._img(), caps, str(tiny_pipe_dir),
-                                                   "LSE with gradient-weighted heads (Discffusion Eq. 7, captum)",
+                                                   "head_weighted",
                                                    "300")
         unet = load_pipeline(str(tiny_pipe_dir)).unet
         n_heads = sum(m.heads for name, m in unet.named_modules() if name.endswith("attn2"))
@@ -129,7 +131,7 @@ class TestMatchTab:
             for t in prompt.parameters():
                 t.add_(0.5)
         f = save_prompt(prompt, tmp_path / "p.safetensors")
-        label = list(app.SCORERS)[0]  # LSE
+        label = "lse"
         caps = "a red circle\na blue square"
         before, *_ = app.match(self._img(), caps, str(tiny_pipe_dir), label, "300")
         with_p, *_ = app.match(self._img(), caps, str(tiny_pipe_dir), label, "300", str(f))
@@ -142,7 +144,7 @@ class TestMatchTab:
 
     def test_match_auto_says_where_it_routed(self, tiny_pipe_dir):
         """The auto scorer ranks every caption and names the scorer it routed to."""
-        label = next(k for k, v in app.SCORERS.items() if v == "auto")
+        label = "auto"
         caps = "a red circle left of a blue square\na blue square left of a red circle"
         table, fig, cost, heads, notes = app.match(self._img(), caps, str(tiny_pipe_dir), label, "300")
         assert sorted(r[1] for r in table) == sorted(caps.splitlines()) and "Routed to **structure**" in notes
@@ -150,17 +152,17 @@ class TestMatchTab:
         assert len(table) == 2 and "Routed to **denoise**" in notes
 
     @pytest.mark.parametrize("caps,ts,match", [("a red circle", "300", "at least 2"),
-                                                ("a red circle\na blue square", "x", "whole numbers"),
+                                                ("a red circle\na blue square", "x", "whole number"),
                                                 ("a red circle\na blue square", "1000", "0..999")])
     def test_match_bad_inputs(self, tiny_pipe_dir, caps, ts, match):
         """One caption, non-numeric or out-of-range timesteps: gr.Error."""
         with pytest.raises(gr.Error, match=match):
-            app.match(self._img(), caps, str(tiny_pipe_dir), list(app.SCORERS)[0], ts)
+            app.match(self._img(), caps, str(tiny_pipe_dir), "lse", ts)
 
     def test_match_without_image(self, tiny_pipe_dir):
         """No image is a clear gr.Error."""
         with pytest.raises(gr.Error, match="image"):
-            app.match(None, "a\nb", str(tiny_pipe_dir), list(app.SCORERS)[0], "300")
+            app.match(None, "a\nb", str(tiny_pipe_dir), "lse", "300")
 
 
 @pytest.fixture(scope="module")

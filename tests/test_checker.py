@@ -1,17 +1,13 @@
-"""Tests of the scene checker (models/checker.py) on renders of the shapes world."""
+"""Tests of the scene checker (models/shapes/checker.py) on renders of the shapes world."""
 from __future__ import annotations
 
 import dataclasses
-import sys
 from collections import defaultdict
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for `import models`
-
-from models.shapes import checker, world  # noqa: E402
+from models.shapes import checker, world
 
 SEED = 2024
 N_SCENES = 320
@@ -271,3 +267,127 @@ class TestCheckApi:
         im = world.render(world.Scene("count", objs, "three orange squares"))
         res = checker.check(im, "two orange squares")
         assert (res["count_ok"], res["found"], res["correct"]) == (False, 3, False)
+
+
+def _with_blob(image, box, rgb, kind: str = "ellipse") -> np.ndarray:
+    """A copy of the image with a filled ellipse / rectangle drawn with PIL (no anti-aliasing)."""
+    from PIL import Image, ImageDraw
+
+    im = Image.fromarray(np.asarray(image)).copy()
+    getattr(ImageDraw.Draw(im), kind)(box, fill=rgb)
+    return np.asarray(im)
+
+
+def _single(color: str = "red", shape: str = "circle", size: str = "big", box=(20.0, 20.0, 40.0, 40.0)) -> np.ndarray:
+    o = world.Obj(color, shape, size, box)
+    return np.asarray(world.render(world.Scene("single", (o,), f"a {color} {shape}")))
+
+
+OFF_PALETTE = [(128, 128, 128), (60, 60, 60), (195, 195, 195), (140, 90, 40)]  # greys, brown
+
+
+class TestStrict:
+    def test_default_is_strict_false(self, dataset, renders):
+        """check(..., strict=False) is the default mode."""
+        for s, im in zip(dataset[:20], renders[:20]):
+            assert checker.check(im, s.caption) == checker.check(im, s.caption, strict=False)
+
+    def test_clean_renders_judged_correct(self, dataset, renders):
+        """Strict mode judges at least 99% of clean renders correct (size words included)."""
+        ok = [checker.check(im, s.caption, strict=True)["correct"] for s, im in zip(dataset[:160], renders[:160])]
+        assert np.mean(ok) >= 0.99
+
+    def test_noisy_renders_have_no_unknown_objects(self, dataset, renders):
+        """Gaussian noise (sigma 8/255) on renders adds no unknown objects and no unknown shapes."""
+        rng = np.random.default_rng(1)
+        for s, im in zip(dataset[:60], renders[:60]):
+            noisy = np.clip(im + rng.normal(0.0, NOISE_SIGMA, im.shape), 0, 255).round().astype(np.uint8)
+            res = checker.check(noisy, s.caption, strict=True)
+            assert res["unknown_objects"] == [] and all(d["shape"] != "unknown" for d in res["detections"])
+
+    def test_result_fields(self):
+        """Strict mode keeps the default keys and adds strict, unknown_objects, shape_fits and n_objects."""
+        im = _single()
+        default, strict = checker.check(im, "a red circle"), checker.check(im, "a red circle", strict=True)
+        assert set(strict) == set(default) | {"strict", "unknown_objects", "shape_fits", "n_objects"}
+        assert set(strict["detections"][0]) == set(default["detections"][0])
+        assert strict["n_objects"] == 1 and len(strict["shape_fits"]) == 1
+
+    @pytest.mark.parametrize("rgb", OFF_PALETTE)
+    def test_off_palette_blob_fails_single(self, rgb):
+        """An off-palette or grey ellipse beside the object: default passes, strict fails with one unknown object."""
+        im = _with_blob(_single(), (4, 46, 16, 56), rgb)
+        assert checker.check(im, "a red circle")["correct"]
+        res = checker.check(im, "a red circle", strict=True)
+        assert not res["correct"] and len(res["unknown_objects"]) == 1 and res["n_objects"] == 2
+
+    def test_off_palette_blob_fails_relation(self):
+        """A grey blob next to a correct relation render: strict objects_ok is false, the relation still judged."""
+        a = world.Obj("red", "circle", "small", (5.0, 20.0, 17.0, 32.0))
+        b = world.Obj("blue", "square", "big", (36.0, 18.0, 56.0, 38.0))
+        cap = "a red circle left of a blue square"
+        im = _with_blob(world.render(world.Scene("relation", (a, b), cap, "left of")), (20, 46, 32, 58), (128, 128, 128))
+        assert checker.check(im, cap)["correct"]
+        res = checker.check(im, cap, strict=True)
+        assert (res["objects_ok"], res["relation_ok"], res["correct"]) == (False, True, False)
+
+    def test_off_palette_blob_breaks_count(self):
+        """A brown blob beside two orange squares: strict count_ok is false (three objects), found stays 2."""
+        objs = tuple(world.Obj("orange", "square", "small", (x, 8.0, x + 12.0, 20.0)) for x in (6.0, 40.0))
+        im = _with_blob(world.render(world.Scene("count", objs, "two orange squares")), (24, 40, 38, 54), (140, 90, 40))
+        assert checker.check(im, "two orange squares")["correct"]
+        res = checker.check(im, "two orange squares", strict=True)
+        assert (res["count_ok"], res["found"], res["correct"]) == (False, 2, False)
+
+    def test_small_speck_counts_in_strict(self):
+        """A 3x3 palette speck, dropped by default, is an unknown object in strict mode."""
+        im = _single().copy()
+        im[50:53, 5:8] = world.COLORS["blue"]
+        assert checker.check(im, "a red circle")["correct"]
+        res = checker.check(im, "a red circle", strict=True)
+        assert not res["correct"] and [u["area"] for u in res["unknown_objects"]] == [9]
+
+    def test_blank_background_has_no_unknown_objects(self):
+        """A background-only image has no unknown objects."""
+        assert checker.unknown_objects(_blank()) == []
+
+    def test_object_edges_are_not_unknown(self):
+        """The anti-aliased edge of every color and shape is explained by its object (renders at 64 and 128)."""
+        for color in world.COLORS:
+            for shape in world.SHAPES:
+                o = world.Obj(color, shape, "big", (20.3, 20.7, 41.1, 41.5))
+                for size in (64, 128):
+                    assert checker.unknown_objects(world.render(world.Scene("single", (o,), ""), size)) == []
+
+    def test_poor_fit_is_unknown_shape(self):
+        """A plus sign gets some shape by default but is an unknown shape (fit below MIN_SHAPE_FIT) in strict mode."""
+        im = _with_blob(_blank(), (26, 14, 34, 50), world.COLORS["red"], "rectangle")
+        im = _with_blob(im, (12, 28, 48, 36), world.COLORS["red"], "rectangle")
+        (d,) = checker.detect(im)
+        assert checker.check(im, f"a red {d.shape}")["correct"]
+        res = checker.check(im, f"a red {d.shape}", strict=True)
+        assert res["detections"][0]["shape"] == "unknown" and res["shape_fits"][0] < checker.MIN_SHAPE_FIT
+        assert not res["correct"]
+
+    def test_elongated_blob_is_unknown_shape(self):
+        """A 40x14 ellipse is a circle by default and an unknown shape (box aspect > MAX_ASPECT) in strict mode."""
+        im = _with_blob(_blank(), (10, 25, 50, 39), world.COLORS["blue"])
+        assert checker.check(im, "a blue circle")["correct"]
+        assert not checker.check(im, "a blue circle", strict=True)["correct"]
+
+    @pytest.mark.parametrize("size, other", [("big", "small"), ("small", "big")])
+    def test_wrong_size_word_fails(self, size, other):
+        """A render of one size against the other size word: default correct (size_ok false), strict fails."""
+        box = (20.0, 20.0, 41.0, 41.0) if size == "big" else (20.0, 20.0, 31.5, 31.5)
+        im = _single(size=size, box=box)
+        default = checker.check(im, f"a {other} red circle")
+        assert default["correct"] and not default["size_ok"]
+        assert not checker.check(im, f"a {other} red circle", strict=True)["correct"]
+        assert checker.check(im, f"a {size} red circle", strict=True)["correct"]
+
+    def test_unknown_objects_scale_with_image_size(self):
+        """At 128x128 the same grey blob (scaled) is an unknown object too."""
+        o = world.Obj("red", "circle", "big", (20.0, 20.0, 40.0, 40.0))
+        im = _with_blob(world.render(world.Scene("single", (o,), "a red circle"), 128), (8, 92, 32, 112), (128, 128, 128))
+        res = checker.check(im, "a red circle", strict=True)
+        assert len(res["unknown_objects"]) == 1 and not res["correct"]

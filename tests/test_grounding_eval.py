@@ -4,7 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from interp.tasks.grounding_eval import held_out_scenes, scene_from_detections
+from interp.stats import wilson_interval
+from interp.tasks.grounding_eval import held_out_scenes, pointing_intervals, scene_from_detections
 from models.shapes import world
 from models.shapes.checker import check
 
@@ -39,3 +40,14 @@ class TestSceneFromDetections:
         dets = check(world.render(s), s.caption)["detections"]
         assert scene_from_detections(s.caption, dets[:1]) is None
         assert scene_from_detections(s.caption, dets + dets[:1]) is None
+
+
+class TestPointingIntervals:
+    def test_per_class_counts_and_wilson_interval(self):
+        """Pointing hits are counted per word class, each with its Wilson 95 % interval."""
+        rows = [{"word_class": "color", "pointing": p} for p in (True, True, False, True)]
+        rows += [{"word_class": "shape", "pointing": False}]
+        res = pointing_intervals(rows)
+        assert (res["color"]["k"], res["color"]["n"], res["color"]["rate"]) == (3, 4, 0.75)
+        assert res["color"]["ci95"] == pytest.approx(list(wilson_interval(3, 4)))
+        assert (res["shape"]["k"], res["shape"]["n"]) == (0, 1)

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from conftest import ROOT
-from interp.tasks.generation_eval import EVAL_SEED, held_out_prompts
+from interp.tasks.generation_eval import EVAL_SEED, NOISE_SEEDS, eval_prompts
 
 spec = importlib.util.spec_from_file_location("guidance_sweep", ROOT / "bench" / "guidance_sweep.py")
 gs = importlib.util.module_from_spec(spec)
@@ -20,10 +20,19 @@ def test_one_line_per_guidance_on_the_requested_kinds(tiny_pipe_dir, capsys):
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     assert [x["guidance"] for x in lines] == [1.0, 2.0]
     assert all(x["n"] == x["n_count"] == 1 and x["prompt_seed"] == gs.VAL_SEED for x in lines)
+    assert all(x["split"] == "validation" and x["seed"] == NOISE_SEEDS["validation"] for x in lines)
+    assert all(x["intervals"]["count"]["n"] == 1 for x in lines)
 
 
-def test_validation_prompts_differ_from_the_test_prompts():
-    assert held_out_prompts(50, gs.VAL_SEED) != held_out_prompts(50, EVAL_SEED)
+def test_validation_prompts_share_no_caption_with_the_test_prompts():
+    assert not {c for _, c in eval_prompts("validation", 50)} & {c for _, c in eval_prompts("test", 100)}
+
+
+def test_refuses_noise_seeds_of_the_test_prompts(capsys):
+    """A --seed whose range meets the test's noise seeds (1234 + i) is refused."""
+    with pytest.raises(SystemExit) as e:
+        gs.main(["--guidance", "2", "--seed", "1200", "--n-per-kind", "20"])
+    assert e.value.code == 2 and "noise seeds of the test" in capsys.readouterr().err
 
 
 def test_refuses_the_test_prompts_seed(capsys):

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from interp.grounding import grounding_table
-from interp.head_atlas import atlas_grid, atlas_table, save_atlas
+from interp.head_atlas import atlas_grid, atlas_table
+from interp.tasks.faithfulness import save_atlas
 from models.shapes import world
 from models.trace import AttentionTrace, LayerInfo
 

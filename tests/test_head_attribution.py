@@ -8,12 +8,13 @@ import pytest
 import torch
 from PIL import Image
 
-from interp.scorers.head_weighted import (AttentionProbe, ProbeProcessor, _token_columns, attribute_maps,
-                                     head_weighted_score, make_head_weighted_scorer, matching_objective,
-                                     probe_gradients, probed_attention)
+from interp.scorers.head_weighted import (AttentionProbe, HeadWeightedScorer, ProbeProcessor, attribute_maps,
+                                          head_weighted_score, matching_objective, probe_gradients, probed_attention)
 from interp.lse import lse_pool
 from interp.tasks.matching import MatchOptions, score_image_captions
+from interp.lse import SPECIAL
 from models.attention_capture import CaptureProcessor, capture_cross_attention, cross_attention_layers
+from models.trace import real_token_count
 
 CAPTIONS = ["a red circle", "a blue square on the left"]
 OPTS = MatchOptions(timesteps=(250, 700))
@@ -145,7 +146,7 @@ class TestVariants:
         with pytest.raises(ValueError, match="variant"):
             attribute_maps(torch.ones(1, 1, 1, 1), torch.ones(1, 1, 1, 1), "sum")
         with pytest.raises(ValueError, match="variant"):
-            make_head_weighted_scorer("sum")
+            HeadWeightedScorer(variant="sum")
 
 
 @pytest.fixture(scope="module")
@@ -162,7 +163,12 @@ def _emb_cols(pipe, captions, tokens="words"):
               return_tensors="pt").input_ids
     with torch.no_grad():
         emb = pipe.text_encoder(ids)[0].double()
-    return emb, _token_columns(tok, ids, tokens)
+    cols = []
+    for row in ids:  # the real tokens (BOS ... EOS), or the words among them, as padded-sequence positions
+        keep = list(range(real_token_count(row.tolist(), tok.eos_token_id)))
+        names = [t.replace("</w>", "") for t in tok.convert_ids_to_tokens(row[keep].tolist())]
+        cols.append([j for j, t in zip(keep, names) if tokens == "all" or t not in SPECIAL])
+    return emb, cols
 
 
 class TestFiniteDifference:
@@ -247,7 +253,8 @@ class TestScorer:
         S, K = len(OPTS.timesteps), len(CAPTIONS)
         assert result["unet_calls"] == S and result["unet_evals"] == S * K
         assert result["unet_backward_calls"] == S and result["unet_backwards"] == S * K
-        assert make_head_weighted_scorer("gxa", "mean_abs").__name__ == "head_weighted_gxa_mean_abs"
+        sc = HeadWeightedScorer(variant="gxa", grad_norm="mean_abs")
+        assert (sc.name, sc.variant, sc.grad_norm, sc.shares_pass) == ("head_weighted", "gxa", "mean_abs", False)
 
     def test_table_shape(self, result):
         """The attribution table is [7 layers, 4 heads] per caption, per step [S, 7, 4], finite."""
@@ -262,7 +269,7 @@ class TestScorer:
 
     def test_plain_score_equals_lse_scorer(self, tiny_pipe, result):
         """The plain score is score_image_captions' LSE score (same noise, options and batch)."""
-        ref = score_image_captions(tiny_pipe, _image(), CAPTIONS, OPTS)["scores"]
+        ref = score_image_captions(tiny_pipe, _image(), CAPTIONS, OPTS, scorer="lse").by_caption
         for c in CAPTIONS:
             assert result["plain_scores"][c] == pytest.approx(ref[c], rel=1e-5, abs=1e-6)
 

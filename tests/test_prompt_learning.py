@@ -163,9 +163,9 @@ class TestApplyPrompt:
         """score_image_captions under apply_prompt changes, and equals the training score f (prompt_scores)."""
         p = _random_prompt(tiny_pipe)
         img, caps = renders[0][0], [renders[0][1], renders[1][1]]
-        plain = score_image_captions(tiny_pipe, img, caps, OPTS)["scores"]
+        plain = score_image_captions(tiny_pipe, img, caps, OPTS).by_caption
         with apply_prompt(tiny_pipe, p):
-            scored = score_image_captions(tiny_pipe, img, caps, OPTS)["scores"]
+            scored = score_image_captions(tiny_pipe, img, caps, OPTS).by_caption
         f = prompt_scores(tiny_pipe, img, caps, OPTS, prompt=p)
         for c in caps:
             assert abs(scored[c] - plain[c]) > 1e-4

@@ -62,7 +62,8 @@ def test_shared_pass_scores_equal_own_pass(name, tiny_pipe, image):
     sc = get_scorer(name)
     spec = sc.needs(OPTS, CAPTIONS).merge(PassSpec(logits=True, uncond=True))  # a richer pass changes nothing
     res = noised_unet_pass(tiny_pipe, encode_image(tiny_pipe, image), CAPTIONS, list(OPTS.timesteps),
-                           noise_seed=OPTS.noise_seed, logits=spec.logits, cosine=spec.cosine, uncond=spec.uncond)
+                           noise_seed=OPTS.noise_seed, logits=spec.logits, cosine=spec.cosine, uncond=spec.uncond,
+                           padded=spec.padded)
     assert sc.score_pass(res, OPTS).scores == pytest.approx(sc.score(tiny_pipe, image, CAPTIONS, OPTS).scores,
                                                             rel=1e-6, abs=1e-9)
 

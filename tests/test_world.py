@@ -4,15 +4,11 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for `import models`
-
-from models.shapes import world  # noqa: E402
+from models.shapes import world
 
 SEED = 123
 N_SCENES = 200
@@ -365,3 +361,62 @@ class TestSceneRecord:
         o = world.Obj("red", "circle", "big", (0.0, 0.0, 1.0, 1.0))
         with pytest.raises(dataclasses.FrozenInstanceError):
             o.color = "blue"  # type: ignore[misc]
+
+
+class TestCompositionalSplit:
+    def test_held_out_color_shapes_never_reach_the_dataset(self):
+        """With the default exclusion no object of any scene has a held-out color-shape pair."""
+        scenes = world.sample_dataset(0, 2000)
+        assert all((o.color, o.shape) not in world.HELD_OUT_COLOR_SHAPES for s in scenes for o in s.objects)
+
+    def test_held_out_relation_pairs_never_reach_the_dataset(self):
+        """No relation scene has a held-out (subject, object) pair, though the reversed pairs occur."""
+        scenes = [s for s in world.sample_dataset(0, 20_000) if s.kind == "relation"]
+        ordered = {((s.objects[0].color, s.objects[0].shape), (s.objects[1].color, s.objects[1].shape)) for s in scenes}
+        assert not ordered & set(world.HELD_OUT_RELATION_PAIRS)
+        assert {(b, a) for a, b in world.HELD_OUT_RELATION_PAIRS} <= ordered
+
+    def test_exclusion_only_replaces_held_out_scenes(self):
+        """The excluded dataset equals the full one except where a held-out scene was (same kind there)."""
+        full = world.sample_dataset(SEED, 400, exclude_compositional=False)
+        kept = world.sample_dataset(SEED, 400)
+        assert any(world.is_compositional_holdout(s) for s in full)
+        for a, b in zip(full, kept):
+            assert (a == b) != world.is_compositional_holdout(a)
+            assert a.kind == b.kind
+
+    def test_scene_and_caption_agree(self):
+        """A scene and its caption fall in the same part of the split."""
+        full = world.sample_dataset(SEED, 400, exclude_compositional=False)
+        for s in full:
+            assert world.compositional_holdout(s) == world.compositional_holdout(s.caption), s.caption
+
+    @pytest.mark.parametrize("caption,part", [
+        ("a small purple triangle", "color_shape"), ("three orange squares", "color_shape"),
+        ("a red circle left of a purple triangle", "color_shape"),
+        ("a green circle below a red triangle", "relation_pair"), ("a red triangle below a green circle", None),
+        ("a purple circle", None), ("two orange triangles", None)])
+    def test_known_captions(self, caption, part):
+        assert world.compositional_holdout(caption) == part
+        assert world.is_compositional_holdout(caption) == (part is not None)
+
+    def test_split_is_well_formed(self):
+        """Held-out pairs are in the grammar; relation pairs hold no held-out color-shape and are not reversed twins."""
+        pairs = {(c, s) for c in world.COLORS for s in world.SHAPES}
+        assert set(world.HELD_OUT_COLOR_SHAPES) <= pairs
+        for a, b in world.HELD_OUT_RELATION_PAIRS:
+            assert a in pairs and b in pairs and a != b
+            assert a not in world.HELD_OUT_COLOR_SHAPES and b not in world.HELD_OUT_COLOR_SHAPES
+            assert (b, a) not in world.HELD_OUT_RELATION_PAIRS
+
+
+class TestGrammarCaptions:
+    @pytest.mark.parametrize("kind,n", [("single", 54), ("relation", 1224), ("count", 36)])
+    def test_counts_parse_and_are_distinct(self, kind, n):
+        caps = world.grammar_captions(kind)
+        assert len(caps) == len(set(caps)) == n
+        assert all(world.parse_caption(c).kind == kind for c in caps)
+
+    def test_sampled_captions_are_in_the_grammar(self, dataset):
+        allowed = {c for k in world.KINDS for c in world.grammar_captions(k)}
+        assert {s.caption for s in dataset} <= allowed

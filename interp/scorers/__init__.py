@@ -2,7 +2,7 @@
 and the matching report all read.
 
     >>> from interp.scorers import get_scorer, scorer_names
-    >>> scorer_names()                     # ('auto', 'structure', 'denoise', 'denoise_norm', 'lse', 'head_weighted')
+    >>> scorer_names()                     # ('auto', 'structure', 'denoise', 'denoise_norm', 'lse', 'discffusion', ...)
     >>> res = get_scorer("auto").score(pipe, image, captions, MatchOptions())   # a ScoreResult
 
 Adding a scorer: a file in this folder with a `Scorer` subclass (see `base.py`), and one line in `_REGISTRY`.
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from interp.scorers.base import DEFAULT_TIMESTEPS, MatchOptions, PassSpec, ScoreResult, Scorer
 from interp.scorers.denoise import DenoiseNormScorer, DenoiseScorer
+from interp.scorers.discffusion import DiscffusionScorer
 from interp.scorers.head_weighted import HeadWeightedScorer
 from interp.scorers.pooled import PooledAttentionScorer
 from interp.scorers.routed import RoutedScorer
@@ -26,6 +27,7 @@ _REGISTRY = {
     "denoise": DenoiseScorer,
     "denoise_norm": DenoiseNormScorer,
     "lse": PooledAttentionScorer,
+    "discffusion": DiscffusionScorer,
     "head_weighted": HeadWeightedScorer,
 }
 DEFAULT_SCORER = "auto"

@@ -141,7 +141,7 @@ class Scorer:
         spec = self.needs(options, caps)
         res = noised_unet_pass(pipe, encode_image(pipe, image), caps, list(options.timesteps),
                                noise_seed=options.noise_seed, logits=spec.logits, cosine=spec.cosine,
-                               uncond=spec.uncond)
+                               uncond=spec.uncond, grad=spec.grad, padded=spec.padded)
         return self.score_pass(res, options)
 
     def __repr__(self) -> str:

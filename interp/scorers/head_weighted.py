@@ -8,12 +8,12 @@ gradient of the matching score f (Eq. 4, the pooled maps averaged over heads and
 
 and the attributed maps are pooled with Eq. 4 instead of the plain maps. The two agree for a one-head layer.
 
-How the gradient is taken: each cross-attention layer gets a `ProbeProcessor` (explicit attention as in
-`models.attention_capture.CaptureProcessor`) whose map passes through an identity module, an
-`AttentionProbe`, and the rest of the attention (softmax, values) uses what comes out of the probe.
-captum's `LayerGradientXActivation(forward_fn, layer=[probes], multiply_by_inputs=False)` then gives
-∂f/∂A for every probe in one forward and one backward. `forward_fn(x_t)` runs the UNet on the noised
-latent rows (one row per caption) and returns f per row, computed from the maps that left the probes.
+How the gradient is taken: the one noised pass (`models.unet_pass.noised_unet_pass`, `grad=True`) runs with a
+`ProbeSet` (`models.attention_capture`): each cross-attention layer's map passes an identity module, an
+`AttentionProbe`, and the rest of the attention (softmax, values) uses what comes out of the probe. captum's
+`LayerGradientXActivation(forward_fn, layer=[probes], multiply_by_inputs=False)` then gives ∂f/∂A for every probe in
+one forward and one backward, where `forward_fn(z)` runs that pass at one timestep on the image latent z and returns
+f per caption row, pooled from the pass's differentiable traced maps (`trace_objective`, `interp.lse.pool`).
 So the gradient is the TOTAL derivative of f with respect to A_h through the UNet: the direct pooling
 term plus A_h's effect (through the hidden states) on the maps of the layers after it.
 
@@ -43,26 +43,24 @@ Example:
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-from typing import Callable, Iterator, Literal, Sequence
+from typing import Callable, Literal, Mapping, Sequence
 
 import numpy as np
 import torch
 from captum.attr import LayerGradientXActivation
-from diffusers.models.attention_processor import Attention
 
-from models.attention_capture import CaptureProcessor, CrossAttnLayer, capture_cross_attention, select_layer_names
-from models.unet_pass import _validate, encode_image
+from models.attention_capture import AttentionProbe, ProbeProcessor, ProbeSet, probed_attention, select_layer_names
 from models.limits import validate_captions
-from models.trace import real_token_count
+from models.trace import AttentionTrace
+from models.unet_pass import check_pass_args, draw_noise, encode_image, noised_unet_pass
 
-from interp.lse import SPECIAL, pool
+from interp.lse import SPECIAL, pool, select_layers
 from interp.scorers.base import MatchOptions, ScoreResult, Scorer
 
 __all__ = ["VARIANTS", "AttentionProbe", "ProbeProcessor", "ProbeSet", "probed_attention", "select_layer_names",
-           "matching_objective", "probe_gradients", "attribute_maps", "head_weighted_score",
-           "HeadWeightedScorer"]
+           "token_columns", "trace_objective", "matching_objective", "probe_gradients", "attribute_maps",
+           "head_weighted_score", "HeadWeightedScorer"]
 
 Variant = Literal["eq7", "gxa"]
 VARIANTS = ("eq7", "gxa")
@@ -70,90 +68,48 @@ GradNorm = Literal["none", "mean_abs"]
 
 
 # ----------------------------------------------------------------------------------------------
-# Probes
+# The matching score f on differentiable traced maps (the pooling of `interp.lse.lse_score`)
 # ----------------------------------------------------------------------------------------------
-class AttentionProbe(torch.nn.Identity):
-    """Identity through which one layer's attention map `[batch, heads, queries, keys]` passes (captum's layer)."""
+def token_columns(trace: AttentionTrace, tokens: str) -> list[int]:
+    """Indices into a trace's token axis that a score pools: "all" real tokens, or "words" (BOS and EOS dropped),
+    as `interp.lse.lse_score`."""
+    if tokens == "all":
+        return list(range(len(trace.tokens)))
+    if tokens == "words":
+        cols = [j for j, t in enumerate(trace.tokens) if t not in SPECIAL]
+        if not cols:
+            raise ValueError(f"tokens='words': the trace has no word tokens (tokens: {trace.tokens})")
+        return cols
+    raise ValueError(f"unknown tokens option {tokens!r}; use 'all' or 'words'")
 
-    def __init__(self, name: str = "") -> None:
-        super().__init__()
-        self.name = name
 
-    def extra_repr(self) -> str:
-        return repr(self.name)
+def trace_objective(trace: AttentionTrace, options: MatchOptions,
+                    maps: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """f per step of one traced caption, differentiable when the maps are (`noised_unet_pass(grad=True)`).
 
+    The computation of `interp.lse.lse_score` (same layers, token columns, pooling and lam as `options`), kept as a
+    tensor: per selected layer, pool each head's `[h*w, tokens]` map and average the heads; then average the layers.
+    The score is the mean over steps (`lse_score(...).score` up to float rounding).
 
-class ProbeProcessor(CaptureProcessor):
-    """`CaptureProcessor` maths with the attention map routed through an `AttentionProbe`.
-
-    `probe_logits=True`: the pre-softmax scores pass the probe and the softmax reads its output;
-    otherwise the probabilities pass it and the value product reads its output. Either way the rest of
-    the UNet sees the probe's output, so a gradient at the probe is the total derivative. The sink gets
-    the probe's output (with its graph): `probs`, and `logits` when `want_logits`.
+    Args:
+        trace: an AttentionTrace.
+        options: source, layers, pooling ("cosine": the trace's cosine maps, mean-pooled), lam, tokens.
+        maps: alias -> `[steps, heads, h, w, tokens]` to pool instead of the trace's own (e.g. attributed maps).
+    Returns:
+        `[steps]` float64.
     """
-
-    def __init__(self, name: str, sink, want_logits: bool = False, probe_logits: bool = True,
-                 want_cosine: bool = False) -> None:
-        super().__init__(name, sink, want_logits, want_cosine)
-        self.probe = AttentionProbe(name)
-        self.probe_logits = probe_logits
-
-    def maps(self, logits: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """CaptureProcessor's maths with the logits (or the probabilities) passing the probe."""
-        if self.probe_logits:
-            logits = self.probe(logits)
-        probs = logits.softmax(dim=-1).to(dtype)
-        if not self.probe_logits:
-            probs = self.probe(probs)
-        return logits, probs
-
-
-@dataclasses.dataclass
-class ProbeSet:
-    """The probed layers of a UNet while `probed_attention` is active.
-
-    Attributes:
-        layers: the cross-attention layers, UNet order                                  [layers]
-        probes: their AttentionProbe modules, same order (captum's `layer=` list)       [layers]
-        maps: per layer module path, the map of the latest UNet call as it left the probe (with its
-            graph), `[batch, heads, queries, keys]`; "logits" or "probs" as `source`
-        source: "logits" | "probs"
-    """
-
-    layers: list[CrossAttnLayer]
-    probes: list[AttentionProbe]
-    maps: dict[str, torch.Tensor]
-    source: str
-
-    @property
-    def names(self) -> list[str]:
-        return [l.name for l in self.layers]
-
-    @property
-    def aliases(self) -> list[str]:
-        return [l.alias for l in self.layers]
-
-
-@contextlib.contextmanager
-def probed_attention(unet: torch.nn.Module, source: Literal["probs", "logits"] = "logits",
-                     layers: Sequence[str] | None = None) -> Iterator[ProbeSet]:
-    """Install `ProbeProcessor`s on the cross-attention layers (all, or those named); restore on exit,
-    also after an exception (via `capture_cross_attention`)."""
-    if source not in ("probs", "logits"):
-        raise ValueError(f"unknown source {source!r}; use 'probs' or 'logits'")
-    maps: dict[str, torch.Tensor] = {}
-    procs: dict[str, ProbeProcessor] = {}
-
-    def sink(name, probs, logits):
-        maps[name] = logits if source == "logits" else probs
-
-    def factory(name, sink_, want_logits):
-        procs[name] = ProbeProcessor(name, sink_, want_logits, probe_logits=source == "logits")
-        return procs[name]
-
-    with capture_cross_attention(unet, sink, want_logits=source == "logits", layers=layers,
-                                 processor_factory=factory) as lays:
-        yield ProbeSet(lays, [procs[l.name].probe for l in lays], maps, source)
+    cos = options.pooling == "cosine"
+    if maps is None:
+        maps = trace.cosine if cos else (trace.logits if options.source == "logits" else trace.probs)
+    if not maps:
+        raise ValueError(f"the trace holds no {'cosine' if cos else options.source} maps")
+    cols = token_columns(trace, options.tokens)
+    rows = []
+    for alias in select_layers(trace, options.layers):
+        x = maps[alias][..., cols]  # [steps, heads, h, w, m]
+        x = x.reshape(x.shape[0], x.shape[1], -1, x.shape[-1])  # [steps, heads, n, m]
+        rows.append(pool(x, "mean" if cos else options.pooling, options.lam).mean(dim=1))  # [steps]
+    return torch.stack(rows).mean(dim=0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -213,22 +169,6 @@ def _head_grad(grad: torch.Tensor, variant: Variant) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 # Scorer
 # ----------------------------------------------------------------------------------------------
-def _token_columns(tokenizer, ids: torch.Tensor, tokens: str) -> list[list[int]]:
-    """Per row: real token positions (BOS ... EOS), or those that are words (as `interp.lse`)."""
-    if tokens not in ("all", "words"):
-        raise ValueError(f"unknown tokens option {tokens!r}; use 'all' or 'words'")
-    out = []
-    for row in ids:
-        keep = list(range(real_token_count(row.tolist(), tokenizer.eos_token_id)))
-        if tokens == "words":
-            toks = [t.replace("</w>", "") for t in tokenizer.convert_ids_to_tokens(row[keep].tolist())]
-            keep = [j for j, t in zip(keep, toks) if t not in SPECIAL]
-            if not keep:
-                raise ValueError("tokens='words': a caption has no word tokens")
-        out.append(keep)
-    return out
-
-
 def head_weighted_score(pipe, image, captions: Sequence[str], options=None, variant: Variant = "eq7",
                         grad_norm: GradNorm = "none") -> dict:
     """Head-weighted (Eq. 7) Discffusion score of each caption for an image; `scorer_fn`-compatible.
@@ -258,58 +198,48 @@ def head_weighted_score(pipe, image, captions: Sequence[str], options=None, vari
         raise ValueError(f"unknown variant {variant!r}; choose one of {VARIANTS}")
     if grad_norm not in ("none", "mean_abs"):
         raise ValueError(f"unknown grad_norm {grad_norm!r}; use 'none' or 'mean_abs'")
+    if options.pooling == "cosine":
+        raise ValueError("head weighting attributes attention maps; pooling='cosine' pools cosine maps instead")
     caps = validate_captions(captions, min_count=1)
-    sched, unet, tok = pipe.scheduler, pipe.unet, pipe.tokenizer
-    _, ts = _validate(caps, list(options.timesteps), int(sched.config.num_train_timesteps))
-    dev, dt = unet.device, unet.dtype
+    unet = pipe.unet
+    _, ts = check_pass_args(caps, list(options.timesteps), int(pipe.scheduler.config.num_train_timesteps))
     K, S = len(caps), len(ts)
-
-    with torch.no_grad():
-        z = encode_image(pipe, image)
-        ids = tok(caps, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                  return_tensors="pt").input_ids
-        emb = pipe.text_encoder(ids.to(pipe.text_encoder.device))[0].to(dev, dt).detach()
-    cols = _token_columns(tok, ids, options.tokens)
-    g = torch.Generator().manual_seed(int(options.noise_seed))
-    noise = torch.randn((S, *z.shape[1:]), generator=g).to(dev)  # as noised_unet_pass: shared by all rows
-
+    z = encode_image(pipe, image)  # [1, C, h, w]
+    noise = draw_noise(options.noise_seed, S, z.shape[1:], unet.device)  # [S, C, h, w]: the pass's seeded draw
+    ps = ProbeSet.for_unet(unet, options.source)
+    max_heads = max(l.heads for l in ps.layers)
     plain = torch.zeros(K, S, dtype=torch.float64)
     weighted = torch.zeros(K, S, dtype=torch.float64)
-    tables: np.ndarray | None = None
-    with probed_attention(unet, options.source) as ps, torch.enable_grad():
-        sel = select_layer_names(ps.layers, options.layers)
-        max_heads = max(l.heads for l in ps.layers)
-        tables = np.full((K, S, len(ps.layers), max_heads), np.nan)
-        for s, t in enumerate(ts):
-            tt = torch.full((K,), t, dtype=torch.long, device=dev)
-            x_t = sched.add_noise(z.expand(K, -1, -1, -1), noise[s:s + 1].expand(K, -1, -1, -1), tt).to(dt)
-            f_rows: list[torch.Tensor] = []
+    tables = np.full((K, S, len(ps.layers), max_heads), np.nan)
+    sel: list[str] = []
+    for s, t in enumerate(ts):
+        runs: list = []
 
-            def forward_fn(x):
-                ps.maps.clear()
-                unet(x, tt, encoder_hidden_states=emb)
-                f = matching_objective(ps.maps, cols, sel, options.pooling, options.lam)
-                f_rows.append(f.detach())
-                return f
+        def forward_fn(latent):
+            res = noised_unet_pass(pipe, latent, caps, [t], noise=noise[s:s + 1], grad=True, probes=ps,
+                                   logits=options.source == "logits")
+            runs.append(res)
+            return torch.stack([trace_objective(tr, options)[0] for tr in res.traces])  # [K]
 
-            grads = probe_gradients(forward_fn, ps.probes, x_t)
-            maps = {n: m.detach() for n, m in ps.maps.items()}
-            ps.maps.clear()
-            plain[:, s] = f_rows[-1].cpu()
+        grads = probe_gradients(forward_fn, ps.probes, z)  # per layer [K, heads, queries, keys]
+        traces = runs[-1].traces
+        sel = select_layers(traces[0], options.layers)
+        for k, tr in enumerate(traces):
+            maps = tr.logits if options.source == "logits" else tr.probs  # [1, heads, h, w, tokens]
+            cols = token_columns(tr, options.tokens)
+            plain[k, s] = trace_objective(tr, options).detach()[0].cpu()
             attr = {}
             for li, (layer, gr) in enumerate(zip(ps.layers, grads)):
-                A = maps[layer.name]
-                G = _head_grad(gr, variant)
+                info = tr.layer(layer.name)
+                A = maps[info.alias].detach()
+                G = _head_grad(gr[k:k + 1], variant)  # [1, heads, queries, keys]
+                G = G.reshape(1, G.shape[1], info.h, info.w, G.shape[-1])[..., tr.token_index].to(A)
                 if grad_norm == "mean_abs":
-                    scale = torch.stack([G[k][..., c].abs().mean() for k, c in enumerate(cols)])
-                    G = G / scale.clamp_min(torch.finfo(G.dtype).tiny).view(-1, 1, 1, 1)
-                attr[layer.name] = A * G
-                for k, c in enumerate(cols):
-                    tables[k, s, li, :layer.heads] = attr[layer.name][k][..., c].double().sum(dim=(-2, -1)).cpu().numpy()
-            weighted[:, s] = matching_objective(attr, cols, sel, options.pooling, options.lam).cpu()
+                    G = G / G[..., cols].abs().mean().clamp_min(torch.finfo(G.dtype).tiny)
+                attr[info.alias] = A * G  # [1, heads, h, w, tokens]
+                tables[k, s, li, :layer.heads] = attr[info.alias][0][..., cols].double().sum(dim=(-3, -2, -1)).cpu().numpy()
+            weighted[k, s] = trace_objective(tr, options, attr)[0].cpu()
 
-    aliases = [l.alias for l in ps.layers]
-    by_name = {l.name: l.alias for l in ps.layers}
     per_caption, scores, plain_scores = {}, {}, {}
     for k, c in enumerate(caps):
         scores[c] = float(weighted[k].mean())
@@ -317,8 +247,8 @@ def head_weighted_score(pipe, image, captions: Sequence[str], options=None, vari
         per_caption[c] = {"score": scores[c], "plain_score": plain_scores[c],
                           "by_step": weighted[k].tolist(), "plain_by_step": plain[k].tolist(),
                           "table": tables[k].mean(axis=0), "table_per_step": tables[k]}
-    return {"scores": scores, "plain_scores": plain_scores, "per_caption": per_caption, "layers": aliases,
-            "score_layers": [by_name[n] for n in sel], "heads": max_heads, "timesteps": list(ts),
+    return {"scores": scores, "plain_scores": plain_scores, "per_caption": per_caption, "layers": ps.aliases,
+            "score_layers": sel, "heads": max_heads, "timesteps": list(ts),
             "variant": variant, "grad_norm": grad_norm, "source": options.source,
             "unet_calls": S, "unet_evals": S * K, "unet_backward_calls": S, "unet_backwards": S * K}
 

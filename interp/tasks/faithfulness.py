@@ -16,7 +16,9 @@ Example:
 """
 from __future__ import annotations
 
+import json
 import numbers
+from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -27,10 +29,11 @@ from models.shapes import world
 
 from interp.grounding import energy_inside, pointing_game, word_mask_pairs
 from interp.tasks.grounding_eval import GROUNDING_SEED, evaluate_grounding
+from interp.figures import atlas_figure
 from interp.head_atlas import atlas_table
 from interp.tasks.matching import DEFAULT_MAP_TIMESTEP, validate_captions, word_maps_for_image
 
-__all__ = ["SCENE_SEED", "render_scene", "compare_word_maps", "atlas_for_model"]
+__all__ = ["SCENE_SEED", "render_scene", "compare_word_maps", "atlas_for_model", "save_atlas"]
 
 SCENE_SEED = GROUNDING_SEED  # mixed with the caller's seed: the training data's streams (integer seeds) never meet it
 
@@ -173,3 +176,15 @@ def atlas_for_model(pipe, n_scenes: int = 12, timesteps: Sequence[int] = (DEFAUL
     res = evaluate_grounding(pipe, n_scenes=n, timesteps=ts, seed=_int(seed, "scene seed", lo=0),
                              noise_seed=_int(noise_seed, "noise seed", lo=0), return_rows=True)
     return atlas_table(res["rows"])
+
+
+def save_atlas(table: Sequence[dict], folder: str | Path, metric: str = "energy") -> dict[str, Path]:
+    """Write atlas.json (the table and the metric the figure shows) and atlas.png (`atlas_figure`)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    jpath, ppath = folder / "atlas.json", folder / "atlas.png"
+    classes = list(dict.fromkeys(c for e in table for c in e["by_class"]))
+    jpath.write_text(json.dumps({"metric": metric, "classes": classes, "table": list(table)}, indent=1))
+    fig = atlas_figure(table, metric=metric)
+    fig.savefig(ppath, dpi=120, bbox_inches="tight")
+    return {"json": jpath, "png": ppath}

@@ -10,12 +10,19 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
+import torch
 
 from models.shapes import world
+from models.shapes.checker import check
+from models.trace import trace
+from models.unet_pass import encode_image, noised_unet_pass
 
+from interp import stats
 from interp.grounding import aggregate_maps, grounding_table, rank_slices, score_maps, summarize
+from interp.tasks.generation_eval import EVAL_SEEDS, held_out_prompts
 
-GROUNDING_SEED = 20_011  # held-out renders (the training data uses seed 0)
+GROUNDING_SEED = EVAL_SEEDS["grounding_scenes"]  # held-out renders (the training data uses seed 0)
+GROUNDING_PROMPT_SEED = EVAL_SEEDS["grounding_prompts"]  # prompts of `evaluate_generation_grounding`
 DEFAULT_TIMESTEPS = (100, 300, 500, 700)
 
 
@@ -30,6 +37,19 @@ def _summ(rows: list[dict]) -> dict:
     return {str(k): v for k, v in by_class.items()}
 
 
+def pointing_intervals(rows: Sequence[dict]) -> dict:
+    """Per word class, the pointing rate as an `interp.stats.rate` dict ({"rate", "k", "n", "ci95"}).
+
+    Meant for rows with one map per (scene, word), as the aggregates have: the Wilson interval treats the
+    rows as independent (words of one scene are not quite), so it does not fit tables that pool many
+    layers, heads and steps of the same word.
+    """
+    classes: dict = {}
+    for r in rows:
+        classes.setdefault(str(r["word_class"]), []).append(bool(r["pointing"]))
+    return {c: stats.rate(v) for c, v in classes.items()}
+
+
 def evaluate_grounding(pipe, n_scenes: int = 60, timesteps: Sequence[int] = DEFAULT_TIMESTEPS,
                        seed: int = GROUNDING_SEED, noise_seed: int = 0, calibration_share: float = 0.5,
                        return_rows: bool = False) -> dict:
@@ -42,11 +62,11 @@ def evaluate_grounding(pipe, n_scenes: int = 60, timesteps: Sequence[int] = DEFA
     Returns:
         {"n_scenes", "timesteps", "by_class" (all slices pooled), "by_layer", "by_head", "by_step"
          (each {group: {word_class: metrics}}), "aggregates" ({name: {word_class: metrics}}, on the
-         held-out half), "best_layer", "best_head", "unet_evals", and "rows" (every slice's metrics)
-         when `return_rows`}.
+         held-out half), "aggregates_ci95" ({name: {word_class: {"pointing": `interp.stats.rate` dict}}}:
+         n maps, k pointing hits, Wilson 95 %), "best_layer", "best_head", "unet_evals", and "rows" (every
+         slice's metrics) when `return_rows`}. The pooled slice tables get no interval: their rows are
+        many layers, heads and steps of the same words, not independent draws.
     """
-    from models.unet_pass import encode_image, noised_unet_pass
-
     scenes = held_out_scenes(n_scenes, seed)
     traces, rows = [], []
     evals = 0
@@ -89,6 +109,7 @@ def evaluate_grounding(pipe, n_scenes: int = 60, timesteps: Sequence[int] = DEFA
         "by_class": _summ(all_rows), "by_layer": grouped("layer"), "by_head": grouped("head"),
         "by_step": grouped("timestep"),
         "aggregates": {k: _summ(v) for k, v in aggs.items()},
+        "aggregates_ci95": {k: {c: {"pointing": r} for c, r in pointing_intervals(v).items()} for k, v in aggs.items()},
         "best_layer": best_layer, "best_head": list(best_head), "unet_evals": evals,
         **({"rows": all_rows} if return_rows else {}),
     }
@@ -117,18 +138,12 @@ def scene_from_detections(caption: str, detections: Sequence[dict]) -> world.Sce
 
 
 def evaluate_generation_grounding(pipe, n_per_kind: int = 10, steps: int | None = None, guidance: float | None = None,
-                                  seed: int = 0, prompt_seed: int = GROUNDING_SEED + 1) -> dict:
+                                  seed: int = 0, prompt_seed: int = GROUNDING_PROMPT_SEED) -> dict:
     """Grounding of the model's own generations: each held-out prompt is generated with every step
     traced, the scene checker finds the objects, and the maps are scored against masks of the
     detected objects. Only generations the checker judges correct are scored (their words can be
-    bound to detections). Returns {"n_prompts", "n_scored", "by_class", "by_step"}."""
-    import torch
-
-    from models.shapes.checker import check
-    from models.trace import trace
-
-    from interp.tasks.generation_eval import held_out_prompts
-
+    bound to detections). Returns {"n_prompts", "n_scored", "scored" (`interp.stats.rate` of n_scored
+    out of n_prompts, with its Wilson 95 % interval), "by_class", "by_step"}."""
     d = getattr(pipe, "discolens_defaults", None)
     rows: list[dict] = []
     pairs = held_out_prompts(n_per_kind, prompt_seed)
@@ -149,5 +164,5 @@ def evaluate_generation_grounding(pipe, n_per_kind: int = 10, steps: int | None 
     by_step: dict = {}
     for r in rows:
         by_step.setdefault(r["timestep"], []).append(r)
-    return {"n_prompts": len(pairs), "n_scored": scored, "by_class": _summ(rows) if rows else {},
+    return {"n_prompts": len(pairs), "n_scored": scored, "scored": stats.rate(scored, len(pairs)), "by_class": _summ(rows) if rows else {},
             "by_step": {str(k): _summ(v) for k, v in sorted(by_step.items(), reverse=True)}}

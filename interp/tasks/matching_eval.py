@@ -315,7 +315,7 @@ def compare_scorers(pipe, benchmark: Benchmark | str | Path, scorers: Sequence[M
             for o, sc in zip(options, scs):
                 spec = spec.merge(sc.needs(o, captions))
             res = noised_unet_pass(pipe, encode_image(pipe, image), captions, list(ts), noise_seed=seed,
-                                   logits=spec.logits, cosine=spec.cosine, uncond=spec.uncond)
+                                   logits=spec.logits, cosine=spec.cosine, uncond=spec.uncond, padded=spec.padded)
             outs = [sc.score_pass(res, o) for o, sc in zip(options, scs)]
             for a, r in zip(alone, outs):
                 a[0] += r.unet_calls

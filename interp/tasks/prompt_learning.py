@@ -1,10 +1,5 @@
-"""Attention-based prompt learning (Discffusion Eq. 5-6): learnable deltas on the cross-attention K/V projections.
-
-Every cross-attention layer (`attn2`) gets two learnable matrices, added to its frozen key and value projections
-
-    W'_k = W_k + p^k,    W'_v = W_v + p^v          (Eq. 5; p initialised to zero)
-
-trained few-shot with the margin triplet loss on the LSE matching score f (Eq. 4, `interp.lse`)
+"""Few-shot attention prompt learning (Discffusion Eq. 5-6): train an `AttentionPrompt` (models.adapters) on the
+margin triplet loss of the LSE matching score f (Eq. 4, `interp.lse`)
 
     L = mean over triplets of max(0, f(x_neg, y) - f(x_pos, y) + M)          (Eq. 6, image negatives)
                            or max(0, f(x, y_neg) - f(x, y_pos) + M)          (caption negatives)
@@ -17,349 +12,44 @@ M = 0.2 by default; the authors' code used M = 0.1 and LoRA processors, offered 
     with apply_prompt(pipe, load_prompt("wino.prompt.safetensors")):
         score_image_captions(pipe, image, captions)        # any scoring / tracing / generation runs with it
 
-How a prompt is applied (no monkey-patching, frozen weights untouched, everything restored on exit, also after an
-exception):
-  * "additive": a PyTorch forward hook on each `attn2.to_k` / `attn2.to_v` adds `F.linear(x, p)` to the
-    projection's output: x W^T + b + x p^T = F.linear(x, W + p, b), i.e. exactly Eq. 5. A hook (rather than an
-    attention processor) because `noised_unet_pass` / `trace` install their own `CaptureProcessor`s on the
-    cross-attention layers, which would replace a prompt processor; a hook on the projection works under any
-    processor (CaptureProcessor, SDPA, the pipeline's own) and the trace still sees the probabilities. A zero
-    prompt adds exact zeros, so the UNet output is bit-identical.
-  * "lora": peft's `inject_adapter_in_model(LoraConfig(target_modules=[... attn2.to_k, ... attn2.to_v]))` wraps
-    those Linear layers (the original modules become `base_layer`); the adapter's lora_A / lora_B parameters are
-    the prompt's own tensors (shared, so they train in place). On exit the original Linear modules are put back,
-    `unet.peft_config` and the parameters' `requires_grad` flags are restored. p = (alpha / rank) B A.
-
-Tensor shapes (per cross-attention layer, keyed by its module path; `alias` as in models.attention_capture):
-    additive:  p_k  [inner_dim, cross_attention_dim]  = attn2.to_k.weight.shape  (out_features, in_features)
-               p_v  [inner_dim, cross_attention_dim]  = attn2.to_v.weight.shape
-    lora:      A_k  [rank, cross_attention_dim],  B_k [inner_dim, rank]   (likewise A_v, B_v); B starts at 0
+The prompt itself (AttentionPrompt, apply_prompt, save_prompt, load_prompt) lives in
+`models.adapters.attention_prompt`; its names are re-exported here.
 
 Training (`train_prompt`): UNet, VAE and text encoder are frozen (requires_grad False for the run, the flags
-restored afterwards); images are encoded once (VAE posterior mean, as `encode_image`), captions once; each step
-noises the batch's latents at every `options.timesteps` timestep with one noise draw per timestep shared by all
-rows (by default the scoring's own noise, `options.noise_seed`, so the trained objective is the test-time score),
-runs the UNet once per timestep on the batch's unique (image, caption) rows with capture processors whose sink
-keeps the (differentiable) attention maps, and computes f exactly as `interp.lse.lse_score` does (same source,
-layers, pooling, lambda and token columns as `options`).
+restored afterwards); images are encoded once (VAE posterior mean, as `encode_image`); each step runs the one noised
+pass (`models.unet_pass.noised_unet_pass`, `grad=True`) on the batch's unique (image, caption) rows, one latent per
+row, at every `options.timesteps` timestep with one noise draw per timestep shared by all rows (by default the
+scoring's own noise, `options.noise_seed`, so the trained objective is the test-time score), and computes f from
+the pass's differentiable traced maps with the LSE scorer's pooling (`interp.scorers.head_weighted.trace_objective`:
+same source, layers, pooling, lambda and token columns as `options` and `interp.lse.lse_score`).
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import random
 import time
-import warnings
-import weakref
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from models.attention_capture import capture_cross_attention, cross_attention_layers, select_layer_names
-from models.trace import real_token_count
+from models.adapters.attention_prompt import (FORMAT_VERSION, VARIANTS, AttentionPrompt, PromptLayer, Variant,
+                                              apply_prompt, check_compatible, load_prompt, save_prompt)
+from models.attention_capture import cross_attention_layers, select_layer_names
+from models.shapes.benchmarks import Benchmark, Item, load_benchmark
+from models.unet_pass import encode_image, noised_unet_pass
+
+from interp.lse import POOLINGS
+from interp.scorers.base import MatchOptions
+from interp.scorers.head_weighted import trace_objective
 
 __all__ = ["VARIANTS", "NEGATIVES", "FORMAT_VERSION", "PromptLayer", "AttentionPrompt", "Triplet", "apply_prompt",
            "collect_triplets", "prompt_scores", "triplet_loss", "train_prompt", "save_prompt", "load_prompt"]
 
-VARIANTS = ("additive", "lora")
 NEGATIVES = ("both", "image", "caption")
-FORMAT_VERSION = 1
-_META_KEY = "discolens_prompt"
-_ADAPTER = "discolens_prompt"
-Variant = Literal["additive", "lora"]
-
-
-# ----------------------------------------------------------------------------------------------
-# The prompt
-# ----------------------------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class PromptLayer:
-    """A cross-attention layer a prompt adapts: module path, alias, and the to_k / to_v weight shapes."""
-
-    name: str  # e.g. "down_blocks.0.attentions.0.transformer_blocks.0.attn2"
-    alias: str  # e.g. "down.0.attn.0"
-    k_shape: tuple[int, int]  # attn2.to_k.weight.shape = (out_features, in_features)
-    v_shape: tuple[int, int]  # attn2.to_v.weight.shape
-
-
-def _key(alias: str, which: str, part: str | None = None) -> str:
-    """ParameterDict key (no dots allowed there): 'down.0.attn.0', 'k', 'A' -> 'down_0_attn_0__k__A'."""
-    return f"{alias.replace('.', '_')}__{which}" + (f"__{part}" if part else "")
-
-
-class AttentionPrompt(nn.Module):
-    """Learnable K/V deltas for every cross-attention layer of a UNet (see the module docstring for shapes).
-
-    Build one with `AttentionPrompt.for_unet(unet, variant)`; parameters live in `self.params` (a ParameterDict);
-    read them by layer alias or module path with `get(layer, "k"|"v")` (additive) / `lora(layer, "k"|"v")`, or the
-    effective weight delta (both variants) with `delta(layer, "k"|"v")`.
-
-    Attributes:
-        variant: "additive" | "lora"
-        layers: the adapted layers, in UNet order
-        rank, alpha: LoRA rank and alpha (scale = alpha / rank); 0 for "additive"
-        base_model: the model the prompt was made for (pipe.name_or_path), "" if unknown
-        meta: free JSON-ready metadata (training settings: margin, steps, lr, options, ...)
-    """
-
-    def __init__(self, layers: Sequence[PromptLayer], variant: Variant = "additive", rank: int = 4,
-                 alpha: float | None = None, base_model: str = "", meta: dict | None = None, seed: int = 0) -> None:
-        super().__init__()
-        if variant not in VARIANTS:
-            raise ValueError(f"unknown variant {variant!r}; choose one of {VARIANTS}")
-        layers = list(layers)
-        if not layers:
-            raise ValueError("a prompt needs at least one cross-attention layer")
-        self.variant = variant
-        self.layers = layers
-        self.base_model = str(base_model or "")
-        self.meta = dict(meta or {})
-        self.params = nn.ParameterDict()
-        if variant == "additive":
-            self.rank, self.alpha = 0, 0.0
-            for l in layers:
-                self.params[_key(l.alias, "k")] = nn.Parameter(torch.zeros(l.k_shape))
-                self.params[_key(l.alias, "v")] = nn.Parameter(torch.zeros(l.v_shape))
-        else:
-            rank = int(rank)
-            if rank < 1:
-                raise ValueError(f"LoRA rank must be at least 1, got {rank}")
-            self.rank = rank
-            self.alpha = float(alpha) if alpha is not None else float(rank)
-            if not math.isfinite(self.alpha) or self.alpha <= 0:
-                raise ValueError(f"LoRA alpha must be a positive number, got {alpha}")
-            g = torch.Generator().manual_seed(int(seed))
-            for l in layers:
-                for which, (out_f, in_f) in (("k", l.k_shape), ("v", l.v_shape)):
-                    # peft's default init: A ~ kaiming_uniform(a=sqrt(5)) = U(-1/sqrt(in), 1/sqrt(in)), B = 0
-                    bound = 1.0 / math.sqrt(in_f)
-                    a = (torch.rand(rank, in_f, generator=g) * 2 - 1) * bound
-                    self.params[_key(l.alias, which, "A")] = nn.Parameter(a)
-                    self.params[_key(l.alias, which, "B")] = nn.Parameter(torch.zeros(out_f, rank))
-
-    # ---- construction ----
-    @staticmethod
-    def layers_of(unet: nn.Module) -> list[PromptLayer]:
-        """The UNet's cross-attention layers with their to_k / to_v weight shapes."""
-        out = []
-        for l in cross_attention_layers(unet):
-            attn = unet.get_submodule(l.name)
-            if getattr(attn, "to_k", None) is None or getattr(attn, "to_v", None) is None:
-                raise ValueError(f"{l.name} has no to_k / to_v projections")
-            out.append(PromptLayer(l.name, l.alias, tuple(attn.to_k.weight.shape), tuple(attn.to_v.weight.shape)))
-        if not out:
-            raise ValueError("the UNet has no cross-attention (attn2) layers")
-        return out
-
-    @classmethod
-    def for_unet(cls, unet_or_pipe, variant: Variant = "additive", rank: int = 4, alpha: float | None = None,
-                 seed: int = 0, base_model: str | None = None) -> "AttentionPrompt":
-        """A fresh prompt for a UNet (or a pipeline): zeros ("additive"), or B = 0 and random A ("lora")."""
-        unet = getattr(unet_or_pipe, "unet", unet_or_pipe)
-        if base_model is None:
-            base_model = _model_id(unet_or_pipe)
-        return cls(cls.layers_of(unet), variant, rank, alpha, base_model, seed=seed)
-
-    # ---- access ----
-    def layer(self, key: str) -> PromptLayer:
-        """A layer by alias or module path."""
-        for l in self.layers:
-            if key in (l.alias, l.name):
-                return l
-        raise KeyError(f"no layer {key!r} in the prompt; layers: {[l.alias for l in self.layers]}")
-
-    def get(self, layer: str, which: str) -> nn.Parameter:
-        """The additive delta p^k ("k") or p^v ("v") of a layer (alias or module path)."""
-        if self.variant != "additive":
-            raise ValueError("get() is for additive prompts; use lora() or delta()")
-        return self.params[_key(self.layer(layer).alias, _which(which))]
-
-    def lora(self, layer: str, which: str) -> tuple[nn.Parameter, nn.Parameter]:
-        """The LoRA factors (A [rank, in], B [out, rank]) of a layer's to_k ("k") or to_v ("v")."""
-        if self.variant != "lora":
-            raise ValueError("lora() is for LoRA prompts; use get() or delta()")
-        alias = self.layer(layer).alias
-        w = _which(which)
-        return self.params[_key(alias, w, "A")], self.params[_key(alias, w, "B")]
-
-    @property
-    def scale(self) -> float:
-        """LoRA scaling alpha / rank (1.0 for additive prompts)."""
-        return self.alpha / self.rank if self.variant == "lora" else 1.0
-
-    def delta(self, layer: str, which: str) -> torch.Tensor:
-        """The effective weight delta of a layer's to_k / to_v: p (additive) or (alpha / rank) B A (lora)."""
-        if self.variant == "additive":
-            return self.get(layer, which)
-        a, b = self.lora(layer, which)
-        return self.scale * (b @ a)
-
-    def norms(self) -> dict[str, dict[str, float]]:
-        """Frobenius norm of each layer's effective K and V deltas: {alias: {"k": .., "v": ..}}."""
-        with torch.no_grad():
-            return {l.alias: {w: float(self.delta(l.alias, w).float().norm()) for w in ("k", "v")}
-                    for l in self.layers}
-
-    def header(self) -> dict:
-        """JSON-ready description (what `save_prompt` writes as metadata)."""
-        return {"format_version": FORMAT_VERSION, "variant": self.variant, "rank": self.rank, "alpha": self.alpha,
-                "base_model": self.base_model,
-                "layers": [{"name": l.name, "alias": l.alias, "k_shape": list(l.k_shape), "v_shape": list(l.v_shape)}
-                           for l in self.layers],
-                "meta": self.meta}
-
-    def extra_repr(self) -> str:
-        r = f", rank={self.rank}, alpha={self.alpha}" if self.variant == "lora" else ""
-        return f"variant={self.variant!r}, layers={len(self.layers)}{r}"
-
-
-def _which(which: str) -> str:
-    if which not in ("k", "v"):
-        raise ValueError(f"which must be 'k' or 'v', got {which!r}")
-    return which
-
-
-def _model_id(pipe_or_unet) -> str:
-    for obj in (pipe_or_unet, getattr(pipe_or_unet, "unet", None)):
-        if obj is None:
-            continue
-        v = getattr(obj, "name_or_path", None)
-        if not v:
-            cfg = getattr(obj, "config", None)
-            v = cfg.get("_name_or_path") if isinstance(cfg, dict) else getattr(cfg, "_name_or_path", None)
-        if v:
-            return str(v)
-    return ""
-
-
-# ----------------------------------------------------------------------------------------------
-# Applying a prompt
-# ----------------------------------------------------------------------------------------------
-_ACTIVE: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
-
-
-def _check_compatible(unet: nn.Module, prompt: AttentionPrompt) -> None:
-    mods = dict(unet.named_modules())
-    for l in prompt.layers:
-        attn = mods.get(l.name)
-        if attn is None:
-            raise ValueError(f"the UNet has no layer {l.name} ({l.alias}); the prompt was made for another "
-                             f"architecture (base model {prompt.base_model or 'unknown'})")
-        if getattr(attn, "fused_projections", False):
-            raise ValueError(f"{l.name} uses fused QKV projections; call unet.unfuse_qkv_projections() first")
-        for which, shape in (("k", l.k_shape), ("v", l.v_shape)):
-            lin = getattr(attn, f"to_{which}", None)
-            got = tuple(lin.weight.shape) if lin is not None and hasattr(lin, "weight") else None
-            if got != tuple(shape):
-                raise ValueError(f"{l.alias}.to_{which}: the prompt expects a weight of shape {tuple(shape)}, "
-                                 f"the UNet has {got} (base model {prompt.base_model or 'unknown'})")
-    ours = {l.name for l in prompt.layers}
-    theirs = {l.name for l in cross_attention_layers(unet)}
-    if ours != theirs:
-        warnings.warn(f"the prompt adapts {len(ours)} of the UNet's {len(theirs)} cross-attention layers", stacklevel=3)
-
-
-def _additive_hook(delta: torch.Tensor):
-    def hook(module, args, output):
-        x = args[0]
-        return output + F.linear(x, delta.to(device=x.device, dtype=x.dtype))  # x W^T + b + x p^T = x (W+p)^T + b
-    return hook
-
-
-@contextlib.contextmanager
-def _apply_additive(unet: nn.Module, prompt: AttentionPrompt) -> Iterator[None]:
-    handles = []
-    try:
-        for l in prompt.layers:
-            attn = unet.get_submodule(l.name)
-            for which in ("k", "v"):
-                handles.append(getattr(attn, f"to_{which}").register_forward_hook(
-                    _additive_hook(prompt.get(l.alias, which))))
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
-@contextlib.contextmanager
-def _apply_lora(unet: nn.Module, prompt: AttentionPrompt) -> Iterator[None]:
-    from peft import LoraConfig, inject_adapter_in_model
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    originals: dict[tuple[str, str], nn.Module] = {}
-    for l in prompt.layers:
-        attn = unet.get_submodule(l.name)
-        for which in ("k", "v"):
-            lin = getattr(attn, f"to_{which}")
-            if isinstance(lin, BaseTunerLayer):
-                raise ValueError(f"{l.name}.to_{which} already carries a peft adapter; unload it first")
-            originals[(l.name, which)] = lin
-    flags = [(p, p.requires_grad) for p in unet.parameters()]
-    had_cfg = "peft_config" in unet.__dict__
-    old_cfg = unet.__dict__.get("peft_config")
-    cfg = LoraConfig(r=prompt.rank, lora_alpha=prompt.alpha, lora_dropout=0.0, bias="none",
-                     target_modules=[f"{n}.to_{w}" for (n, w) in originals], init_lora_weights=True)
-    try:
-        inject_adapter_in_model(cfg, unet, adapter_name=_ADAPTER)
-        for l in prompt.layers:
-            attn = unet.get_submodule(l.name)
-            for which in ("k", "v"):
-                mod = getattr(attn, f"to_{which}")
-                if not isinstance(mod, BaseTunerLayer) or _ADAPTER not in mod.lora_A:
-                    raise RuntimeError(f"peft did not wrap {l.name}.to_{which}")  # pragma: no cover
-                if abs(float(mod.scaling[_ADAPTER]) - prompt.scale) > 1e-12:
-                    raise RuntimeError("peft's LoRA scaling differs from alpha / rank")  # pragma: no cover
-                a, b = prompt.lora(l.alias, which)
-                dev = originals[(l.name, which)].weight.device
-                # share the prompt's parameters (same objects: they train in place) when on the right device
-                mod.lora_A[_ADAPTER].weight = a if a.device == dev else nn.Parameter(a.detach().to(dev))
-                mod.lora_B[_ADAPTER].weight = b if b.device == dev else nn.Parameter(b.detach().to(dev))
-        yield
-    finally:
-        for (name, which), lin in originals.items():
-            setattr(unet.get_submodule(name), f"to_{which}", lin)
-        for p, rg in flags:
-            p.requires_grad_(rg)
-        if had_cfg:
-            unet.__dict__["peft_config"] = old_cfg
-        else:
-            unet.__dict__.pop("peft_config", None)
-
-
-@contextlib.contextmanager
-def apply_prompt(pipe_or_unet, prompt: AttentionPrompt | None) -> Iterator[AttentionPrompt | None]:
-    """Run a pipeline's UNet with a prompt applied (see the module docstring); everything restored on exit.
-
-    Args:
-        pipe_or_unet: a diffusers pipeline (its `unet` is used) or a UNet.
-        prompt: an AttentionPrompt, or None (a no-op context, handy for optional CLI flags).
-    Raises:
-        ValueError: the prompt does not fit the UNet (layers or shapes), fused projections, or a prompt is already
-            applied to this UNet (nesting would apply it twice).
-    """
-    if prompt is None:
-        yield None
-        return
-    if not isinstance(prompt, AttentionPrompt):
-        raise ValueError(f"apply_prompt expects an AttentionPrompt, got {type(prompt).__name__}")
-    unet = getattr(pipe_or_unet, "unet", pipe_or_unet)
-    _check_compatible(unet, prompt)
-    here = _model_id(pipe_or_unet)
-    if prompt.base_model and here and Path(prompt.base_model).name != Path(here).name:
-        warnings.warn(f"the prompt was trained on {prompt.base_model!r}, applying it to {here!r}", stacklevel=3)
-    if unet in _ACTIVE:
-        raise ValueError("a prompt is already applied to this UNet (nested apply_prompt)")
-    _ACTIVE.add(unet)
-    try:
-        with (_apply_additive if prompt.variant == "additive" else _apply_lora)(unet, prompt):
-            yield prompt
-    finally:
-        _ACTIVE.discard(unet)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -408,8 +98,6 @@ def collect_triplets(data, negatives: str = "both", split: str = "train") -> lis
     Raises:
         ValueError: unknown `negatives`, a malformed tuple, or no triplets at all.
     """
-    from models.shapes.benchmarks import Benchmark, Item, load_benchmark
-
     if negatives not in NEGATIVES:
         raise ValueError(f"unknown negatives {negatives!r}; choose one of {NEGATIVES}")
     if isinstance(data, (str, Path)):
@@ -454,39 +142,21 @@ def collect_triplets(data, negatives: str = "both", split: str = "train") -> lis
 
 
 # ----------------------------------------------------------------------------------------------
-# Differentiable matching score
+# Differentiable matching score (through the one noised pass)
 # ----------------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class _Rows:
     """Unique (image, caption) rows of a triplet set, and each triplet's positive / negative row."""
 
-    latents: torch.Tensor  # [I, C, h, w]
-    emb: torch.Tensor  # [J, 77, D]
-    cols: list[list[int]]  # per caption, the pooled token positions
+    latents: torch.Tensor  # [I, C, h, w] float32, the unique images' latents (UNet device)
+    captions: list[str]  # [J] the unique captions (whitespace-normalised)
     rows: list[tuple[int, int]]  # (image index, caption index)
     pos: list[int]  # per triplet, its positive row
     neg: list[int]  # per triplet, its negative row
 
 
-def _token_columns(tokenizer, ids: torch.Tensor, tokens: str) -> list[int]:
-    from interp.lse import SPECIAL
-
-    n = real_token_count(ids.tolist(), tokenizer.eos_token_id)
-    if tokens == "all":
-        return list(range(n))
-    if tokens != "words":
-        raise ValueError(f"unknown tokens option {tokens!r}; use 'all' or 'words'")
-    toks = [t.replace("</w>", "") for t in tokenizer.convert_ids_to_tokens(ids[:n].tolist())]
-    cols = [j for j, t in enumerate(toks) if t not in SPECIAL]
-    if not cols:
-        raise ValueError(f"tokens='words': a caption has no word tokens ({toks})")
-    return cols
-
-
-def _encode_pairs(pipe, pairs: Sequence[tuple[Any, str]], tokens: str) -> _Rows:
-    """Encode unique images and captions once (frozen VAE / text encoder, no gradients); one row per pair."""
-    from models.unet_pass import encode_image
-
+def _encode_pairs(pipe, pairs: Sequence[tuple[Any, str]]) -> _Rows:
+    """Encode the unique images once (frozen VAE, no gradients); one row per pair."""
     img_index: dict[int, int] = {}
     images: list = []
     cap_index: dict[str, int] = {}
@@ -496,18 +166,11 @@ def _encode_pairs(pipe, pairs: Sequence[tuple[Any, str]], tokens: str) -> _Rows:
             img_index[id(x)] = len(images)
             images.append(x)
         rows.append((img_index[id(x)], cap_index.setdefault(" ".join(c.split()), len(cap_index))))
-    with torch.no_grad():
-        latents = torch.cat([encode_image(pipe, x) for x in images])
-        caps = list(cap_index)
-        tok = pipe.tokenizer
-        ids = tok(caps, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                  return_tensors="pt").input_ids
-        cols = [_token_columns(tok, r, tokens) for r in ids]
-        emb = pipe.text_encoder(ids.to(pipe.text_encoder.device))[0].to(pipe.unet.device, pipe.unet.dtype)
-    return _Rows(latents, emb, cols, rows, list(range(len(rows))), [])
+    latents = torch.cat([encode_image(pipe, x) for x in images])  # [I, C, h, w]
+    return _Rows(latents, list(cap_index), rows, list(range(len(rows))), [])
 
 
-def _prepare(pipe, triplets: Sequence[Triplet], tokens: str) -> _Rows:
+def _prepare(pipe, triplets: Sequence[Triplet]) -> _Rows:
     """Rows for the unique (image, caption) pairs of the triplets, with each triplet's positive / negative row."""
     index: dict[tuple[int, str], int] = {}
     pairs: list[tuple[Any, str]] = []
@@ -524,7 +187,7 @@ def _prepare(pipe, triplets: Sequence[Triplet], tokens: str) -> _Rows:
         pos.append(row(t.image, t.caption))
         neg.append(row(t.neg_image if t.neg_image is not None else t.image,
                        t.neg_caption if t.neg_caption is not None else t.caption))
-    data = _encode_pairs(pipe, pairs, tokens)
+    data = _encode_pairs(pipe, pairs)
     data.pos, data.neg = pos, neg
     return data
 
@@ -535,8 +198,6 @@ def _score_layers(unet, layers) -> list[str]:
 
 
 def _check_options(options) -> None:
-    from interp.lse import POOLINGS
-
     if options.scorer != "lse":
         raise ValueError(f"prompt learning trains the LSE score; options.scorer must be 'lse', got {options.scorer!r}")
     if options.source not in ("probs", "logits"):
@@ -547,45 +208,19 @@ def _check_options(options) -> None:
         raise ValueError("options.timesteps is empty")
 
 
-def _fixed_noise(latents: torch.Tensor, n_steps: int, seed: int) -> torch.Tensor:
-    """The noise `noised_unet_pass` draws for `noise_seed=seed`: [S, C, h, w]."""
-    g = torch.Generator().manual_seed(int(seed))
-    return torch.randn((n_steps, *latents.shape[1:]), generator=g).to(latents.device)
-
-
-def _row_scores(pipe, data: _Rows, rows: Sequence[int], options, noise: torch.Tensor) -> torch.Tensor:
-    """f (Eq. 4, as `lse_score` with `options`) of the given rows, differentiable w.r.t. the prompt: [R] float64."""
-    from interp.lse import pool
-
-    unet, sched = pipe.unet, pipe.scheduler
-    dev, dt = unet.device, unet.dtype
-    names = _score_layers(unet, options.layers)
-    n_train = int(sched.config.num_train_timesteps)
-    for t in options.timesteps:
-        if isinstance(t, bool) or int(t) != t or not 0 <= int(t) < n_train:
-            raise ValueError(f"timestep {t!r} is not an integer in [0, {n_train})")
-    lat = data.latents[[data.rows[r][0] for r in rows]].to(dev)
-    emb = data.emb[[data.rows[r][1] for r in rows]]
-    cols = [data.cols[data.rows[r][1]] for r in rows]
-    R = len(rows)
-    want_logits = options.source == "logits"
-    store: dict[str, torch.Tensor] = {}
-
-    def sink(name, probs, logits):
-        store[name] = logits if want_logits else probs
-
-    total = torch.zeros(R, dtype=torch.float64, device=dev)
-    with capture_cross_attention(unet, sink, want_logits=want_logits, layers=names):
-        for s, t in enumerate(options.timesteps):
-            tt = torch.full((R,), int(t), dtype=torch.long, device=dev)
-            x_t = sched.add_noise(lat, noise[s : s + 1].expand(R, -1, -1, -1), tt)
-            store.clear()
-            unet(x_t.to(dt), tt, encoder_hidden_states=emb)
-            for name in names:
-                x = store[name]  # [R, heads, h*w, 77]
-                total = total + torch.stack([pool(x[r][..., cols[r]], options.pooling, options.lam).mean()
-                                             for r in range(R)])
-    return total / (len(options.timesteps) * len(names))
+def _row_scores(pipe, data: _Rows, rows: Sequence[int], options, noise: torch.Tensor | None = None,
+                grad: bool = False) -> torch.Tensor:
+    """f (Eq. 4, as `lse_score` with `options`) of the given rows: one noised pass, one latent per row; with `grad`
+    differentiable w.r.t. an applied prompt. `noise` `[S, C, h, w]`: default the seeded draw of `options.noise_seed`.
+    Returns `[R]` float64."""
+    names = _score_layers(pipe.unet, options.layers)
+    lat = data.latents[[data.rows[r][0] for r in rows]]  # [R, C, h, w]
+    caps = [data.captions[data.rows[r][1]] for r in rows]
+    res = noised_unet_pass(pipe, lat, caps, list(options.timesteps), noise_seed=options.noise_seed, noise=noise,
+                           grad=grad, logits=options.source == "logits", cosine=options.pooling == "cosine",
+                           layers=names)
+    traced = dataclasses.replace(options, layers=None)  # the pass traced exactly the selected layers
+    return torch.stack([trace_objective(tr, traced).mean() for tr in res.traces])
 
 
 def _hinge(f: torch.Tensor, pos: Sequence[int], neg: Sequence[int], margin: float) -> torch.Tensor:
@@ -596,20 +231,17 @@ def prompt_scores(pipe, image, captions: Sequence[str], options=None, prompt: At
                   ) -> dict[str, float]:
     """f(image, caption) per caption as computed in training (one batch; with `prompt` applied if given).
 
-    Equals `score_image_captions(pipe, image, captions, options)["scores"]` under `apply_prompt` (a consistency
+    Equals `score_image_captions(pipe, image, captions, options).by_caption` under `apply_prompt` (a consistency
     check of the training score); the noise is `options.noise_seed`'s.
     """
-    from interp.tasks.matching import MatchOptions
-
     options = options or MatchOptions()
     _check_options(options)
     caps = [" ".join(str(c).split()) for c in captions]
     if not caps or not all(caps):
         raise ValueError("give at least one non-empty caption")
-    data = _encode_pairs(pipe, [(image, c) for c in caps], options.tokens)
-    with torch.no_grad(), apply_prompt(pipe, prompt):
-        noise = _fixed_noise(data.latents, len(options.timesteps), options.noise_seed)
-        f = _row_scores(pipe, data, data.pos, options, noise)
+    data = _encode_pairs(pipe, [(image, c) for c in caps])
+    with apply_prompt(pipe, prompt):
+        f = _row_scores(pipe, data, data.pos, options)
     return {c: float(v) for c, v in zip(caps, f.cpu())}
 
 
@@ -619,18 +251,15 @@ def triplet_loss(pipe, data, options=None, margin: float = 0.2, prompt: Attentio
 
     Returns {"loss", "accuracy" (share of triplets with f_pos > f_neg), "violations" (hinge > 0), "n_triplets"}.
     """
-    from interp.tasks.matching import MatchOptions
-
     options = options or MatchOptions()
     _check_options(options)
     trips = collect_triplets(data, negatives)
-    rows = _prepare(pipe, trips, options.tokens)
-    noise = _fixed_noise(rows.latents, len(options.timesteps), options.noise_seed)
+    rows = _prepare(pipe, trips)
     f = torch.empty(len(rows.rows), dtype=torch.float64)
-    with torch.no_grad(), apply_prompt(pipe, prompt):
+    with apply_prompt(pipe, prompt):
         for a in range(0, len(rows.rows), max(1, int(batch_size))):
             idx = list(range(a, min(a + batch_size, len(rows.rows))))
-            f[idx] = _row_scores(pipe, rows, idx, options, noise).cpu()
+            f[idx] = _row_scores(pipe, rows, idx, options).cpu()
     h = _hinge(f, rows.pos, rows.neg, margin)
     return {"loss": float(h.mean()), "accuracy": float((f[rows.pos] > f[rows.neg]).double().mean()),
             "violations": int((h > 0).sum()), "n_triplets": len(trips)}
@@ -667,7 +296,7 @@ def train_prompt(pipe, benchmark_or_pairs, options=None, steps: int = 50, lr: fl
     Args:
         pipe: a Stable-Diffusion-family pipeline; its UNet, VAE and text encoder stay frozen (bit-identical).
         benchmark_or_pairs: anything `collect_triplets` takes (a Benchmark / name: its "train" split).
-        options: interp.tasks.matching.MatchOptions; the score f (source, layers, pooling, lam, tokens, timesteps,
+        options: interp.scorers.MatchOptions; the score f (source, layers, pooling, lam, tokens, timesteps,
             noise_seed) is the one scoring uses. `scorer` must be "lse".
         steps: optimiser steps (Adam), each on a minibatch of `batch_size` triplets (shuffled, seeded epochs).
         lr: Adam learning rate.
@@ -687,8 +316,6 @@ def train_prompt(pipe, benchmark_or_pairs, options=None, steps: int = 50, lr: fl
         ValueError: no training pairs, steps < 1, lr <= 0, margin < 0, batch_size < 1, unknown variant / negatives,
             options.scorer != "lse", a prompt that does not fit the UNet.
     """
-    from interp.tasks.matching import MatchOptions
-
     options = options or MatchOptions()
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
@@ -708,7 +335,7 @@ def train_prompt(pipe, benchmark_or_pairs, options=None, steps: int = 50, lr: fl
     dev = unet.device
     if prompt is None:
         prompt = AttentionPrompt.for_unet(pipe, variant, rank=rank, alpha=alpha, seed=seed)
-    _check_compatible(unet, prompt)
+    check_compatible(unet, prompt)
     prompt.to(dev, torch.float32)
     for p in prompt.parameters():
         p.requires_grad_(True)
@@ -716,9 +343,8 @@ def train_prompt(pipe, benchmark_or_pairs, options=None, steps: int = 50, lr: fl
     order: list[int] = []
     log: list[dict] = []
     with _frozen(pipe):
-        data = _prepare(pipe, trips, options.tokens)
+        data = _prepare(pipe, trips)
         S = len(options.timesteps)
-        fixed = _fixed_noise(data.latents, S, options.noise_seed)
         g = torch.Generator().manual_seed(int(seed))
         opt = torch.optim.Adam(prompt.parameters(), lr=float(lr))
         with apply_prompt(pipe, prompt), torch.enable_grad():
@@ -731,9 +357,9 @@ def train_prompt(pipe, benchmark_or_pairs, options=None, steps: int = 50, lr: fl
                 batch, order = order[:min(batch_size, len(trips))], order[min(batch_size, len(trips)):]
                 rows = sorted({data.pos[i] for i in batch} | {data.neg[i] for i in batch})
                 at = {r: k for k, r in enumerate(rows)}
-                noise = (torch.randn((S, *data.latents.shape[1:]), generator=g).to(dev) if resample_noise
-                         else fixed)
-                f = _row_scores(pipe, data, rows, options, noise)
+                # None: the pass's seeded draw (options.noise_seed), [S, C, h, w] either way
+                noise = torch.randn((S, *data.latents.shape[1:]), generator=g).to(dev) if resample_noise else None
+                f = _row_scores(pipe, data, rows, options, noise, grad=True)
                 pos = [at[data.pos[i]] for i in batch]
                 neg = [at[data.neg[i]] for i in batch]
                 h = _hinge(f, pos, neg, margin)
@@ -765,70 +391,3 @@ def train_prompt(pipe, benchmark_or_pairs, options=None, steps: int = 50, lr: fl
 def _options_dict(options) -> dict:
     d = dataclasses.asdict(options) if dataclasses.is_dataclass(options) else dict(vars(options))
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
-
-
-# ----------------------------------------------------------------------------------------------
-# Files
-# ----------------------------------------------------------------------------------------------
-def save_prompt(prompt: AttentionPrompt, path: str | Path) -> Path:
-    """Write a prompt as safetensors (float32 tensors on the CPU) with its header as JSON metadata.
-
-    Tensor names: "<module path>.to_k.delta" / ".to_v.delta" (additive) or "<module path>.to_k.lora_A" / "lora_B"
-    (lora). Metadata key "discolens_prompt": format_version, variant, rank, alpha, base_model, layers (name, alias,
-    shapes), meta (margin, training settings).
-    """
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    tensors = {}
-    for l in prompt.layers:
-        for w in ("k", "v"):
-            if prompt.variant == "additive":
-                tensors[f"{l.name}.to_{w}.delta"] = prompt.get(l.alias, w).detach().float().cpu().contiguous()
-            else:
-                a, b = prompt.lora(l.alias, w)
-                tensors[f"{l.name}.to_{w}.lora_A"] = a.detach().float().cpu().contiguous()
-                tensors[f"{l.name}.to_{w}.lora_B"] = b.detach().float().cpu().contiguous()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata={_META_KEY: json.dumps(prompt.header())})
-    return path
-
-
-def load_prompt(path: str | Path) -> AttentionPrompt:
-    """Read a prompt written by `save_prompt` (on the CPU).
-
-    Raises:
-        FileNotFoundError: no such file. ValueError: not a DiscoLens prompt, another format version, missing tensors.
-    """
-    from safetensors import safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no prompt file at {path}")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            raw = (f.metadata() or {}).get(_META_KEY)
-            tensors = {k: f.get_tensor(k) for k in f.keys()} if raw is not None else {}
-    except Exception as e:  # safetensors raises its own error classes for non-safetensors files
-        raise ValueError(f"{path} is not a safetensors file ({e})") from None
-    if raw is None:
-        raise ValueError(f"{path} is not a DiscoLens prompt (no {_META_KEY!r} metadata)")
-    h = json.loads(raw)
-    if h.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path} is prompt format {h.get('format_version')}, this code reads {FORMAT_VERSION}")
-    layers = [PromptLayer(l["name"], l["alias"], tuple(l["k_shape"]), tuple(l["v_shape"])) for l in h["layers"]]
-    prompt = AttentionPrompt(layers, h["variant"], rank=h.get("rank") or 4, alpha=h.get("alpha") or None,
-                             base_model=h.get("base_model", ""), meta=h.get("meta", {}))
-    with torch.no_grad():
-        for l in layers:
-            for w in ("k", "v"):
-                names = ([(f"{l.name}.to_{w}.delta", prompt.get(l.alias, w))] if prompt.variant == "additive" else
-                         list(zip((f"{l.name}.to_{w}.lora_A", f"{l.name}.to_{w}.lora_B"), prompt.lora(l.alias, w))))
-                for name, param in names:
-                    if name not in tensors:
-                        raise ValueError(f"{path}: tensor {name} is missing")
-                    if tuple(tensors[name].shape) != tuple(param.shape):
-                        raise ValueError(f"{path}: tensor {name} has shape {tuple(tensors[name].shape)}, "
-                                         f"expected {tuple(param.shape)}")
-                    param.copy_(tensors[name])
-    return prompt

@@ -20,6 +20,13 @@ Detection works without any learned model, so it can score generated (imperfect)
 
 `check` then parses the caption with `world.parse_caption` and applies the rules of its kind (see `check`).
 
+Strict mode (`check(..., strict=True)`, issue 20) also counts what the steps above let pass: ink (pixels at least
+`INK_DIST` from the background) that no detection explains, i.e. off-palette or greyish blobs and palette specks
+under the minimum area, forms unknown objects (`unknown_objects`); a detection whose best shape fit is below
+`MIN_SHAPE_FIT` or whose box is elongated (`MAX_ASPECT`) has an unknown shape; and a single caption's size word
+must agree with the object's extent. The default mode is unchanged. Agreement of both modes with labels of
+generated images: docs/checker.md.
+
 Example:
     >>> rng = np.random.default_rng(0)
     >>> scene = world.sample_scene(rng, "relation")
@@ -28,6 +35,8 @@ Example:
     True
     >>> check(image, world.negatives(scene)["flip_relation"])["relation_ok"]
     False
+    >>> check(image, scene.caption, strict=True)["unknown_objects"]
+    []
 """
 from __future__ import annotations
 
@@ -61,6 +70,12 @@ TEMPLATE_BLUR = (0.0, 0.7, 1.4)  # gaussian blurs (pixels) the ideal shapes are 
 # Size: extents (in pixels at 64x64) below this are "small", above "big" (midway between world.SIZE_PX ranges).
 SIZE_THRESHOLD_64 = (world.SIZE_PX["small"][1] + world.SIZE_PX["big"][0]) / 2
 SQUARE_INSET = 0.88  # world._draw draws squares at 88% of the object's extent
+# Strict mode (`check(..., strict=True)`); fixed from renders before any generation was labelled.
+INK_DIST = 60.0  # RGB distance from the background from which a pixel is "ink" (about alpha 0.25 of a color)
+UNKNOWN_MIN_AREA_64 = 8  # smallest unexplained ink blob (pixels at 64x64) counted as an unknown object
+EXPLAIN_RADIUS_64 = 2  # ink within this many pixels (at 64x64) of a detected object belongs to it (its edge)
+MIN_SHAPE_FIT = 0.7  # best soft IoU below which a blob is an "unknown" shape (renders: >= 0.81 with noise)
+MAX_ASPECT = 1.5  # box side ratio above which a blob is an "unknown" shape (world objects have square boxes)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,6 +112,12 @@ def _to_array(image: Image.Image | np.ndarray) -> np.ndarray:
 
 def _pixel_model(image: Image.Image | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-pixel color labels (-1: background / ignored) and blend weights `alpha` [H, W, C] per color."""
+    labels, alpha, _ = _pixel_model_ink(image)
+    return labels, alpha
+
+
+def _pixel_model_ink(image: Image.Image | np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`_pixel_model`'s labels and alpha, and each pixel's RGB distance from the background [H, W]."""
     rgb = _to_array(image)
     saturation = rgb.max(-1) - rgb.min(-1)
     greyish = saturation < MIN_SATURATION / 2
@@ -110,7 +131,7 @@ def _pixel_model(image: Image.Image | np.ndarray) -> tuple[np.ndarray, np.ndarra
     a = np.take_along_axis(alpha, best[..., None], -1)[..., 0]
     r = np.take_along_axis(resid, best[..., None], -1)[..., 0]
     fg = (a >= MIN_ALPHA) & (r <= MAX_RESIDUAL) & (saturation >= MIN_SATURATION)
-    return np.where(fg, best, -1), alpha
+    return np.where(fg, best, -1), alpha, np.linalg.norm(x, axis=-1)
 
 
 def classify_pixels(image: Image.Image | np.ndarray) -> np.ndarray:
@@ -203,7 +224,30 @@ def detect(image: Image.Image | np.ndarray) -> list[Detection]:
     Returns:
         Detections sorted top-to-bottom, then left-to-right.
     """
-    labels, alpha = _pixel_model(image)
+    return [d for d, _, _ in _detect(image)[0]]
+
+
+@dataclasses.dataclass(frozen=True)
+class UnknownObject:
+    """A blob of ink that no palette detection explains (strict mode): off-palette, greyish, or a speck.
+
+    Attributes:
+        box: Bounding box (x0, y0, x1, y1) in pixels of the input image (x1, y1 exclusive).
+        center: Center (cx, cy) of the box.
+        area: Number of unexplained ink pixels.
+        rgb: Mean color of those pixels (0..255).
+    """
+
+    box: tuple[float, float, float, float]
+    center: tuple[float, float]
+    area: int
+    rgb: tuple[float, float, float]
+
+
+def _detect(image: Image.Image | np.ndarray) -> tuple[list[tuple[Detection, float, np.ndarray]], np.ndarray]:
+    """Detections with their best shape fit (soft IoU) and pixel mask, sorted like `detect`; and the ink
+    distance map [H, W] (RGB distance from the background)."""
+    labels, alpha, ink = _pixel_model_ink(image)
     h, w = labels.shape
     scale = w / world.IMAGE_SIZE
     min_area = max(3, int(round(MIN_AREA_64 * scale * (h / world.IMAGE_SIZE))))
@@ -225,7 +269,7 @@ def detect(image: Image.Image | np.ndarray) -> list[Detection]:
             sub, m = ndimage.label(comp & (labels == c), structure=eight)
             parts += [(c, sub == j) for j in range(1, m + 1) if (sub == j).sum() >= min_area]
     fg = labels >= 0
-    out: list[Detection] = []
+    out: list[tuple[Detection, float, np.ndarray]] = []
     for c, m in parts:
         ys, xs = np.nonzero(m)
         box = (float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1))
@@ -235,14 +279,62 @@ def detect(image: Image.Image | np.ndarray) -> list[Detection]:
         x0, x1 = max(int(box[0]) - pad, 0), min(int(box[2]) + pad, w)
         cov = np.where(fg[y0:y1, x0:x1] & ~m[y0:y1, x0:x1], 0.0, alpha[y0:y1, x0:x1, c])
         scores = _shape_scores(cov, box, x0, y0, scale)
-        out.append(Detection(
+        out.append((Detection(
             color=_PALETTE_NAMES[c],
             shape=max(scores, key=scores.get),
             box=box,
             center=((box[0] + box[2]) / 2, (box[1] + box[3]) / 2),
             area=int(m.sum()),
-        ))
-    return sorted(out, key=lambda d: (d.center[1], d.center[0]))
+        ), max(scores.values()), m))
+    return sorted(out, key=lambda t: (t[0].center[1], t[0].center[0])), ink
+
+
+def unknown_objects(image: Image.Image | np.ndarray, min_area_64: float = UNKNOWN_MIN_AREA_64) -> list[UnknownObject]:
+    """Blobs of ink (pixels at least `INK_DIST` from the background) that no detection explains.
+
+    A detection explains its own pixels and every pixel within `EXPLAIN_RADIUS_64` of them (its blurred edge).
+    What is left is grouped into 8-connected components; those of at least `UNKNOWN_MIN_AREA_64` pixels (at
+    64x64, scaled with the image area) are unknown objects: off-palette or greyish blobs, and palette specks
+    too small for `detect`.
+
+    Args:
+        image: PIL image or uint8 array [H, W, 3].
+        min_area_64: Smallest blob kept, in pixels at 64x64 (lower it to see the blobs strict mode ignores).
+
+    Returns:
+        Unknown objects sorted top-to-bottom, then left-to-right.
+    """
+    return _unknown_objects(_to_array(image), _detect(image), min_area_64)
+
+
+def _unknown_objects(rgb: np.ndarray, detected, min_area_64: float = UNKNOWN_MIN_AREA_64) -> list[UnknownObject]:
+    found, ink = detected
+    h, w = ink.shape
+    scale = w / world.IMAGE_SIZE
+    explained = np.zeros((h, w), bool)
+    for _, _, m in found:
+        explained |= m
+    radius = max(1, int(round(EXPLAIN_RADIUS_64 * scale)))
+    explained = ndimage.binary_dilation(explained, np.ones((3, 3), bool), iterations=radius)
+    comps, n = ndimage.label((ink >= INK_DIST) & ~explained, structure=np.ones((3, 3), int))
+    min_area = max(1, int(round(min_area_64 * scale * (h / world.IMAGE_SIZE))))
+    out = []
+    for k in range(1, n + 1):
+        m = comps == k
+        area = int(m.sum())
+        if area < min_area:
+            continue
+        ys, xs = np.nonzero(m)
+        box = (float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1))
+        out.append(UnknownObject(box, ((box[0] + box[2]) / 2, (box[1] + box[3]) / 2), area,
+                                 tuple(float(v) for v in rgb[m].mean(0))))
+    return sorted(out, key=lambda u: (u.center[1], u.center[0]))
+
+
+def _known_shape(det: Detection, fit: float) -> bool:
+    """Whether a detection looks like a world shape: good enough best fit and a near-square box."""
+    w, h = det.box[2] - det.box[0], det.box[3] - det.box[1]
+    return fit >= MIN_SHAPE_FIT and max(w, h) / max(min(w, h), 1e-6) <= MAX_ASPECT
 
 
 def size_of(det: Detection, image_width: int = world.IMAGE_SIZE) -> str:
@@ -270,12 +362,12 @@ def _agreement(det: Detection, phrase: world.Phrase) -> int:
     return int(det.color == phrase.color) + int(det.shape == phrase.shape)
 
 
-def check(image: Image.Image | np.ndarray, caption: str | world.Scene) -> dict[str, Any]:
+def check(image: Image.Image | np.ndarray, caption: str | world.Scene, strict: bool = False) -> dict[str, Any]:
     """Judge an image against a caption (or a scene's caption) of the shapes world.
 
     Rules by caption kind:
         single: exactly one object, of the caption's color and shape. If the caption has a size word,
-            "size_ok" reports whether the object's extent agrees (not part of "correct").
+            "size_ok" reports whether the object's extent agrees (not part of "correct" unless strict).
         relation: exactly two objects, the phrases matched to distinct detections of the right color and
             shape ("objects_ok"), and the relation holding between them ("relation_ok");
             correct = objects_ok and relation_ok. If the objects are wrong but one assignment of the two
@@ -284,28 +376,54 @@ def check(image: Image.Image | np.ndarray, caption: str | world.Scene) -> dict[s
         count: exactly N objects ("count_ok"), all of the caption's color and shape; "found" is the number of
             matching detections.
 
+    Strict mode (`strict=True`) counts what the default mode lets pass:
+        * unknown objects (`unknown_objects`): off-palette or greyish blobs and palette specks of at least
+          `UNKNOWN_MIN_AREA_64` pixels are objects too, of no caption's color, so they break "exactly one /
+          two / N objects";
+        * unknown shapes: a detection whose best shape fit is below `MIN_SHAPE_FIT`, or whose box is more
+          elongated than `MAX_ASPECT`, has shape "unknown" and matches no phrase;
+        * size words: a single caption's size word must agree with the object's extent ("size_ok" is part of
+          "correct").
+    The default mode is exactly the checker validated on renders and reconstructions.
+
     Args:
         image: PIL image or uint8 array [H, W, 3].
         caption: A caption of the grammar or a `world.Scene` (its caption is used).
+        strict: Judge with the strict rules above.
 
     Returns:
-        Dict with "kind", "correct", "detections" (list of dicts) and the kind's details above.
+        Dict with "kind", "caption", "correct", "detections" (list of dicts) and the kind's details above.
+        Strict mode adds "strict" (True), "unknown_objects" (list of dicts: box, center, area, rgb),
+        "shape_fits" (best soft IoU per detection, in the order of "detections"; a detection of unknown
+        shape has shape "unknown" there) and "n_objects" (detections + unknown objects).
 
     Raises:
         world.CaptionError: If the caption is outside the grammar.
+
+    Example:
+        >>> check(world.render(scene), scene.caption)["correct"]
+        >>> check(image, "a small red circle", strict=True)["unknown_objects"]
     """
     text = caption.caption if isinstance(caption, world.Scene) else caption
     parsed = world.parse_caption(text)
     arr = _to_array(image)
-    dets = detect(arr)
+    if strict:
+        detected = _detect(arr)
+        dets = [d if _known_shape(d, fit) else dataclasses.replace(d, shape="unknown") for d, fit, _ in detected[0]]
+        unknown = _unknown_objects(arr, detected)
+    else:
+        dets, unknown = detect(arr), []
     out: dict[str, Any] = {"kind": parsed.kind, "caption": " ".join(parsed.words),
                            "detections": [dataclasses.asdict(d) for d in dets]}
+    n_objects = len(dets) + len(unknown)
     if parsed.kind == "single":
         ph = parsed.phrases[0]
-        ok = len(dets) == 1 and _matches(dets[0], ph)
+        ok = n_objects == 1 and len(dets) == 1 and _matches(dets[0], ph)
         out["correct"] = ok
         if ph.size is not None:
-            out["size_ok"] = len(dets) == 1 and size_of(dets[0], arr.shape[1]) == ph.size
+            out["size_ok"] = n_objects == 1 and len(dets) == 1 and size_of(dets[0], arr.shape[1]) == ph.size
+            if strict:
+                out["correct"] = ok and out["size_ok"]
     elif parsed.kind == "relation":
         p_subj, p_obj = parsed.phrases
         objects_ok = relation_ok = False
@@ -315,13 +433,16 @@ def check(image: Image.Image | np.ndarray, caption: str | world.Scene) -> dict[s
                      for pair in itertools.permutations(dets, 2)}
             top = max(agree.values())
             best = [pair for pair, v in agree.items() if v == top]
-            objects_ok = top == 4
-            if objects_ok or (top > 0 and len(best) == 1):
+            objects_ok = top == 4 and n_objects == 2
+            if top == 4 or (top > 0 and len(best) == 1):
                 relation_ok = any(relation_holds(s, o, parsed.relation) for s, o in best)
         out.update(objects_ok=objects_ok, relation_ok=relation_ok, correct=objects_ok and relation_ok)
     else:
         ph = parsed.phrases[0]
         found = sum(_matches(d, ph) for d in dets)
-        count_ok = len(dets) == ph.count
+        count_ok = n_objects == ph.count
         out.update(count_ok=count_ok, asked=ph.count, found=found, correct=count_ok and found == ph.count)
+    if strict:
+        out.update(strict=True, unknown_objects=[dataclasses.asdict(u) for u in unknown],
+                   shape_fits=[fit for _, fit, _ in detected[0]], n_objects=n_objects)
     return out

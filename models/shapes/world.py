@@ -16,6 +16,11 @@ Caption grammar (exactly these words; one word = one token of the bundled tokeni
 
 "X left of Y" means X's center is left of Y's center, with the horizontal displacement dominant.
 
+Compositional split (`HELD_OUT_COLOR_SHAPES`, `HELD_OUT_RELATION_PAIRS`, `is_compositional_holdout`): a
+fixed set of color-shape pairs and ordered (subject, object) pairs of relations that training data drawn
+with `sample_dataset` leaves out by default, so that a model trained on it can be read on combinations it
+never saw (docs/protocol.md). The shipped model (assets/models/shapes-v1) predates the split: it saw them.
+
 Example:
     >>> scene = sample_scene(np.random.default_rng(0), "relation")
     >>> image = render(scene)              # PIL.Image, 64x64 RGB
@@ -397,11 +402,116 @@ def negatives(scene: Scene, rng: np.random.Generator | None = None) -> dict[str,
     return {k: v for k, v in out.items() if v != scene.caption}
 
 
-def sample_dataset(seed: int, n: int, mix: dict[str, float] | None = None) -> list[Scene]:
-    """`n` scenes drawn with a seeded generator; `mix` gives each kind's share."""
+def sample_dataset(seed: int, n: int, mix: dict[str, float] | None = None,
+                   exclude_compositional: bool = True) -> list[Scene]:
+    """`n` scenes drawn with a seeded generator; `mix` gives each kind's share.
+
+    With `exclude_compositional` (the default) every scene of the compositional split
+    (`is_compositional_holdout`) is replaced by a scene of the same kind drawn from a second generator
+    (seeded by `(seed, REPLACEMENT_STREAM)`), so the other scenes are exactly those of
+    `exclude_compositional=False`: the two datasets differ only where a held-out scene was.
+
+    The shipped model (assets/models/shapes-v1, seed 0, 60 000 scenes) was trained before the split
+    existed, on `exclude_compositional=False`: it has seen the held-out combinations. Rebuilding its
+    training data (a resume on a machine without the cached data) needs `exclude_compositional=False`.
+
+    Args:
+        seed: seed of the generator (the training data uses 0).
+        n: number of scenes.
+        mix: each kind's share (normalised); default single 0.25, relation 0.45, count 0.30.
+        exclude_compositional: replace the compositional split's scenes (see above).
+
+    Returns:
+        `n` scenes.
+
+    Example:
+        >>> scenes = sample_dataset(0, 1000)
+        >>> any(is_compositional_holdout(s) for s in scenes)   # False
+    """
     mix = mix or {"single": 0.25, "relation": 0.45, "count": 0.30}
     rng = np.random.default_rng(seed)
+    spare = np.random.default_rng((seed, REPLACEMENT_STREAM))
     kinds = list(mix)
     p = np.array([mix[k] for k in kinds], float)
     p /= p.sum()
-    return [sample_scene(rng, kinds[rng.choice(len(kinds), p=p)]) for _ in range(n)]
+    out = []
+    for _ in range(n):
+        scene = sample_scene(rng, kinds[rng.choice(len(kinds), p=p)])
+        while exclude_compositional and is_compositional_holdout(scene):
+            scene = sample_scene(spare, scene.kind)
+        out.append(scene)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Grammar enumeration and the compositional split
+# ----------------------------------------------------------------------------------------------
+# Color-shape pairs no object of the training data has (any kind, any role, any size).
+HELD_OUT_COLOR_SHAPES: tuple[tuple[str, str], ...] = (("purple", "triangle"), ("orange", "square"))
+# Ordered (subject, object) color-shape pairs no relation scene of the training data has, with any of the
+# four relations; the reverse order (roles swapped) stays in the training data, so a model has seen both
+# objects, in relations with each other too, but never this subject with this object.
+HELD_OUT_RELATION_PAIRS: tuple[tuple[tuple[str, str], tuple[str, str]], ...] = (
+    (("green", "circle"), ("red", "triangle")),
+    (("yellow", "square"), ("blue", "circle")),
+    (("red", "square"), ("green", "triangle")),
+)
+REPLACEMENT_STREAM = 0xC0DE  # second seed word of the generator that replaces held-out training scenes
+Holdout = Literal["color_shape", "relation_pair"]
+
+
+def compositional_holdout(scene_or_caption: Scene | str) -> Holdout | None:
+    """Which part of the compositional split a scene or caption belongs to, if any.
+
+    Args:
+        scene_or_caption: a scene, or a caption of the grammar (CaptionError otherwise).
+
+    Returns:
+        "color_shape" when an object (a phrase) has a held-out color-shape pair, else "relation_pair" when a
+        relation's ordered (subject, object) pair is held out, else None.
+
+    Example:
+        >>> compositional_holdout("two purple triangles")                      # "color_shape"
+        >>> compositional_holdout("a green circle above a red triangle")      # "relation_pair"
+        >>> compositional_holdout("a red triangle above a green circle")      # None
+    """
+    if isinstance(scene_or_caption, Scene):
+        pairs = [(o.color, o.shape) for o in scene_or_caption.objects]
+        relation = scene_or_caption.kind == "relation"
+    else:
+        parsed = parse_caption(scene_or_caption)
+        pairs = [(ph.color, ph.shape) for ph in parsed.phrases]
+        relation = parsed.kind == "relation"
+    if any(cs in HELD_OUT_COLOR_SHAPES for cs in pairs):
+        return "color_shape"
+    if relation and (pairs[0], pairs[1]) in HELD_OUT_RELATION_PAIRS:
+        return "relation_pair"
+    return None
+
+
+def is_compositional_holdout(scene_or_caption: Scene | str) -> bool:
+    """Whether a scene or caption holds a combination of the compositional split (`compositional_holdout`).
+
+    Example:
+        >>> is_compositional_holdout("a big orange square")   # True
+    """
+    return compositional_holdout(scene_or_caption) is not None
+
+
+def grammar_captions(kind: Kind) -> list[str]:
+    """Every caption of one kind that `sample_scene` can produce, in a fixed order.
+
+    single: 18 color-shape pairs x (no size word, small, big) = 54; relation: 306 ordered pairs of distinct
+    objects (not both color and shape equal) x 4 relations = 1 224; count: 2 numbers x 18 = 36.
+
+    Example:
+        >>> len(grammar_captions("count"))   # 36
+    """
+    pairs = [(c, s) for c in COLORS for s in SHAPES]
+    if kind == "single":
+        return [f"a {z + ' ' if z else ''}{c} {s}" for z in ("", *SIZES) for c, s in pairs]
+    if kind == "relation":
+        return [f"a {a[0]} {a[1]} {rel} a {b[0]} {b[1]}" for a in pairs for b in pairs if a != b for rel in RELATIONS]
+    if kind == "count":
+        return [f"{num} {c} {s}s" for num in NUMBERS for c, s in pairs]
+    raise ValueError(f"unknown scene kind {kind!r}; expected one of {KINDS}")

@@ -43,43 +43,126 @@ LATENT = 16
 MAX_SHARD = "15MB"  # weight files stay small in the git tree; from_pretrained reads the shard index
 
 
+def _opt(default, help: str, factory=None, **metadata):
+    """A TrainConfig field with its `train-bundled` flag's help and its bounds (ge / gt / le / lt) or `check`
+    (a function raising ValueError) in the field's metadata (`add_config_flags`, `config_from_flags`)."""
+    meta = {"help": help, **metadata}
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
 @dataclasses.dataclass
 class TrainConfig:
-    out_dir: str = "assets/models/shapes-v1"
-    work_dir: str = os.path.expanduser("~/.cache/discolens/train-shapes-v1")
-    seed: int = 0
-    n_images: int = 60_000
-    mix: dict = dataclasses.field(default_factory=lambda: {"single": 0.25, "relation": 0.45, "count": 0.30})
+    """Everything a training run reads; each field is a `cli.py train-bundled` flag (`--unet-steps` for
+    unet_steps), its help and bounds in the field's metadata."""
+
+    out_dir: str = _opt("assets/models/shapes-v1", "folder the pipeline is exported to (diffusers format)")
+    work_dir: str = _opt(os.path.expanduser("~/.cache/discolens/train-shapes-v1"),
+                         "folder of the run's state: data, latents, checkpoints, loss log")
+    seed: int = _opt(0, "seed of the data and the initialisation", ge=0)
+    n_images: int = _opt(60_000, "rendered training scenes", ge=1)
+    mix: dict = _opt(None, "share of each scene kind in the rendered data, KIND=SHARE items",
+                     factory=lambda: {"single": 0.25, "relation": 0.45, "count": 0.30})
     # batch sampling weight per scene kind over the cached data (missing kinds: 1; None = uniform): changes the
     # training mix without re-rendering or re-caching latents. The shipped model ran count x3 (batches 56 % counts)
     # from step 5 223 to 6 250 (docs/counts.md)
-    kind_weights: dict | None = dataclasses.field(default_factory=lambda: {"count": 3.0})
+    kind_weights: dict | None = _opt(None, "batch sampling weight per scene kind over the cached data, KIND=WEIGHT "
+                                     "items (count=1 = uniform)", factory=lambda: {"count": 3.0},
+                                     check=lambda v: v if v is None else check_kind_weights(v))
     # VAE
-    vae_steps: int = 1000
-    vae_batch: int = 32
-    vae_lr: float = 1e-3
-    vae_channels: tuple = (16, 32, 64)
+    vae_steps: int = _opt(1000, "VAE training steps", ge=0)
+    vae_batch: int = _opt(32, "VAE batch size", ge=1)
+    vae_lr: float = _opt(1e-3, "VAE learning rate", gt=0)
+    vae_channels: tuple = _opt((16, 32, 64), "VAE block widths (a new run only)")
     # UNet + text encoder
-    unet_steps: int = 30_000  # total target; a run stops earlier when interrupted and resumes later
-    batch: int = 64
-    lr: float = 1e-3
-    warmup: int = 200
-    ema_decay: float = 0.999
-    caption_dropout: float = 0.1
-    token_loss_weight: float = 0.1  # 0 = the plain model
-    token_loss_layers: str = "all"  # cross-attention layers the grounding losses see: "all" or stages "down,mid,up"
-    pixel_loss_weight: float = 0.0  # TokenCompose's second (pixel-level BCE) term; 0 = off
-    text_aux_weight: float = 0.1  # scene-parsing probes on the text encoder's states (models.training.text_aux); 0 = off
-    unet_channels: tuple = (64, 128, 128)
-    heads: int = 4
-    text_layers: int = 3
-    text_hidden: int = 64
-    grad_clip: float = 1.0
-    checkpoint_every: int = 100
-    export_every: int = 500
-    max_minutes: float | None = None  # stop (checkpoint + export) after this wall time
-    threads: int | None = None
-    device: str | None = None
+    unet_steps: int = _opt(30_000, "total UNet steps; a run stops earlier when interrupted and resumes later", ge=0)
+    batch: int = _opt(64, "UNet batch size", ge=1)
+    lr: float = _opt(1e-3, "peak learning rate of the UNet + text encoder", gt=0)
+    warmup: int = _opt(200, "linear warm-up steps from each (re)start from exported weights", ge=1)
+    ema_decay: float = _opt(0.999, "EMA decay of the exported weights", gt=0, lt=1)
+    caption_dropout: float = _opt(0.1, "share of captions dropped to the empty prompt", ge=0, le=1)
+    token_loss_weight: float = _opt(0.1, "TokenCompose-style token loss on cross-attention (0 = the plain model)",
+                                    ge=0)
+    token_loss_layers: str = _opt("all", "layers the grounding losses see: all, or stages joined by ',' (mid,up)",
+                                  check=lambda v: loss_stages(v))
+    pixel_loss_weight: float = _opt(0.0, "TokenCompose's pixel-level BCE term (0 = off)", ge=0)
+    text_aux_weight: float = _opt(0.1, "scene-parsing probes on the text encoder's states "
+                                  "(models.training.text_aux; 0 = off)", ge=0)
+    unet_channels: tuple = _opt((64, 128, 128), "UNet block widths (a new run only)")
+    heads: int = _opt(4, "attention heads per UNet layer (a new run only)", ge=1)
+    text_layers: int = _opt(3, "text encoder layers (a new run only)", ge=1)
+    text_hidden: int = _opt(64, "text encoder width (a new run only)", ge=1)
+    grad_clip: float = _opt(1.0, "gradient norm clip", gt=0)
+    checkpoint_every: int = _opt(100, "steps between checkpoints", ge=1)
+    export_every: int = _opt(500, "steps between exports of the pipeline", ge=1)
+    max_minutes: float | None = _opt(None, "stop (checkpoint + export) after this wall time", gt=0)
+    threads: int | None = _opt(None, "CPU threads (default: torch's)", ge=1)
+    device: str | None = _opt(None, "cpu, cuda, ... (default: CUDA when available)")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_config_flags(parser, cls=TrainConfig) -> None:
+    """One argparse flag per field of a config dataclass (`--unet-steps` for unet_steps), with the help from the
+    field's metadata; every flag defaults to None (= keep the dataclass default, shown in the help)."""
+    defaults = cls()
+    for f in dataclasses.fields(cls):
+        base = str(f.type).replace(" | None", "").strip()
+        default = getattr(defaults, f.name)
+        kw: dict = {"dest": f.name, "default": None,
+                    "help": f"{f.metadata.get('help', '')} (default: {default})".strip()}
+        if base in ("dict", "dict[str, float]"):
+            kw.update(nargs="+", metavar="KEY=VALUE")
+        elif base.startswith("tuple"):
+            kw.update(nargs="+", type=type(default[0]) if default else str)
+        else:
+            kw["type"] = {"int": int, "float": float}.get(base, str)
+        parser.add_argument(_flag(f.name), **kw)
+
+
+def _key_values(flag: str, items: list[str]) -> dict[str, float]:
+    out = {}
+    for it in items:
+        key, sep, val = it.partition("=")
+        try:
+            out[key] = float(val)
+        except ValueError:
+            sep = ""
+        if not sep or not key:
+            raise ValueError(f"{flag} takes KEY=VALUE items (e.g. count=3); got {it!r}")
+    return out
+
+
+def config_from_flags(namespace, cls=TrainConfig):
+    """The config of the flags `add_config_flags` added (flags left out keep their defaults), checked against
+    the fields' bounds; ValueError naming the flag."""
+    cfg = cls()
+    for f in dataclasses.fields(cls):
+        v = getattr(namespace, f.name, None)
+        if v is None:
+            continue
+        if isinstance(getattr(cfg, f.name), dict) or str(f.type).startswith("dict"):
+            v = _key_values(_flag(f.name), v)
+        elif isinstance(v, list):
+            v = tuple(v)
+        setattr(cfg, f.name, v)
+    for f in dataclasses.fields(cls):
+        v, m, flag = getattr(cfg, f.name), f.metadata, _flag(f.name)
+        if v is not None and isinstance(v, (int, float)):
+            bounds = [(op, m[op]) for op in ("ge", "gt", "le", "lt") if op in m]
+            sym = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
+            ok = {"ge": lambda b: v >= b, "gt": lambda b: v > b, "le": lambda b: v <= b, "lt": lambda b: v < b}
+            if not all(ok[op](b) for op, b in bounds) or v != v:
+                raise ValueError(f"{flag} must be " + " and ".join(f"{sym[op]} {b}" for op, b in bounds) + f", got {v}")
+        if "check" in m:
+            try:
+                m["check"](v)
+            except ValueError as e:
+                raise ValueError(f"{flag}: {e}") from None
+    return cfg
 
 
 # ------------------------------------------------------------------------------------------------

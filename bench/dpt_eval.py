@@ -1,0 +1,171 @@
+"""DPT readings: validation sweep (snapshots x t), test readings (REC, hard-negative ITM, the four matching
+benchmarks), self-correction on count prompts. Writes JSON under docs/measurements/dpt/.
+
+    python -m bench.dpt_eval val --work ~/.cache/discolens/dpt/s1 --ts 100,250,400
+    python -m bench.dpt_eval export --snap ~/.cache/discolens/dpt/s1/snap-01200 --t 250
+    python -m bench.dpt_eval test
+    python -m bench.dpt_eval selfcorr --split validation --n 40 --etas 0.5,2 --best-of 4
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy.stats import binomtest
+
+from models import load_pipeline
+from models.adapters.dpt import load_adapter
+from models.shapes import referring, world
+from models.training import dpt as tdpt
+
+OUT = Path(__file__).resolve().parent.parent / "docs" / "measurements" / "dpt"
+
+
+def wilson(k: int, n: int) -> list[float]:
+    ci = binomtest(int(k), int(n)).proportion_ci(method="wilson")
+    return [round(ci.low, 3), round(ci.high, 3)]
+
+
+def rate(d: dict) -> dict:
+    return {"rate": round(d["k"] / d["n"], 3), "k": d["k"], "n": d["n"], "ci95": wilson(d["k"], d["n"])}
+
+
+def cmd_val(a, pipe) -> None:
+    snaps = sorted(Path(a.work).expanduser().glob("snap-*"))
+    if a.last:
+        snaps = snaps[-a.last:]
+    rec_set = referring.referring_dataset(tdpt.DPT_SEEDS["validation"], a.n_rec)
+    itm_set = world.sample_dataset(tdpt.DPT_SEEDS["validation"], a.n_itm, exclude_compositional=False)
+    rows = []
+    for s in snaps:
+        ad = load_adapter(s)
+        for t in [int(v) for v in a.ts.split(",")]:
+            t0 = time.time()
+            rec = tdpt.evaluate_rec(pipe, ad, rec_set, t)
+            itm = tdpt.evaluate_itm_pairs(pipe, ad, itm_set, t)
+            row = {"snapshot": s.name, "t": t, "rec": rate(rec["overall"]),
+                   "rec_by_kind": {k: rate(v) for k, v in rec["by_kind"].items()}, "itm": rate(itm["overall"]),
+                   "itm_by_type": {k: rate(v) for k, v in itm["by_type"].items()}, "seconds": round(time.time() - t0)}
+            rows.append(row)
+            print(s.name, t, "rec", row["rec"]["rate"], "itm", row["itm"]["rate"], flush=True)
+    best = max(rows, key=lambda r: r["rec"]["rate"] + r["itm"]["rate"])
+    OUT.mkdir(parents=True, exist_ok=True)
+    out = {"command": " ".join(sys.argv), "seed": tdpt.DPT_SEEDS["validation"], "rows": rows,
+           "chosen": {"snapshot": best["snapshot"], "t": best["t"], "rule": "max rec + itm (validation)"}}
+    (OUT / a.out).write_text(json.dumps(out, indent=1))
+    print("chosen", out["chosen"])
+
+
+def cmd_export(a, pipe) -> None:
+    d = tdpt.export_adapter(a.snap, tdpt.adapter_dir_for(pipe), extra={"chosen_on": "validation seed 50001"})
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["t"] = a.t
+    (d / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    print("exported to", d)
+
+
+def cmd_test(a, pipe) -> None:
+    from interp.scorers.base import MatchOptions
+    from interp.scorers.dpt import DPTScorer
+    from interp.tasks.matching_eval import evaluate_matching
+
+    ad = tdpt.find_adapter(pipe)
+    out: dict = {"command": " ".join(sys.argv), "seed": tdpt.DPT_SEEDS["test"], "t": ad.config.t,
+                 "trained_steps": ad.config.trained_steps}
+    rec = tdpt.evaluate_rec(pipe, ad, referring.referring_dataset(tdpt.DPT_SEEDS["test"], a.n_rec))
+    out["rec"] = rate(rec["overall"])
+    out["rec_by_kind"] = {k: rate(v) for k, v in rec["by_kind"].items()}
+    print("rec", out["rec"], out["rec_by_kind"], flush=True)
+    itm = tdpt.evaluate_itm_pairs(pipe, ad, world.sample_dataset(tdpt.DPT_SEEDS["test"], a.n_itm,
+                                                                 exclude_compositional=False))
+    out["itm_pairs"] = rate(itm["overall"])
+    out["itm_pairs_by_type"] = {k: rate(v) for k, v in itm["by_type"].items()}
+    print("itm", out["itm_pairs"], flush=True)
+    out["benchmarks"] = {}
+    for name in a.benchmarks.split(","):
+        r = evaluate_matching(pipe, name, MatchOptions(), split="test", scorer=DPTScorer(), per_item=False)
+        out["benchmarks"][name] = {k: r[k] for k in ("metrics", "by_type", "n_items", "unet_calls", "unet_evals",
+                                                      "pairs", "unet_evals_per_pair")}
+        print(name, r["metrics"], r["unet_evals_per_pair"], flush=True)
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / a.out).write_text(json.dumps(out, indent=1))
+
+
+def cmd_selfcorr(a, pipe) -> None:
+    from interp.tasks.generation_eval import NOISE_SEEDS, eval_prompts
+    from interp.tasks.self_correction import best_of_n, generate_self_corrected
+    from models.sampling import generate_images
+    from models.shapes.checker import check
+
+    prompts = [c for k, c in eval_prompts(a.split, a.n) if k in a.kinds.split(",")]
+    seeds = [NOISE_SEEDS[a.split] + i for i in range(len(prompts))]
+    ad = tdpt.find_adapter(pipe)
+    steps = pipe.discolens_defaults.steps
+    res: dict = {"command": " ".join(sys.argv), "split": a.split, "n": len(prompts), "steps": steps, "settings": {}}
+
+    def record(name, imgs, calls, backwards=0):
+        ok = [bool(check(im, c)["correct"]) for im, c in zip(imgs, prompts)]
+        res["settings"][name] = {**rate({"k": sum(ok), "n": len(ok)}), "unet_calls_per_image": calls,
+                                 "unet_backwards_per_image": backwards, "correct": ok}
+        print(name, res["settings"][name]["rate"], res["settings"][name]["ci95"], calls, flush=True)
+
+    record("base", generate_images(pipe, prompts, seeds), steps)
+    for reading in a.readings.split(","):
+        for eta in [float(v) for v in a.etas.split(",")]:
+            imgs, trs = [], []
+            for p, s in zip(prompts, seeds):
+                im, tr = generate_self_corrected(pipe, p, s, eta=eta, reading=reading, adapter=ad,
+                                                 step_range=(a.start, None), record_after=False, previews=False)
+                imgs.append(im), trs.append(tr)
+            record(f"eta={eta:g},{reading}", imgs, trs[0].unet_calls, trs[0].unet_backwards)
+    if a.best_of:
+        imgs = []
+        for i, p in enumerate(prompts):
+            im, info = best_of_n(pipe, p, [seeds[i] + j * 1_000_003 if j else seeds[i] for j in range(a.best_of)],
+                                 adapter=ad)
+            imgs.append(im)
+        record(f"best_of_{a.best_of}", imgs, a.best_of * steps + a.best_of)
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / a.out).write_text(json.dumps(res, indent=1))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    v = sub.add_parser("val")
+    v.add_argument("--work", required=True)
+    v.add_argument("--ts", default="100,250,400")
+    v.add_argument("--n-rec", type=int, default=30)
+    v.add_argument("--n-itm", type=int, default=60)
+    v.add_argument("--last", type=int, default=0)
+    v.add_argument("--out", default="val_sweep.json")
+    e = sub.add_parser("export")
+    e.add_argument("--snap", required=True)
+    e.add_argument("--t", type=int, required=True)
+    t = sub.add_parser("test")
+    t.add_argument("--n-rec", type=int, default=100)
+    t.add_argument("--n-itm", type=int, default=200)
+    t.add_argument("--benchmarks", default="winoground,comvg,counting,refcocog")
+    t.add_argument("--out", default="test.json")
+    s = sub.add_parser("selfcorr")
+    s.add_argument("--split", default="validation")
+    s.add_argument("--n", type=int, default=40)
+    s.add_argument("--kinds", default="count")
+    s.add_argument("--etas", default="0.5,2")
+    s.add_argument("--readings", default="noise_only")
+    s.add_argument("--start", type=int, default=0)
+    s.add_argument("--best-of", type=int, default=4)
+    s.add_argument("--out", default="selfcorr_validation.json")
+    a = ap.parse_args()
+    torch.set_num_threads(1)
+    pipe = load_pipeline(device="cpu")
+    {"val": cmd_val, "export": cmd_export, "test": cmd_test, "selfcorr": cmd_selfcorr}[a.cmd](a, pipe)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,303 @@
+"""The faces' entry points: every app action and every CLI command calls ONE function here, which checks the
+user's inputs once (`models.limits`), loads the model and runs the task.
+
+Errors are ValueError (or `models.loading.ModelLoadError`) with a one-line message for the user; the app
+shows it as `gr.Error`, the CLI prints it on stderr and exits 2. Checks that need no model come first (a bad
+number fails before a model loads); checks against the model (timesteps against its scheduler, words against
+its tokenizer, prompt length in tokens) follow the load. Values come as the faces give them: numbers or text.
+Quantities only the CLI offers are named by their flag in messages (`--limit`, `--n-scenes`).
+
+    >>> gen = generate_image(None, "a red circle", seed=0, steps=25)            # the bundled model
+    >>> res = score_captions(None, gen.image, ["a red circle", "a blue square"], scorer="auto")
+    >>> res.ranking()[0]
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Callable, Mapping, Sequence
+
+from PIL import Image
+
+from models.limits import (MAX_ATLAS_SCENES, MAX_PER_KIND, MAX_SCENES, MIN_RANK_CANDIDATES, check_choice,
+                           check_fits, check_float, check_guidance, check_int, check_prompt, check_seed, check_steps,
+                           check_timestep, check_timesteps, check_vocabulary, read_image, user_message,
+                           validate_captions)
+from models.loading import load_pipeline
+from models.sampling import generate_images
+from models.shapes import world
+from models.shapes.benchmarks import Benchmark, load_benchmark
+
+from interp.figures import atlas_plotly, sample_grid as sample_grid_figure
+from interp.lse import POOLINGS
+from interp.scorers import DEFAULT_SCORER, DEFAULT_TIMESTEPS, MatchOptions, ScoreResult, Scorer, get_scorer
+from interp.tasks import workbench
+from interp.tasks.faithfulness import atlas_for_model, compare_word_maps, render_scene
+from interp.tasks.generation_eval import evaluate_generation as _evaluate_generation
+from interp.tasks.generation_eval import held_out_prompts, score_generations
+from interp.tasks.grounding_eval import evaluate_generation_grounding
+from interp.tasks.grounding_eval import evaluate_grounding as _evaluate_grounding
+from interp.tasks.matching import DEFAULT_MAP_TIMESTEP, score_image_captions, word_maps_for_image
+from interp.tasks.matching_eval import evaluate_matching as _evaluate_matching
+from interp.tasks.matching_report import GROUPS, noise_level_timesteps, run_report
+from interp.tasks.prompt_learning import apply_prompt, load_prompt, train_prompt as _train_prompt
+
+__all__ = ["ATLAS_METRICS", "SPLITS", "Generation", "load_model", "generate_image", "traced_generation",
+           "sample_grid", "evaluate_generation", "word_maps", "make_scorer", "attention_prompt", "match_options",
+           "score_captions", "evaluate_matching", "report_matching", "train_prompt", "evaluate_grounding",
+           "compare_models", "head_atlas", "replot_atlas", "benchmark"]
+
+ATLAS_METRICS = ("energy", "pointing")
+SPLITS = ("train", "test", "all")
+SOURCES = ("probs", "logits")
+
+
+def load_model(model: str | None, device: str | None = None):
+    """The pipeline of a bundled name, local folder or hub id (None / "": the bundled model)."""
+    return load_pipeline(model or None, device=device)
+
+
+def _n_train(pipe) -> int:
+    return int(pipe.scheduler.config.num_train_timesteps)
+
+
+def _check_texts(pipe, texts: Sequence[str], what: Callable[[int], str]) -> None:
+    """Each text fits the model's text encoder, and a closed-vocabulary model knows its words."""
+    for i, t in enumerate(texts):
+        check_fits(pipe.tokenizer, t, what(i))
+    check_vocabulary(pipe.tokenizer, texts)
+
+
+# ----------------------------------------------------------------------------------------------
+# Generation
+# ----------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Generation:
+    """One generated image and the settings it was made with (the model's defaults filled in)."""
+
+    image: Image.Image
+    prompt: str
+    seed: int
+    steps: int
+    guidance: float
+
+
+def _generation_inputs(model, prompt, seed, steps, guidance):
+    prompt, seed = check_prompt(prompt), check_seed(seed)
+    steps = None if steps is None else check_steps(steps)
+    guidance = check_guidance(guidance)
+    pipe = load_model(model)
+    _check_texts(pipe, [prompt], lambda i: "the prompt")
+    return pipe, prompt, seed, steps, guidance
+
+
+def generate_image(model: str | None, prompt: str, seed=0, steps=None, guidance=None) -> Generation:
+    """One image from one prompt (CLI `generate`); steps / guidance None: the model's defaults."""
+    pipe, prompt, seed, steps, guidance = _generation_inputs(model, prompt, seed, steps, guidance)
+    d = pipe.discolens_defaults
+    steps, guidance = steps or d.steps, d.guidance if guidance is None else guidance
+    [img] = generate_images(pipe, [prompt], [seed], steps=steps, guidance=guidance)
+    return Generation(img, prompt, seed, steps, guidance)
+
+
+def traced_generation(model: str | None, prompt: str, seed=0, steps=None, guidance=None) -> workbench.TracedGeneration:
+    """One image with every cross-attention layer, head and step traced (the app's Generate)."""
+    pipe, prompt, seed, steps, guidance = _generation_inputs(model, prompt, seed, steps, guidance)
+    return workbench.traced_generation(pipe, prompt, seed=seed, steps=steps, guidance=guidance)
+
+
+def sample_grid(model: str | None, n_per_kind=6, cols=6, steps=None, guidance=None, seed=0, prompt_seed=777):
+    """Held-out prompts generated and checked: (matplotlib figure, number of images, number judged correct)."""
+    n = check_int(n_per_kind, "--n-per-kind", 1, MAX_PER_KIND)
+    cols = check_int(cols, "--cols", 1, 100)
+    steps = None if steps is None else check_steps(steps)
+    guidance, seed, prompt_seed = check_guidance(guidance), check_seed(seed), check_seed(prompt_seed, "prompt seed")
+    pipe = load_model(model)
+    caps = [c for _, c in held_out_prompts(n, prompt_seed)]
+    imgs = generate_images(pipe, caps, [seed + i for i in range(len(caps))], steps=steps, guidance=guidance)
+    ok = [v["correct"] for v in score_generations(imgs, caps)]
+    return sample_grid_figure(imgs, caps, ok, cols=cols), len(caps), sum(ok)
+
+
+def evaluate_generation(model: str | None, n_per_kind=100, steps=None, guidance=None, seed=1234) -> dict:
+    """The scene checker's verdicts on held-out generations (`interp.tasks.generation_eval`)."""
+    n = check_int(n_per_kind, "--n-per-kind", 1, MAX_PER_KIND)
+    steps = None if steps is None else check_steps(steps)
+    guidance, seed = check_guidance(guidance), check_seed(seed)
+    return _evaluate_generation(load_model(model), n_per_kind=n, steps=steps, guidance=guidance, seed=seed)
+
+
+# ----------------------------------------------------------------------------------------------
+# Matching
+# ----------------------------------------------------------------------------------------------
+def make_scorer(name: str | None = None, variant: str | None = None, grad_norm: str | None = None) -> Scorer:
+    """The registered scorer `name` (None: the default), with head_weighted's options when given."""
+    sc = get_scorer(DEFAULT_SCORER if name is None else name)  # unknown name: ValueError listing the known ones
+    kw = {k: v for k, v in (("variant", variant), ("grad_norm", grad_norm)) if v is not None}
+    if not kw:
+        return sc
+    try:
+        return get_scorer(sc.name, **kw)
+    except TypeError:
+        raise ValueError(f"the {sc.name} scorer takes no {' or '.join(kw)} option") from None
+
+
+def attention_prompt(path):
+    """A saved attention prompt (`cli.py train-prompt`) from a file path, or None without one."""
+    if not path:
+        return None
+    path = os.fspath(path if isinstance(path, (str, os.PathLike)) else getattr(path, "name", path))
+    try:
+        return load_prompt(path)
+    except (FileNotFoundError, ValueError, OSError) as e:
+        raise ValueError(f"cannot load the attention prompt {path}: {user_message(e)}") from None
+
+
+def benchmark(name) -> Benchmark:
+    """A benchmark by name or folder."""
+    if isinstance(name, Benchmark):
+        return name
+    try:
+        return load_benchmark(name)
+    except (FileNotFoundError, ValueError) as e:
+        raise ValueError(user_message(e)) from None
+
+
+def match_options(pipe, scorer: str = "lse", timesteps=None, noise_levels=None, source: str = "logits",
+                  layers: str | None = None, pooling: str = "lse", noise_seed=0) -> MatchOptions:
+    """MatchOptions with timesteps checked against the model's training schedule (or from noise levels)."""
+    n_train = _n_train(pipe)
+    if timesteps and noise_levels:
+        raise ValueError("give timesteps or noise levels, not both")
+    if noise_levels:
+        ts = noise_level_timesteps(noise_levels, n_train)  # each level strictly between 0 and 1
+    else:
+        ts = check_timesteps(DEFAULT_TIMESTEPS if timesteps is None else timesteps, n_train)
+    return MatchOptions(scorer=scorer, source=check_choice(source, SOURCES, "attention source"), layers=layers,
+                        pooling=check_choice(pooling, tuple(POOLINGS), "pooling"), timesteps=ts,
+                        noise_seed=check_seed(noise_seed, "noise seed"))
+
+
+def score_captions(model: str | None, image, captions: Sequence[str], scorer: str | None = None, *,
+                   variant: str | None = None, grad_norm: str | None = None, prompt_file=None,
+                   min_count: int = MIN_RANK_CANDIDATES, **options) -> ScoreResult:
+    """Score captions against one image with a registered scorer (the app's Match, CLI `rank` / `score`).
+
+    Args:
+        model: bundled name, folder or hub id (None: the bundled model).
+        image: a PIL image or a file path.
+        captions: at least `min_count`, at most `models.limits.MAX_CANDIDATES`.
+        scorer, variant, grad_norm: `make_scorer`.
+        prompt_file: a saved attention prompt applied while scoring (None: none).
+        **options: `match_options`'s (timesteps, noise_levels, source, layers, pooling, noise_seed).
+    """
+    img = read_image(image)
+    caps = validate_captions(captions, min_count=min_count)
+    sc = make_scorer(scorer, variant, grad_norm)
+    prompt = attention_prompt(prompt_file)
+    pipe = load_model(model)
+    opts = match_options(pipe, sc.name, **options)
+    _check_texts(pipe, caps, lambda i: f"caption {i + 1}")
+    with apply_prompt(pipe, prompt):
+        return score_image_captions(pipe, img, caps, opts, scorer=sc)
+
+
+def evaluate_matching(model: str | None, bench, scorer: str | None = None, *, split: str = "test", limit=None,
+                      variant: str | None = None, grad_norm: str | None = None, prompt_file=None,
+                      device: str | None = None, **options) -> dict:
+    """A matching benchmark's metrics with one scorer (`interp.tasks.matching_eval.evaluate_matching`)."""
+    b = benchmark(bench)
+    split = check_choice(split, SPLITS, "split")
+    limit = None if limit is None else check_int(limit, "--limit", 1)
+    sc = make_scorer(scorer, variant, grad_norm)
+    prompt = attention_prompt(prompt_file)
+    pipe = load_model(model, device=device)
+    opts = match_options(pipe, sc.name, **options)
+    with apply_prompt(pipe, prompt):
+        return _evaluate_matching(pipe, b, opts, split=split, limit=limit, per_item=False, scorer=sc)
+
+
+def report_matching(model: str | None, benchmarks: Sequence, groups: Sequence[str] | None = None, *,
+                    split: str = "test", limit=None, schedule_steps=10, prompt_steps=50,
+                    progress: Callable[[dict], None] | None = None, **options) -> list[dict]:
+    """The Discffusion report's rows (`interp.tasks.matching_report.run_report`)."""
+    groups = list(groups or GROUPS)
+    bad = [g for g in groups if g not in GROUPS]
+    if bad:
+        raise ValueError(f"unknown --groups {' '.join(bad)}; choose from {' '.join(GROUPS)}")
+    benches = [benchmark(name) for name in benchmarks]
+    split = check_choice(split, SPLITS, "split")
+    limit = None if limit is None else check_int(limit, "--limit", 1)
+    schedule_steps = check_int(schedule_steps, "--schedule-steps", 1)
+    prompt_steps = check_int(prompt_steps, "--prompt-steps", 1)
+    pipe = load_model(model)
+    opts = match_options(pipe, "lse", **options)
+    return run_report(pipe, benches, groups, opts, split=split, limit=limit, schedule_steps=schedule_steps,
+                      prompt_steps=prompt_steps, progress=progress)
+
+
+def train_prompt(model: str | None, bench, *, steps=50, lr: float = 1e-3, margin: float = 0.2,
+                 variant: str = "additive", seed=0, callback: Callable[[dict], None] | None = None, **options):
+    """Few-shot attention prompt learning on a benchmark's train split: (prompt, log)."""
+    b = benchmark(bench)
+    steps = check_int(steps, "--steps", 1)
+    lr = check_float(lr, "--lr", 0.0)
+    margin = check_float(margin, "--margin", 0.0)
+    seed = check_seed(seed)
+    pipe = load_model(model)
+    opts = match_options(pipe, "lse", **options)
+    return _train_prompt(pipe, b, opts, steps=steps, lr=lr, margin=margin, variant=variant, seed=seed,
+                         callback=callback)
+
+
+# ----------------------------------------------------------------------------------------------
+# Word maps and grounding
+# ----------------------------------------------------------------------------------------------
+def word_maps(model: str | None, image, prompt: str, timestep=DEFAULT_MAP_TIMESTEP, noise_seed=0):
+    """A real image's aggregate word maps at one timestep: (image, words, maps `[words, H, W]`)."""
+    img = read_image(image)
+    prompt, noise_seed = check_prompt(prompt), check_seed(noise_seed, "noise seed")
+    pipe = load_model(model)
+    t = check_timestep(timestep, _n_train(pipe))
+    _check_texts(pipe, [prompt], lambda i: "the prompt")
+    words, maps = word_maps_for_image(pipe, img, prompt, timestep=t, noise_seed=noise_seed)
+    return img, words, maps
+
+
+def evaluate_grounding(model: str | None, n_scenes=60, timesteps=(100, 300, 500, 700), generations=0,
+                       return_rows: bool = False) -> dict:
+    """Faithfulness of the attention maps on held-out renders (and, with `generations`, on generations)."""
+    n = check_int(n_scenes, "--n-scenes", 2, MAX_SCENES)  # half the scenes calibrate the best layer / head
+    gens = check_int(generations, "--generations", 0, MAX_PER_KIND)
+    pipe = load_model(model)
+    ts = check_timesteps(timesteps, _n_train(pipe))
+    res = _evaluate_grounding(pipe, n_scenes=n, timesteps=ts, return_rows=return_rows)
+    if gens:
+        res["generations"] = evaluate_generation_grounding(pipe, n_per_kind=gens)
+    return res
+
+
+def compare_models(models: Mapping[str, str | None], seed, kind: str, timestep) -> tuple[world.Scene, Image.Image, dict]:
+    """Word maps of several models (by label) on one held-out render, scored against its exact masks:
+    (scene, image, `interp.tasks.faithfulness.compare_word_maps`'s result)."""
+    scene = render_scene(check_seed(seed, "scene seed"), kind)
+    pipes = {label: load_model(m) for label, m in models.items()}
+    t = check_timestep(timestep, min(_n_train(p) for p in pipes.values()))
+    image = world.render(scene)
+    return scene, image, compare_word_maps(pipes, image, scene.caption, t, scene=scene)
+
+
+def head_atlas(model: str | None, timestep, n_scenes, metric: str = "energy"):
+    """A model's head atlas on held-out renders: (table, plotly figure under `metric`)."""
+    n = check_int(n_scenes, "number of scenes", 1, MAX_ATLAS_SCENES)
+    metric = check_choice(metric, ATLAS_METRICS, "metric")
+    pipe = load_model(model)
+    t = check_timestep(timestep, _n_train(pipe))
+    table = atlas_for_model(pipe, n_scenes=n, timesteps=(t,))
+    return table, atlas_plotly(table, metric=metric)
+
+
+def replot_atlas(table, metric: str):
+    """The atlas figure of an existing table under another metric (no model run); None without a table."""
+    metric = check_choice(metric, ATLAS_METRICS, "metric")
+    return atlas_plotly(table, metric=metric) if table else None

@@ -1,0 +1,490 @@
+"""DPT training and its model-side inference helpers: features of the UNet through the project's one pass
+(`models.unet_pass.noised_unet_pass`, `features=`), the adapter's ITM / REC readings, stage 1 (UNet frozen,
+adapter trained) and stage 2 (plus a rank-4 LoRA on the cross-attention, with the usual denoising loss).
+
+    pipe = load_pipeline()
+    train_dpt(pipe, DPTTrainConfig(steps=1500), work_dir="~/.cache/discolens/dpt/run1")   # resumable
+    adapter = load_adapter("assets/adapters/shapes-v1-dpt")
+    s = itm_scores(pipe, adapter, encode_image(pipe, image), ["a red circle", "a blue square"])   # [K]
+
+Data (seeded streams; DPT training seed 50_000, validation 50_001, test 50_002): per sample, one world scene
+(`world.sample_scene`, mix single .25 / relation .45 / count .30) with its caption, a hard negative caption
+(`world.negatives`, a random key), a random caption (another scene), a render of the hard negative's caption
+and a random image; and one referring expression (`models.shapes.referring`) on its own scene. Each sample is
+6 UNet rows: (I, T) (I, T_neg) (I, T_rand) (I_neg, T) (I_rand, T) for ITM and (I_ref, expression) for REC.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from models.adapters.dpt import (CONFIG_FILE, LORA_FILE, DPTAdapter, DPTConfig, DPTOutput, add_lora,
+                                 box_cxcywh_to_xyxy, box_iou, itm_contrastive_loss, itm_score, load_adapter,
+                                 lora_state_dict, rec_loss, save_adapter)
+from models.shapes import referring, world
+from models.unet_pass import native_size, noised_unet_pass
+
+__all__ = ["DPT_SEEDS", "DPTTrainConfig", "text_embeddings", "encode_images", "dpt_features", "features_at",
+           "block_shapes", "new_adapter", "itm_scores", "itm_scores_at", "ground_boxes", "make_batch", "train_dpt",
+           "evaluate_rec", "evaluate_itm_pairs", "export_adapter"]
+
+DPT_SEEDS = {"train": 50_000, "validation": 50_001, "test": 50_002}
+
+
+# --- text and images ------------------------------------------------------------------------------------
+@torch.no_grad()
+def text_embeddings(pipe, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The pipeline's own text encoder on `texts`, padded to `model_max_length`.
+
+    Returns:
+        pooled: the pooled output (CLIP: the EOS token's final state), float32 on the UNet's device  [K, D]
+        tokens: the last hidden states                                                           [K, L, D]
+        valid: real tokens (BOS, words, EOS; not padding)                                          [K, L] bool
+    """
+    tok = pipe.tokenizer
+    enc = tok(list(texts), padding="max_length", max_length=tok.model_max_length, truncation=True,
+              return_tensors="pt")
+    out = pipe.text_encoder(enc.input_ids.to(pipe.text_encoder.device))
+    dev = pipe.unet.device
+    pooled = out.pooler_output if getattr(out, "pooler_output", None) is not None else out[0][:, -1]
+    return pooled.float().to(dev), out[0].float().to(dev), enc.attention_mask.bool().to(dev)
+
+
+@torch.no_grad()
+def encode_images(pipe, images: Sequence) -> torch.Tensor:
+    """PIL images -> scaled latents `[B, C, h, w]` (posterior means, as `models.unet_pass.encode_image`, batched)."""
+    from PIL import Image
+
+    h, w = native_size(pipe)
+    arr = np.stack([np.asarray(im.convert("RGB").resize((w, h), Image.BICUBIC), np.float32) for im in images])
+    x = torch.from_numpy(arr).permute(0, 3, 1, 2) / 127.5 - 1.0
+    vae = pipe.vae
+    z = vae.encode(x.to(vae.device, vae.dtype)).latent_dist.mean * vae.config.scaling_factor
+    return z.float().to(pipe.unet.device)
+
+
+# --- features through the one pass ---------------------------------------------------------------------
+def dpt_features(pipe, latents: torch.Tensor, captions: Sequence[str], t: int, blocks: Sequence[str],
+                 noise: torch.Tensor | None = None, noise_seed: int = 0, grad: bool = False
+                 ) -> list[torch.Tensor]:
+    """Block outputs of the UNet on noised latents, one row per caption, through `noised_unet_pass`.
+
+    Args:
+        latents: clean latents, `[1, C, h, w]` shared or `[K, C, h, w]` one per caption.
+        captions: K captions; t: the training timestep; blocks: UNet block names ("up_blocks.1").
+        noise: explicit noise `[C, h, w]` or `[1, C, h, w]` (shared by the rows), else drawn from `noise_seed`.
+        grad: keep the graph (for LoRA training or gradients w.r.t. the latent).
+    Returns:
+        one tensor per block `[K, C_b, h_b, w_b]` float32 on the UNet's device.
+    """
+    nz = None if noise is None else noise.reshape(1, *noise.shape[-3:])
+    res = noised_unet_pass(pipe, latents, list(captions), [int(t)], noise_seed=noise_seed, traced=False,
+                           features=list(blocks), noise=nz, grad=grad)
+    dev = pipe.unet.device
+    return [res.features[b][:, 0].to(dev) for b in blocks]
+
+
+def features_at(pipe, z_t: torch.Tensor, captions: Sequence[str], t: int, blocks: Sequence[str],
+                grad: bool = True) -> list[torch.Tensor]:
+    """Block outputs for an already-noised latent z_t `[1, C, h, w]` (a sampler's state) through the one pass.
+
+    The pass noises a clean latent: x_t = sqrt(abar) x0 + sqrt(1 - abar) eps. Feeding x0 = sqrt(abar) z_t and
+    eps = sqrt(1 - abar) z_t gives x_t = z_t exactly for every abar (also abar = 0), and keeps the graph to z_t.
+    """
+    abar = pipe.scheduler.alphas_cumprod[int(t)].to(z_t.device, torch.float32)
+    x0 = abar.sqrt() * z_t
+    eps = (1 - abar).sqrt() * z_t
+    res = noised_unet_pass(pipe, x0, list(captions), [int(t)], traced=False, features=list(blocks),
+                           noise=eps.reshape(1, *z_t.shape[-3:]), grad=grad)
+    return [res.features[b][:, 0] for b in blocks]
+
+
+@torch.no_grad()
+def block_shapes(pipe, blocks: Sequence[str]) -> list[tuple[int, int, int]]:
+    """(C, h, w) of each block's output at the model's native size (one UNet call on a zero latent)."""
+    c = pipe.unet.config.in_channels
+    s = pipe.unet.config.sample_size
+    h, w = (s, s) if isinstance(s, int) else tuple(s)
+    caption = "a" if "a" in pipe.tokenizer.get_vocab() or "a</w>" in pipe.tokenizer.get_vocab() else "x"
+    feats = dpt_features(pipe, torch.zeros(1, c, h, w), [caption], 0, blocks)
+    return [tuple(f.shape[1:]) for f in feats]
+
+
+def new_adapter(pipe, blocks: Sequence[str] = ("up_blocks.1",), **kw) -> DPTAdapter:
+    """A fresh adapter sized for `pipe` (block channels, fusion size = the first block's, text width)."""
+    shapes = block_shapes(pipe, blocks)
+    pooled, _, _ = text_embeddings(pipe, ["a"])
+    cfg = DPTConfig(blocks=tuple(blocks), block_channels=tuple(s[0] for s in shapes),
+                    feature_size=tuple(shapes[0][1:]), text_dim=int(pooled.shape[-1]),
+                    model=str(getattr(pipe, "name_or_path", "") or pipe.config.get("_name_or_path", "")), **kw)
+    return DPTAdapter(cfg).to(pipe.unet.device)
+
+
+# --- inference ------------------------------------------------------------------------------------------
+def itm_scores(pipe, adapter: DPTAdapter, latent: torch.Tensor, captions: Sequence[str], t: int | None = None,
+               noise_seed: int = 0) -> torch.Tensor:
+    """s(z, y) of each caption for one clean latent `[1, C, h, w]`: one UNet call (K rows) at the adapter's t.
+    Returns float32 `[K]` on the CPU."""
+    t = adapter.config.t if t is None else t
+    with torch.no_grad():
+        feats = dpt_features(pipe, latent, captions, t, adapter.config.blocks, noise_seed=noise_seed)
+        out = adapter(feats, torch.full((len(captions),), t, device=feats[0].device))
+        pooled, _, _ = text_embeddings(pipe, captions)
+        return itm_score(out.match, pooled).float().cpu()
+
+
+def itm_scores_at(pipe, adapter: DPTAdapter, z_t: torch.Tensor, caption: str, t: int) -> torch.Tensor:
+    """s(z_t, y) for a sampler's noised latent `[1, C, h, w]` at timestep t, differentiable w.r.t. z_t: `[1]`."""
+    feats = features_at(pipe, z_t, [caption], t, adapter.config.blocks, grad=torch.is_grad_enabled())
+    out = adapter(feats, torch.full((1,), int(t), device=feats[0].device))
+    pooled, _, _ = text_embeddings(pipe, [caption])
+    return itm_score(out.match, pooled)
+
+
+@torch.no_grad()
+def ground_boxes(pipe, adapter: DPTAdapter, latents: torch.Tensor, texts: Sequence[str], t: int | None = None,
+                 noise_seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The most probable grounding query's box of each (latent, text) row.
+
+    Args: latents `[1 or K, C, h, w]`; texts: K texts as the text encoder sees them.
+    Returns: (boxes (x0, y0, x1, y1) in [0, 1] `[K, 4]`, probabilities `[K]`), float32 on the CPU.
+    """
+    t = adapter.config.t if t is None else t
+    feats = dpt_features(pipe, latents, texts, t, adapter.config.blocks, noise_seed=noise_seed)
+    _, tokens, valid = text_embeddings(pipe, texts)
+    out = adapter(feats, torch.full((len(texts),), t, device=feats[0].device), tokens, valid)
+    p = out.probs
+    best = p.argmax(-1)
+    rows = torch.arange(len(texts), device=p.device)
+    return box_cxcywh_to_xyxy(out.boxes[rows, best]).clamp(0, 1).float().cpu(), p[rows, best].float().cpu()
+
+
+# --- training -------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class DPTTrainConfig:
+    """Options of `train_dpt` (defaults: what the shipped adapter used; see docs/dpt.md).
+
+    Attributes:
+        blocks / width / heads / ff / n_queries / n_match / sem_dim: the adapter (`DPTConfig`).
+        t: the timestep the scorer reads (stored in the adapter's config).
+        t_focus_p: share of batches whose t is drawn from t +- t_focus_width; the others from U[t_min, t_max]
+            (self-correction reads the adapter at every sampling step's t).
+        batch: samples per step (6 UNet rows each).
+        steps: optimisation steps in all (a resumed run continues to this).
+        lr / warmup / weight_decay / clip: AdamW.
+        rec_weights: (lambda0, lambda1, lambda2, lambda3) of the REC loss; itm_weight: of the ITM losses.
+        lora_rank: 0 = stage 1 (UNet frozen); > 0 = stage 2: a LoRA of this rank on the cross-attention is
+            trained too, with the usual denoising loss (weight `denoise_weight`) on the (I, T) rows.
+        seed: data / noise / init seed (the DPT training seed 50_000).
+        checkpoint_every / snapshot_every: resumable state / an adapter snapshot (for choosing on validation).
+    """
+
+    blocks: tuple[str, ...] = ("up_blocks.1",)
+    width: int = 128
+    heads: int = 4
+    ff: int = 256
+    n_queries: int = 16
+    n_match: int = 4
+    sem_dim: int = 32
+    t: int = 250
+    t_focus_p: float = 0.5
+    t_focus_width: int = 150
+    t_min: int = 20
+    t_max: int = 980
+    batch: int = 16
+    steps: int = 1500
+    lr: float = 3e-4
+    warmup: int = 100
+    weight_decay: float = 1e-2
+    clip: float = 1.0
+    rec_weights: tuple[float, float, float, float] = (1.0, 5.0, 2.0, 1.0)
+    itm_weight: float = 1.0
+    lora_rank: int = 0
+    lora_lr: float = 1e-4
+    denoise_weight: float = 1.0
+    seed: int = DPT_SEEDS["train"]
+    checkpoint_every: int = 50
+    snapshot_every: int = 250
+
+
+def _batch_t(cfg: DPTTrainConfig, rng: np.random.Generator) -> int:
+    if rng.random() < cfg.t_focus_p:
+        return int(np.clip(rng.integers(cfg.t - cfg.t_focus_width, cfg.t + cfg.t_focus_width + 1), 0, 999))
+    return int(rng.integers(cfg.t_min, cfg.t_max + 1))
+
+
+def make_batch(rng: np.random.Generator, n: int) -> dict:
+    """`n` training samples (see the module docstring): images (PIL) and texts in row order, REC targets.
+
+    Returns: {"images": [6n], "texts": [6n] (model texts), "captions": [n], "neg": [n], "rand": [n],
+              "ref": [n] ReferringExpression, "boxes": [n, 4] (cx, cy, w, h) in [0, 1]}.
+    """
+    kinds = ("single", "relation", "count")
+    p = np.array([0.25, 0.45, 0.30])
+    scenes = [world.sample_scene(rng, kinds[rng.choice(3, p=p)]) for _ in range(2 * n)]
+    imgs, texts, caps, negs, rands, refs = [], [], [], [], [], []
+    for i in range(n):
+        s, other = scenes[i], scenes[n + i]
+        neg_opts = world.negatives(s, rng)
+        neg = list(neg_opts.values())[rng.integers(len(neg_opts))]
+        rand = other.caption if other.caption != s.caption else scenes[(n + i + 1) % (2 * n)].caption
+        im, im_neg, im_rand = world.render(s), world.render(world.scene_from_caption(neg, rng)), world.render(other)
+        ref = referring.sample_referring(rng)
+        im_ref = referring.render_objects(ref.objects)
+        imgs += [im, im, im, im_neg, im_rand, im_ref]
+        texts += [s.caption, neg, rand, s.caption, s.caption, ref.model_text]
+        caps.append(s.caption), negs.append(neg), rands.append(rand), refs.append(ref)
+    boxes = torch.tensor([r.box_cxcywh() for r in refs], dtype=torch.float32)
+    return {"images": imgs, "texts": texts, "captions": caps, "neg": negs, "rand": rands, "ref": refs, "boxes": boxes}
+
+
+def _positive_tokens(refs, L: int, device) -> torch.Tensor:
+    pos = torch.zeros(len(refs), L, dtype=torch.bool, device=device)
+    for i, r in enumerate(refs):
+        for w in r.positive:
+            if w + 1 < L:
+                pos[i, w + 1] = True  # +1: BOS; one token per word in the shapes vocabulary
+    return pos
+
+
+def _losses(pipe, adapter: DPTAdapter, batch: dict, t: int, noise: torch.Tensor, cfg: DPTTrainConfig,
+            grad_unet: bool = False) -> dict[str, torch.Tensor]:
+    n = len(batch["captions"])
+    dev = pipe.unet.device
+    uniq: dict[int, int] = {}
+    for im in batch["images"]:
+        uniq.setdefault(id(im), len(uniq))
+    ims = list({id(im): im for im in batch["images"]}.values())
+    latents = encode_images(pipe, ims)[[uniq[id(im)] for im in batch["images"]]]  # [6n, C, h, w]
+    blocks = list(adapter.config.blocks)
+    extra = ["conv_out"] if grad_unet and cfg.denoise_weight > 0 else []
+    feats = dpt_features(pipe, latents, batch["texts"], t, blocks + extra, noise=noise, grad=grad_unet)
+    pooled, tokens, valid = text_embeddings(pipe, batch["texts"])
+    rows = torch.arange(6 * n, device=dev).reshape(n, 6)
+    itm_rows, ref_rows = rows[:, :5].reshape(-1), rows[:, 5]
+    out = adapter([f[itm_rows] for f in feats[: len(blocks)]], torch.full((5 * n,), t, device=dev))
+    s = itm_score(out.match, pooled[itm_rows]).reshape(n, 5)
+    s_i2t, s_t2i = s[:, [0, 1, 2]], s[:, [0, 3, 4]]
+    t2i, i2t = itm_contrastive_loss(s_i2t, s_t2i, out.logit_scale)
+    sub = adapter([f[ref_rows] for f in feats[: len(blocks)]], torch.full((n,), t, device=dev), tokens[ref_rows],
+                  valid[ref_rows])
+    rl = rec_loss(sub, batch["boxes"].to(dev), adapter.project_tokens(tokens[ref_rows]),
+                  _positive_tokens(batch["ref"], tokens.shape[1], dev), valid[ref_rows], weights=cfg.rec_weights)
+    loss = cfg.itm_weight * (t2i + i2t) + rl["loss"]
+    res = {"t2i": t2i, "i2t": i2t, "prob": rl["prob"], "l1": rl["l1"], "giou": rl["giou"], "align": rl["align"],
+           "itm_acc": (s_i2t.argmax(-1) == 0).float().mean()}
+    if extra:
+        rows = torch.arange(n, device=dev) * 6
+        pred = feats[-1][rows]
+        x0 = latents[rows]
+        eps = noise.reshape(1, *x0.shape[1:]).expand_as(x0)
+        tt = torch.full((n,), t, device=dev, dtype=torch.long)
+        ptype = pipe.scheduler.config.get("prediction_type", "epsilon")
+        target = pipe.scheduler.get_velocity(x0, eps, tt) if ptype == "v_prediction" else eps if ptype == "epsilon" else x0
+        res["denoise"] = F.mse_loss(pred, target)
+        loss = loss + cfg.denoise_weight * res["denoise"]
+    res["loss"] = loss
+    return res
+
+
+def train_dpt(pipe, cfg: DPTTrainConfig, work_dir: str | Path, progress: bool = True,
+              stop_after_s: float | None = None, init_from: str | Path | None = None) -> DPTAdapter:
+    """Train (or resume training) a DPT adapter on `pipe`; state and snapshots under `work_dir`.
+
+    Stage 1 (`cfg.lora_rank == 0`): the UNet is frozen, its features computed without a graph. Stage 2: a LoRA
+    is added to the UNet's cross-attention (`models.adapters.dpt.add_lora`) and trained with the adapter and the
+    denoising loss; the base weights are never changed (only the LoRA matrices are trainable), and the LoRA is
+    saved apart (`lora.safetensors`).
+
+    Files in `work_dir`: `state.pt` (adapter, LoRA, optimizer, step; resumable), `log.jsonl` (losses per step),
+    `snap-<step>/` (adapter.safetensors + config.json [+ lora.safetensors]) every `snapshot_every` steps.
+
+    `init_from`: a `state.pt` whose adapter weights start a fresh run (matching names only; a fresh optimizer).
+
+    Returns: the adapter (train mode off).
+    """
+    work = Path(work_dir).expanduser()
+    work.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    adapter = new_adapter(pipe, cfg.blocks, width=cfg.width, heads=cfg.heads, ff=cfg.ff, n_queries=cfg.n_queries,
+                          n_match=cfg.n_match, sem_dim=cfg.sem_dim, t=cfg.t, lora_rank=cfg.lora_rank,
+                          stage=2 if cfg.lora_rank else 1)
+    pipe.unet.requires_grad_(False)
+    pipe.vae.requires_grad_(False)
+    pipe.text_encoder.requires_grad_(False)
+    lora_params = add_lora(pipe.unet, cfg.lora_rank) if cfg.lora_rank else []
+    groups = [{"params": list(adapter.parameters()), "lr": cfg.lr}]
+    if lora_params:
+        groups.append({"params": lora_params, "lr": cfg.lora_lr})
+    opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+    step = 0
+    state_path = work / "state.pt"
+    if init_from is not None and not state_path.exists():
+        st = torch.load(Path(init_from).expanduser(), map_location="cpu", weights_only=False)
+        missing, unexpected = adapter.load_state_dict(st["adapter"], strict=False)
+        print(f"warm start from {init_from}: new {missing}, dropped {unexpected}")
+    if state_path.exists():
+        st = torch.load(state_path, map_location="cpu", weights_only=False)
+        adapter.load_state_dict(st["adapter"])
+        if lora_params and st.get("lora"):
+            from peft.utils import set_peft_model_state_dict
+            set_peft_model_state_dict(pipe.unet, st["lora"], adapter_name="dpt")
+        opt.load_state_dict(st["opt"])
+        step = int(st["step"])
+    (work / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    base_lrs = [g["lr"] for g in opt.param_groups]
+
+    def save_state():
+        tmp = work / "state.pt.tmp"
+        torch.save({"adapter": adapter.state_dict(), "opt": opt.state_dict(), "step": step,
+                    "lora": lora_state_dict(pipe.unet) if lora_params else None}, tmp)
+        os.replace(tmp, state_path)
+
+    def snapshot():
+        adapter.config.trained_steps = step
+        d = save_adapter(adapter, work / f"snap-{step:05d}", extra={"train": dataclasses.asdict(cfg)})
+        if lora_params:
+            from safetensors.torch import save_file
+            save_file(lora_state_dict(pipe.unet), d / LORA_FILE)
+
+    t0 = time.time()
+    adapter.train()
+    with tqdm(total=cfg.steps, initial=step, desc=f"dpt stage {2 if lora_params else 1}", disable=not progress,
+              mininterval=10) as bar, open(work / "log.jsonl", "a") as log:
+        while step < cfg.steps:
+            rng = np.random.default_rng((cfg.seed, step))
+            batch = make_batch(rng, cfg.batch)
+            t = _batch_t(cfg, rng)
+            noise = torch.from_numpy(rng.standard_normal((pipe.unet.config.in_channels,
+                                                          *latent_hw(pipe))).astype(np.float32))
+            for g, lr in zip(opt.param_groups, base_lrs):
+                g["lr"] = lr * min(1.0, (step + 1) / max(cfg.warmup, 1))
+            res = _losses(pipe, adapter, batch, t, noise.to(pipe.unet.device), cfg, grad_unet=bool(lora_params))
+            opt.zero_grad(set_to_none=True)
+            res["loss"].backward()
+            torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], cfg.clip)
+            opt.step()
+            step += 1
+            row = {k: round(float(v.detach()), 5) for k, v in res.items()}
+            row.update(step=step, t=t, s=round(time.time() - t0, 1))
+            log.write(json.dumps(row) + "\n")
+            log.flush()
+            bar.update(1)
+            bar.set_postfix(loss=f"{row['loss']:.3f}", itm=f"{row['itm_acc']:.2f}", giou=f"{row['giou']:.3f}")
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                save_state()
+            if step % cfg.snapshot_every == 0 or step == cfg.steps:
+                snapshot()
+            if stop_after_s is not None and time.time() - t0 > stop_after_s:
+                save_state()
+                break
+    adapter.eval()
+    adapter.config.trained_steps = step
+    return adapter
+
+
+def latent_hw(pipe) -> tuple[int, int]:
+    s = pipe.unet.config.sample_size
+    return (s, s) if isinstance(s, int) else tuple(s)
+
+
+# --- evaluation -----------------------------------------------------------------------------------------
+def evaluate_rec(pipe, adapter: DPTAdapter, expressions: Sequence, t: int | None = None, batch: int = 32) -> dict:
+    """REC accuracy (IoU >= 0.5 of the most probable query's box with the true box), per kind and overall.
+
+    Returns: {"overall": {"k", "n"}, "by_kind": {kind: {"k", "n"}}, "ious": [n]}.
+    """
+    ious: list[float] = []
+    for i in range(0, len(expressions), batch):
+        chunk = expressions[i: i + batch]
+        lat = encode_images(pipe, [referring.render_objects(e.objects) for e in chunk])
+        boxes, _ = ground_boxes(pipe, adapter, lat, [e.model_text for e in chunk], t)
+        true = torch.tensor([[v / world.IMAGE_SIZE for v in e.box] for e in chunk])
+        ious += torch.diagonal(box_iou(boxes, true)[0]).tolist()
+    by_kind: dict[str, dict] = {}
+    for e, iou in zip(expressions, ious):
+        d = by_kind.setdefault(e.kind, {"k": 0, "n": 0})
+        d["k"] += int(iou >= 0.5)
+        d["n"] += 1
+    return {"overall": {"k": sum(d["k"] for d in by_kind.values()), "n": len(ious)}, "by_kind": by_kind,
+            "ious": ious}
+
+
+def evaluate_itm_pairs(pipe, adapter: DPTAdapter, scenes: Sequence[world.Scene], t: int | None = None) -> dict:
+    """Hard-negative text accuracy: per scene and negative type, s(image, caption) > s(image, negative).
+
+    Returns: {"overall": {"k", "n"}, "by_type": {type: {"k", "n"}}}.
+    """
+    by: dict[str, dict] = {}
+    for s in scenes:
+        negs = world.negatives(s, np.random.default_rng(0))
+        caps = [s.caption] + list(negs.values())
+        sc = itm_scores(pipe, adapter, encode_images(pipe, [world.render(s)]), caps, t)
+        for j, key in enumerate(negs, start=1):
+            d = by.setdefault(key, {"k": 0, "n": 0})
+            d["k"] += int(sc[0] > sc[j])
+            d["n"] += 1
+    return {"overall": {"k": sum(d["k"] for d in by.values()), "n": sum(d["n"] for d in by.values())}, "by_type": by}
+
+
+def export_adapter(snapshot_dir: str | Path, out_dir: str | Path, extra: dict | None = None) -> Path:
+    """Copy a snapshot (adapter [+ LoRA]) to `out_dir` (e.g. assets/adapters/shapes-v1-dpt), adding `extra` to
+    its config.json (the validation readings it was chosen on)."""
+    import shutil
+
+    src, dst = Path(snapshot_dir), Path(out_dir)
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        shutil.copy2(f, dst / f.name)
+    if extra:
+        d = json.loads((dst / CONFIG_FILE).read_text())
+        d.setdefault("extra", {}).update(extra)
+        (dst / CONFIG_FILE).write_text(json.dumps(d, indent=2) + "\n")
+    return dst
+
+
+# --- shipped adapters -----------------------------------------------------------------------------------
+ADAPTERS_DIR = Path(__file__).resolve().parents[2] / "assets" / "adapters"
+
+
+def model_name(pipe) -> str:
+    """The pipeline's model name: the last part of its folder / hub id ("shapes-v1")."""
+    p = str(getattr(pipe, "name_or_path", "") or pipe.config.get("_name_or_path", "") or "")
+    return Path(p.rstrip("/")).name or "model"
+
+
+def adapter_dir_for(pipe) -> Path:
+    """Where the adapter of the pipe's model is shipped: assets/adapters/<model name>-dpt."""
+    return ADAPTERS_DIR / f"{model_name(pipe)}-dpt"
+
+
+_LOADED: dict[tuple[str, float], DPTAdapter] = {}
+
+
+def find_adapter(pipe, folder: str | Path | None = None) -> DPTAdapter:
+    """The adapter for the pipe's model (cached per folder and file time), on the UNet's device.
+
+    Raises:
+        ValueError: the model has no adapter, with the command that trains one.
+    """
+    d = Path(folder) if folder is not None else adapter_dir_for(pipe)
+    f = d / "adapter.safetensors"
+    if not f.exists():
+        raise ValueError(
+            f"no DPT adapter for model {model_name(pipe)!r} (looked in {d}); train one with "
+            f"`python cli.py train-dpt --model {model_name(pipe)}` (or `python bench/dpt_train.py --work DIR` and "
+            f"export a snapshot to {d} with models.training.dpt.export_adapter)")
+    key = (str(f.resolve()), f.stat().st_mtime)
+    if key not in _LOADED:
+        _LOADED[key] = load_adapter(d)
+    return _LOADED[key].to(pipe.unet.device)

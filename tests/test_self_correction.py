@@ -1,0 +1,66 @@
+"""DPT self-correction on the tiny pipeline: exactness at eta = 0, trajectories, both readings."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from interp.tasks.self_correction import Trajectory, generate_self_corrected
+from models.sampling import generate_images
+from models.training import dpt as tdpt
+
+
+@pytest.fixture(scope="module")
+def adapter(tiny_pipe):
+    torch.manual_seed(0)
+    return tdpt.new_adapter(tiny_pipe, ("up_blocks.1",), width=32, heads=2, ff=64, n_queries=6, n_match=2,
+                            sem_dim=8, dropout=0.0).eval()
+
+
+@pytest.mark.parametrize("reading", ["noise_only", "latent"])
+def test_eta_zero_is_the_plain_sampler(tiny_pipe, adapter, reading):
+    """eta = 0 gives exactly models.sampling's image for the same seed."""
+    [plain] = generate_images(tiny_pipe, ["a red circle"], [7], steps=4, guidance=3.0)
+    img, traj = generate_self_corrected(tiny_pipe, "a red circle", seed=7, eta=0.0, steps=4, guidance=3.0,
+                                        reading=reading, adapter=adapter)
+    assert np.array_equal(np.asarray(plain), np.asarray(img))
+    assert traj.unet_calls == 4 and traj.unet_backwards == 0 and np.isnan(traj.s_before).all()
+
+
+def test_correction_changes_the_image_and_records(tiny_pipe, adapter):
+    """eta > 0 records s before / after, gradient norms and maps, previews; the readings differ."""
+    kw = dict(seed=3, eta=50.0, steps=3, guidance=3.0, adapter=adapter, step_range=(1, None))
+    img_a, ta = generate_self_corrected(tiny_pipe, "two red circles", reading="noise_only", **kw)
+    img_b, tb = generate_self_corrected(tiny_pipe, "two red circles", reading="latent", **kw)
+    [plain] = generate_images(tiny_pipe, ["two red circles"], [3], steps=3, guidance=3.0)
+    assert not np.array_equal(np.asarray(img_a), np.asarray(plain))
+    assert not np.array_equal(np.asarray(img_a), np.asarray(img_b))
+    assert np.isnan(ta.s_before[0]) and not np.isnan(ta.s_before[1]) and not np.isnan(ta.s_after[2])
+    assert ta.grad_map.shape == (3, 16, 16) and ta.grad_map[1].sum() > 0 and ta.grad_map[0].sum() == 0
+    assert ta.previews.shape == (3, 64, 64, 3) and ta.previews.dtype == np.uint8
+    assert ta.latent_change[1] == pytest.approx(50.0 * ta.grad_norm[1], rel=1e-5)
+    assert ta.unet_calls == 3 + 2 * 2 and ta.unet_backwards == 2
+
+
+def test_small_step_raises_s(tiny_pipe, adapter):
+    """With a small eta (a step of 1e-2 / |grad|) the score after the correction is above the score before."""
+    kw = dict(seed=1, steps=2, guidance=3.0, adapter=adapter, reading="latent", step_range=(1, None))
+    _, probe = generate_self_corrected(tiny_pipe, "a red circle", eta=1e-6, **kw)
+    eta = 1e-2 / probe.grad_norm[1]
+    _, tr = generate_self_corrected(tiny_pipe, "a red circle", eta=eta, **kw)
+    assert tr.grad_norm[1] == pytest.approx(probe.grad_norm[1], rel=1e-4)
+    assert tr.s_after[1] > tr.s_before[1]
+
+
+def test_trajectory_round_trip(tiny_pipe, adapter, tmp_path):
+    """A trajectory saves to safetensors + JSON and loads back identically (NaNs included)."""
+    _, tr = generate_self_corrected(tiny_pipe, "a red circle", seed=2, eta=1.0, steps=3, guidance=3.0,
+                                    adapter=adapter, step_range=(1, 2))
+    back = Trajectory.load(tr.save(tmp_path / "traj"))
+    assert back == tr
+    assert np.isnan(back.s_before[0]) and back.grad_map.dtype == np.float32
+
+
+def test_bad_reading(tiny_pipe, adapter):
+    with pytest.raises(ValueError, match="unknown reading"):
+        generate_self_corrected(tiny_pipe, "a red circle", eta=0.1, steps=2, reading="both", adapter=adapter)
