@@ -260,3 +260,33 @@ class TestKindWeights:
         out = train_bundled(cfg)
         assert "batch mix by kind" in capsys.readouterr().out
         assert json.loads((out / "training_state.json").read_text())["config"]["kind_weights"] == {"count": 3.0}
+
+
+
+class TestCompositionalSplit:
+    def test_training_data_leaves_out_the_held_out_combinations(self, tmp_path):
+        """Data built now holds no held-out combination; the rule is cached with the data, and the other rule
+        rebuilds the data instead of reusing it."""
+        from transformers import CLIPTokenizer
+
+        from models.shapes.vocab import build_clip_tokenizer_files
+        from models.training.bundled import build_data
+
+        tok = CLIPTokenizer.from_pretrained(build_clip_tokenizer_files(tmp_path / "tok"))
+        cfg = tiny_train_config(tmp_path, n_images=600)
+        caps = tok.batch_decode(build_data(cfg, tok)["input_ids"], skip_special_tokens=True)
+        assert len(caps) == 600 and not any(world.is_compositional_holdout(c) for c in caps)
+        cfg.exclude_compositional = False
+        old = tok.batch_decode(build_data(cfg, tok)["input_ids"], skip_special_tokens=True)
+        assert any(world.is_compositional_holdout(c) for c in old)  # the rule of the shipped model's data
+        assert sum(a != b for a, b in zip(caps, old)) == sum(world.is_compositional_holdout(c) for c in old)
+
+    def test_flag_parses_both_ways(self):
+        import argparse
+
+        from models.training.bundled import add_config_flags, config_from_flags
+
+        p = argparse.ArgumentParser()
+        add_config_flags(p)
+        assert config_from_flags(p.parse_args([])).exclude_compositional is True
+        assert config_from_flags(p.parse_args(["--no-exclude-compositional"])).exclude_compositional is False

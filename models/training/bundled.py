@@ -19,9 +19,11 @@ Example:
 """
 from __future__ import annotations
 
+import argparse
 import copy
 import csv
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -62,6 +64,9 @@ class TrainConfig:
                          "folder of the run's state: data, latents, checkpoints, loss log")
     seed: int = _opt(0, "seed of the data and the initialisation", ge=0)
     n_images: int = _opt(60_000, "rendered training scenes", ge=1)
+    exclude_compositional: bool = _opt(True, "leave the compositional split's held-out combinations "
+                                       "(models.shapes.world.compositional_holdout) out of the rendered data; the "
+                                       "shipped shapes-v1 predates the split and was trained on them")
     mix: dict = _opt(None, "share of each scene kind in the rendered data, KIND=SHARE items",
                      factory=lambda: {"single": 0.25, "relation": 0.45, "count": 0.30})
     # batch sampling weight per scene kind over the cached data (missing kinds: 1; None = uniform): changes the
@@ -114,7 +119,9 @@ def add_config_flags(parser, cls=TrainConfig) -> None:
         default = getattr(defaults, f.name)
         kw: dict = {"dest": f.name, "default": None,
                     "help": f"{f.metadata.get('help', '')} (default: {default})".strip()}
-        if base in ("dict", "dict[str, float]"):
+        if base == "bool":
+            kw["action"] = argparse.BooleanOptionalAction  # --flag / --no-flag
+        elif base in ("dict", "dict[str, float]"):
             kw.update(nargs="+", metavar="KEY=VALUE")
         elif base.startswith("tuple"):
             kw.update(nargs="+", type=type(default[0]) if default else str)
@@ -233,9 +240,11 @@ def build_data(cfg: TrainConfig, tokenizer) -> dict[str, np.ndarray]:
     path = Path(cfg.work_dir) / "data.npz"
     if path.exists():
         d = dict(np.load(path))
-        if len(d["input_ids"]) == cfg.n_images:
+        # data cached before the compositional split existed has no flag: it holds the held-out combinations
+        excluded = bool(d.pop("exclude_compositional", np.array(False)))
+        if len(d["input_ids"]) == cfg.n_images and excluded == cfg.exclude_compositional:
             return d
-    scenes = world.sample_dataset(cfg.seed, cfg.n_images, cfg.mix)
+    scenes = world.sample_dataset(cfg.seed, cfg.n_images, cfg.mix, exclude_compositional=cfg.exclude_compositional)
     images = np.zeros((len(scenes), world.IMAGE_SIZE, world.IMAGE_SIZE, 3), np.uint8)
     masks = np.zeros((len(scenes), 3, LATENT, LATENT), np.float16)
     bits = np.zeros((len(scenes), MODEL_MAX_LENGTH), np.int8)
@@ -250,7 +259,7 @@ def build_data(cfg: TrainConfig, tokenizer) -> dict[str, np.ndarray]:
     kinds = np.array([world.KINDS.index(s.kind) for s in scenes], np.int8)
     d = dict(images=images, masks=masks, bits=bits, input_ids=ids, kinds=kinds)
     Path(cfg.work_dir).mkdir(parents=True, exist_ok=True)
-    np.savez(path, **d)
+    np.savez(path, **d, exclude_compositional=np.array(cfg.exclude_compositional))
     return d
 
 
@@ -344,9 +353,11 @@ def train_vae(cfg: TrainConfig, data: dict, device: torch.device, log) -> "Autoe
 @torch.no_grad()
 def cache_latents(cfg: TrainConfig, data: dict, vae, device) -> tuple[torch.Tensor, float]:
     path = Path(cfg.work_dir) / "latents.pt"
+    key = hashlib.sha256(np.ascontiguousarray(data["input_ids"]).tobytes()).hexdigest()  # which data they encode
     if path.exists():
         st = torch.load(path, weights_only=False)
-        if len(st["latents"]) == len(data["images"]):
+        # a cache without a key predates the key: re-encoded once, since the data may have been rebuilt since
+        if len(st["latents"]) == len(data["images"]) and st.get("data_key") == key:
             return st["latents"], st["scaling_factor"]
     vae.eval()
     out = torch.zeros(len(data["images"]), 4, LATENT, LATENT)
@@ -354,7 +365,7 @@ def cache_latents(cfg: TrainConfig, data: dict, vae, device) -> tuple[torch.Tens
         x = images_to_tensor(data["images"][i : i + 256]).to(device)
         out[i : i + 256] = vae.encode(x).latent_dist.mean.cpu()
     sf = float(1.0 / out.std())
-    _atomic_save({"latents": out, "scaling_factor": sf}, path)
+    _atomic_save({"latents": out, "scaling_factor": sf, "data_key": key}, path)
     return out, sf
 
 
