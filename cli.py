@@ -12,6 +12,7 @@ Commands (each calls one function of `interp.tasks.inputs`, which checks its inp
     eval-matching     run a matching benchmark (winoground, comvg, counting, refcocog) with one scorer
     report-matching   the Discffusion report: each of the paper's claims on the benchmarks
     train-prompt      few-shot attention prompt learning on a benchmark's train split
+    causal-maps       suppress one word's attention and see what the checker says changed (faithful vs plain)
 
     python cli.py generate --prompt "a red circle" --seed 0 --steps 25 --out x.png [--json]
     python cli.py rank --image x.png --captions "a red circle" "a blue square" --scorer auto --json
@@ -25,6 +26,7 @@ import json
 import os
 import sys
 import warnings
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -36,7 +38,9 @@ import numpy as np
 import transformers.utils.logging as transformers_logging
 
 from interp.head_atlas import atlas_table
+from interp.tasks.causal_eval import run_causal_maps
 from interp.tasks.faithfulness import save_atlas
+from interp.tasks.generation_eval import SPLITS
 from interp.lse import POOLINGS
 from interp.scorers import DEFAULT_SCORER, ScoreResult, get_scorer, scorer_names
 from interp.scorers.head_weighted import VARIANTS
@@ -44,7 +48,7 @@ from interp.tasks import inputs
 from interp.tasks.matching_eval import distributed_state
 from interp.tasks.matching_report import GROUPS, report_markdown
 from interp.tasks.prompt_learning import save_prompt
-from models.limits import MAX_GUIDANCE, MAX_SEED, MAX_STEPS, user_message
+from models.limits import MAX_GUIDANCE, MAX_PER_KIND, MAX_SEED, MAX_STEPS, check_int, check_seed, user_message
 from models.loading import ModelLoadError
 from models.training.bundled import add_config_flags, config_from_flags, train_bundled
 
@@ -116,13 +120,25 @@ def _cmd_sample_grid(a: argparse.Namespace) -> int:
 
 
 def _cmd_eval_generation(a: argparse.Namespace) -> int:
-    res = inputs.evaluate_generation(a.model, a.n_per_kind, steps=a.steps, guidance=a.guidance, seed=a.seed)
+    res = inputs.evaluate_generation(a.model, a.n_per_kind, steps=a.steps, guidance=a.guidance, seed=a.seed,
+                                     split=a.split)
     if a.json:
         print(json.dumps(res))
     else:
         for k in ("single", "relation", "count"):
             print(f"{k:9s} {res[k]:.3f}")
         print(f"n={res['n']}")
+    return 0
+
+
+def _cmd_causal_maps(a: argparse.Namespace) -> int:
+    n = check_int(a.n, "--n", 1, MAX_PER_KIND)
+    seed, batch = check_seed(a.seed), check_int(a.batch_size, "--batch-size", 1, 64)
+    _check_out_dir(a.out)
+    for m in a.models:  # every model loads (cached) before the first one runs, so a bad name loses no work
+        inputs.load_model(m, device="cpu")
+    summary = run_causal_maps(a.models, n, Path(a.out), seed, batch, "python cli.py " + " ".join(sys.argv[1:]))
+    print(json.dumps(summary))
     return 0
 
 
@@ -246,11 +262,12 @@ class _Parser(argparse.ArgumentParser):
 NUMBER = "N"
 
 
-def _add_sampling_args(p: argparse.ArgumentParser, seed: int) -> None:
+def _add_sampling_args(p: argparse.ArgumentParser, seed: int | None) -> None:
     p.add_argument("--steps", default=None, metavar=NUMBER, help=f"denoising steps, 1..{MAX_STEPS} (default: the model's)")
     p.add_argument("--guidance", default=None, metavar=NUMBER,
                    help=f"classifier-free guidance, 0..{MAX_GUIDANCE:g} (default: the model's)")
-    p.add_argument("--seed", default=seed, metavar=NUMBER, help=f"0..{MAX_SEED} (default {seed})")
+    p.add_argument("--seed", default=seed, metavar=NUMBER,
+                   help=f"0..{MAX_SEED} (default {seed if seed is not None else 'the split’s noise seed'})")
     p.add_argument("--model", default=None, help="bundled name, local folder or hub id (default: the bundled model)")
 
 
@@ -313,8 +330,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = command("eval-generation", _cmd_eval_generation)
     e.add_argument("--n-per-kind", dest="n_per_kind", default=100, metavar=NUMBER)
-    _add_sampling_args(e, seed=1234)
+    e.add_argument("--split", default="test", choices=SPLITS,
+                   help="prompt set (docs/protocol.md): test (read once), validation (for choices), compositional")
+    _add_sampling_args(e, seed=None)
     e.add_argument("--json", action="store_true")
+
+    cm = command("causal-maps", _cmd_causal_maps)
+    cm.add_argument("--models", nargs="+", default=["shapes-v1", "shapes-v1-plain"])
+    cm.add_argument("--n", default=25, metavar=NUMBER, help="prompts per kind (single, relation)")
+    cm.add_argument("--seed", default=0, metavar=NUMBER)
+    cm.add_argument("--batch-size", dest="batch_size", default=16, metavar=NUMBER)
+    cm.add_argument("--out", required=True, help="folder for <model>.json and summary.json")
 
     m = command("maps", _cmd_maps)
     m.add_argument("--image", required=True)

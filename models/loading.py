@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import json
 from pathlib import Path
 
@@ -82,6 +83,18 @@ def load_pipeline(model_id: str | None = None, device: str | torch.device | None
     return _load_cached(resolve_model_id(model_id), str(dev), dt)
 
 
+def _load_error(path_or_id: str, e: Exception) -> str:
+    """One line for a failed load: offline misses say what would work instead of diffusers' advice."""
+    text = str(e).strip()
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    if "local_files_only" in text or "cached snapshot" in text or "outgoing traffic" in text or offline:
+        known = ", ".join(bundled_models()) or "none"
+        return (f"cannot load model {path_or_id!r}: it is not a bundled model ({known}), not a local pipeline "
+                "folder, and not in the local hub cache (this machine is offline)")
+    first = text.splitlines()[0] if text else type(e).__name__
+    return f"cannot load model {path_or_id!r}: {first[:200]}"
+
+
 @functools.lru_cache(maxsize=4)
 def _load_cached(path_or_id: str, device: str, dtype: torch.dtype):
     from diffusers import StableDiffusionPipeline
@@ -96,8 +109,7 @@ def _load_cached(path_or_id: str, device: str, dtype: torch.dtype):
         pipe = StableDiffusionPipeline.from_pretrained(path_or_id, dtype=dtype, use_safetensors=True,
                                                        safety_checker=None, requires_safety_checker=False)
     except Exception as e:  # hub / file errors come in many classes; report one line
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelLoadError(f"cannot load model {path_or_id!r}: {first[:300]}") from None
+        raise ModelLoadError(_load_error(path_or_id, e)) from None
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     pipe.discolens_defaults = model_defaults(path_or_id)

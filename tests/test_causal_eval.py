@@ -73,10 +73,11 @@ class TestPlan:
 
 
 class TestStatistics:
-    def test_wilson_contains_rate(self):
-        """The Wilson interval holds the observed rate."""
-        lo, hi = ce.wilson(7, 20)
+    def test_rates_carry_a_wilson_interval(self):
+        """A rate holds its Wilson interval, which contains the observed rate; none for n = 0."""
+        lo, hi = ce._rate(7, 20)["ci95"]
         assert lo < 0.35 < hi
+        assert ce._rate(0, 0)["ci95"] is None
 
     def test_compare_models_counts_discordant_pairs(self):
         """McNemar counts only the pairs where the models disagree, on shared keys."""

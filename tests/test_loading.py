@@ -35,6 +35,9 @@ class TestLoad:
         with pytest.raises(ModelLoadError) as e:
             load_pipeline("no-such-org/no-such-model-xyz", device="cpu")
         assert "\n" not in str(e.value) and "no-such-org/no-such-model-xyz" in str(e.value)
+        # says what would load instead of diffusers' advice to go online, and does not repeat itself
+        assert "shapes-v1" in str(e.value) and "local_files_only" not in str(e.value)
+        assert str(e.value).count("no-such-org/no-such-model-xyz") == 1
 
     def test_folder_that_is_not_a_pipeline(self, tmp_path):
         """A folder without model_index.json is refused clearly."""

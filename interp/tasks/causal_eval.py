@@ -42,13 +42,14 @@ import numpy as np
 import torch
 from PIL import Image
 from scipy.optimize import linear_sum_assignment
-from scipy.stats import binomtest
 
+from models import load_pipeline
 from models.attention_capture import capture_cross_attention
 from models.interventions import AttentionEdit, intervene, word_columns
 from models.shapes import world
 from models.shapes.checker import check
 
+from interp.stats import mcnemar, wilson_interval
 from interp.tasks.generation_eval import held_out_prompts
 
 __all__ = ["CAUSAL_SEED", "EditCase", "plan_edits", "judge_edit", "evaluate_interventions", "summarize_cases",
@@ -89,14 +90,6 @@ class EditCase:
     def key(self) -> str:
         """Identifies the same edit across models: prompt, word, variant."""
         return f"{self.prompt}:{self.word}:{self.variant}"
-
-
-def wilson(k: int, n: int) -> list[float] | None:
-    """Wilson 95% interval of k successes in n (None when n = 0)."""
-    if n == 0:
-        return None
-    ci = binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
-    return [float(ci.low), float(ci.high)]
 
 
 def _phrase_targets(verdict: dict, caption: str) -> list[int] | None:
@@ -221,7 +214,8 @@ def _generate(pipe, captions: Sequence[str], seeds: Sequence[int], edits: Sequen
 
 
 def _rate(k: int, n: int) -> dict:
-    return {"k": int(k), "n": int(n), "rate": (k / n) if n else None, "ci95": wilson(k, n)}
+    return {"k": int(k), "n": int(n), "rate": (k / n) if n else None,
+            "ci95": list(wilson_interval(k, n)) if n else None}
 
 
 def summarize_cases(cases: Sequence[dict]) -> dict:
@@ -317,18 +311,39 @@ def compare_models(a: dict, b: dict, field: str = "only") -> dict:
         cb = {c["key"]: c[field] for c in b["cases"] if c["variant"] == var}
         keys = sorted(set(ca) & set(cb))
         ka, kb = sum(ca[k] for k in keys), sum(cb[k] for k in keys)
-        a_only = sum(ca[k] and not cb[k] for k in keys)
-        b_only = sum(cb[k] and not ca[k] for k in keys)
-        p = binomtest(a_only, a_only + b_only, 0.5).pvalue if a_only + b_only else 1.0
+        m = mcnemar([bool(ca[k]) for k in keys], [bool(cb[k]) for k in keys])
         out[var] = {"field": field, "n_pairs": len(keys), "a": _rate(ka, len(keys)), "b": _rate(kb, len(keys)),
-                    "a_only": int(a_only), "b_only": int(b_only), "mcnemar_p": float(p)}
+                    "a_only": m["a_only"], "b_only": m["b_only"], "mcnemar_p": m["p"]}
     return out
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m interp.tasks.causal_eval --models shapes-v1 shapes-v1-plain --n 50 --out DIR`."""
-    from models import load_pipeline
+def run_causal_maps(models: Sequence[str], n: int, out: Path, seed: int = 0, batch_size: int = 16,
+                    command: str = "") -> dict:
+    """Evaluate the edits on each model, write `<model>.json` and `summary.json` under `out`, return the summary
+    (with the paired comparison when two models are given)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = {}
+    for name in models:
+        res = evaluate_interventions(load_pipeline(name, device="cpu"), n, seed=seed, batch_size=batch_size)
+        results[name] = res
+        (out / f"{name}.json").write_text(json.dumps(res, indent=1))
+        print(name, f"{res['seconds']:.0f}s", json.dumps({v: res["summary"][v]["only"] for v in res["summary"]}),
+              file=sys.stderr, flush=True)
+    summary = {"command": command,
+               "models": {m: {"n_baselines": r["n_baselines"], "n_baselines_usable": r["n_baselines_usable"],
+                              "seconds": r["seconds"], "summary": r["summary"]} for m, r in results.items()}}
+    if len(models) == 2:
+        a, b = models
+        summary["paired"] = {f: compare_models(results[a], results[b], f) for f in ("only", "changed", "specific")}
+        summary["paired_models"] = [a, b]
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary
 
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m interp.tasks.causal_eval --models shapes-v1 shapes-v1-plain --n 50 --out DIR`
+    (also `python cli.py causal-maps ...`)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["shapes-v1", "shapes-v1-plain"])
     ap.add_argument("--n", type=int, default=50, help="prompts per kind (single, relation)")
@@ -336,23 +351,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
-    args.out.mkdir(parents=True, exist_ok=True)
-    results = {}
-    for name in args.models:
-        res = evaluate_interventions(load_pipeline(name, device="cpu"), args.n, seed=args.seed,
-                                     batch_size=args.batch_size)
-        results[name] = res
-        (args.out / f"{name}.json").write_text(json.dumps(res, indent=1))
-        print(name, f"{res['seconds']:.0f}s", json.dumps({v: res["summary"][v]["only"] for v in res["summary"]}),
-              flush=True)
-    summary = {"command": "python -m interp.tasks.causal_eval " + " ".join(sys.argv[1:] if argv is None else argv),
-               "models": {n: {"n_baselines": r["n_baselines"], "n_baselines_usable": r["n_baselines_usable"],
-                              "seconds": r["seconds"], "summary": r["summary"]} for n, r in results.items()}}
-    if len(args.models) == 2:
-        a, b = args.models
-        summary["paired"] = {f: compare_models(results[a], results[b], f) for f in ("only", "changed", "specific")}
-        summary["paired_models"] = [a, b]
-    (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
+    cmd = "python -m interp.tasks.causal_eval " + " ".join(sys.argv[1:] if argv is None else argv)
+    summary = run_causal_maps(args.models, args.n, args.out, args.seed, args.batch_size, cmd)
     print(json.dumps(summary.get("paired", {}), indent=1))
     return 0
 

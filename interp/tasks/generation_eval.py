@@ -145,9 +145,9 @@ def eval_prompts(split: Split = "test", n_per_kind: int = 100, seed: int | None 
     return _compositional_prompts(n_per_kind, seed)
 
 
-def score_generations(images: Sequence[Image.Image], captions: Sequence[str]) -> list[dict]:
-    """The scene checker's verdict for each (image, caption)."""
-    return [check(img, cap) for img, cap in zip(images, captions)]
+def score_generations(images: Sequence[Image.Image], captions: Sequence[str], strict: bool = False) -> list[dict]:
+    """The scene checker's verdict for each (image, caption); `strict`: the checker's strict mode (docs/checker.md)."""
+    return [check(img, cap, strict=strict) for img, cap in zip(images, captions)]
 
 
 def _rate(values) -> float | None:
@@ -233,7 +233,7 @@ def evaluate_generation(pipe, n_per_kind: int = 100, steps: int | None = None, g
 
     Returns:
         `summarize`'s dict (per-kind rates, n, details, intervals) with "steps", "guidance", "seed",
-        "prompt_seed" and "split".
+        "prompt_seed" and "split"; "strict": the same summary judged by the checker's strict mode.
 
     Example:
         >>> res = evaluate_generation(pipe, n_per_kind=50, split="validation", kinds=("count",))
@@ -248,6 +248,7 @@ def evaluate_generation(pipe, n_per_kind: int = 100, steps: int | None = None, g
     verdicts = score_generations(imgs, caps)
     d = pipe.discolens_defaults if hasattr(pipe, "discolens_defaults") else None
     res = summarize(prompt_kinds, verdicts)
+    res["strict"] = summarize(prompt_kinds, score_generations(imgs, caps, strict=True))
     res.update({"steps": steps or (d.steps if d else 25), "guidance": guidance if guidance is not None else (d.guidance if d else 7.5),
                 "seed": seed, "prompt_seed": prompt_seed, "split": split})
     if return_images:

@@ -119,12 +119,18 @@ def sample_grid(model: str | None, n_per_kind=6, cols=6, steps=None, guidance=No
     return sample_grid_figure(imgs, caps, ok, cols=cols), len(caps), sum(ok)
 
 
-def evaluate_generation(model: str | None, n_per_kind=100, steps=None, guidance=None, seed=1234) -> dict:
-    """The scene checker's verdicts on held-out generations (`interp.tasks.generation_eval`)."""
+def evaluate_generation(model: str | None, n_per_kind=100, steps=None, guidance=None, seed=None,
+                        split: str = "test") -> dict:
+    """The scene checker's verdicts on a split's generations (`interp.tasks.generation_eval`; seed None: the
+    split's own noise seeds)."""
     n = check_int(n_per_kind, "--n-per-kind", 1, MAX_PER_KIND)
     steps = None if steps is None else check_steps(steps)
-    guidance, seed = check_guidance(guidance), check_seed(seed)
-    return _evaluate_generation(load_model(model), n_per_kind=n, steps=steps, guidance=guidance, seed=seed)
+    guidance = check_guidance(guidance)
+    seed = None if seed is None else check_seed(seed)
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    return _evaluate_generation(load_model(model), n_per_kind=n, steps=steps, guidance=guidance, seed=seed,
+                                split=split)
 
 
 # ----------------------------------------------------------------------------------------------
