@@ -38,7 +38,8 @@ import torch
 from models.attention_capture import select_layer_names
 from models.trace import AttentionTrace
 
-__all__ = ["POOLINGS", "SPECIAL", "ScoreBreakdown", "pool", "lse_pool", "select_layers", "lse_score",
+__all__ = ["POOLINGS", "SPECIAL", "ScoreBreakdown", "pool", "lse_pool", "select_layers", "token_columns",
+           "layer_step_scores", "lse_score",
            "score_traces", "rank_captions", "denoising_score"]
 
 Pooling = Literal["lse", "mean", "max_rows", "max_cols", "cosine"]
@@ -107,15 +108,39 @@ def select_layers(trace: AttentionTrace, layers: Sequence[int | str] | str | Non
     return [trace.layer(n).alias for n in names]
 
 
-def _token_columns(trace: AttentionTrace, tokens: str) -> list[int]:
+def token_columns(trace: AttentionTrace, tokens: str) -> list[int]:
+    """Indices into a trace's token axis that a score pools: "all" real tokens (BOS ... EOS, the first `n_real`
+    columns), "words" (those without BOS and EOS), or "padded" (every column of a padded trace, padding included).
+    """
+    real = range(trace.n_real)
     if tokens == "all":
-        return list(range(len(trace.tokens)))
+        return list(real)
     if tokens == "words":
-        cols = [j for j, t in enumerate(trace.tokens) if t not in SPECIAL]
+        cols = [j for j in real if trace.tokens[j] not in SPECIAL]
         if not cols:
             raise ValueError(f"tokens='words': the trace has no word tokens (tokens: {trace.tokens})")
         return cols
-    raise ValueError(f"unknown tokens option {tokens!r}; use 'all' or 'words'")
+    if tokens == "padded":
+        return list(range(len(trace.tokens)))
+    raise ValueError(f"unknown tokens option {tokens!r}; use 'all', 'words' or 'padded'")
+
+
+def layer_step_scores(maps: Mapping[str, torch.Tensor], aliases: Sequence[str], cols: Sequence[int],
+                      pooling: str = "lse", lam: float = 1.0) -> torch.Tensor:
+    """The pooled score per layer and step, mean over heads: `[layers, steps]` (differentiable when the maps are).
+
+    Args:
+        maps: alias -> `[steps, heads, h, w, tokens]` (probabilities, logits or cosine maps).
+        aliases: the layers, in row order.
+        cols: the token columns pooled over.
+        pooling, lam: `pool`'s ("cosine" maps are mean-pooled).
+    """
+    rows = []
+    for alias in aliases:
+        x = maps[alias][..., list(cols)]
+        x = x.reshape(x.shape[0], x.shape[1], -1, x.shape[-1])  # [steps, heads, n, m]
+        rows.append(pool(x, "mean" if pooling == "cosine" else pooling, lam).mean(dim=1))  # [steps]
+    return torch.stack(rows)
 
 
 @dataclasses.dataclass
@@ -174,7 +199,8 @@ def lse_score(trace: AttentionTrace, source: Literal["probs", "logits"] = "probs
         pooling: "lse" (Eq. 4), "mean", "max_rows", "max_cols", or "cosine" (mean of the cosine maps;
             the trace needs cosine=True).
         lam: lambda of Eq. 4 (lse only).
-        tokens: "all" real tokens (BOS ... EOS) or "words" (BOS and EOS dropped).
+        tokens: "all" real tokens (BOS ... EOS), "words" (BOS and EOS dropped) or "padded" (every column of a
+            padded trace).
     Raises:
         ValueError: unknown option, logits (or, for "cosine", cosine maps) not traced, an empty or
             out-of-range selection.
@@ -198,22 +224,19 @@ def lse_score(trace: AttentionTrace, source: Literal["probs", "logits"] = "probs
     st = list(range(n_steps)) if steps is None else [int(s) for s in steps]
     if not st or any(not -n_steps <= s < n_steps for s in st):
         raise ValueError(f"steps {steps} must be a non-empty list of indices into the {n_steps} traced steps")
-    cols = _token_columns(trace, tokens)
-    rows = []
+    cols = token_columns(trace, tokens)
+    sel = {}
     for alias in aliases:
         if alias not in maps:
             raise ValueError(f"the trace holds no {'cosine' if pooling == 'cosine' else source} map for layer {alias!r}")
-        x = maps[alias]  # [steps, heads, h, w, tokens]
-        x = x[st]
+        x = maps[alias][st]  # [steps, heads, h, w, tokens]
         if heads is not None:
             hs = [int(h) for h in heads]
             if not hs or any(not -x.shape[1] <= h < x.shape[1] for h in hs):
                 raise ValueError(f"heads {heads} must be a non-empty list of indices into {x.shape[1]} heads ({alias})")
             x = x[:, hs]
-        x = x[..., cols]
-        x = x.reshape(x.shape[0], x.shape[1], -1, x.shape[-1])  # [steps, heads, n, m]
-        rows.append(pool(x, "mean" if pooling == "cosine" else pooling, lam).mean(dim=1))  # [steps]
-    table = torch.stack(rows).numpy()
+        sel[alias] = x
+    table = layer_step_scores(sel, aliases, cols, pooling, lam).numpy()
     return ScoreBreakdown(float(table.mean()), table, aliases, [float(trace.timesteps[s]) for s in st],
                           [trace.tokens[j] for j in cols], "cosine" if pooling == "cosine" else source, pooling, lam)
 

@@ -232,7 +232,7 @@ class DiscffusionScorer(Scorer):
         if layers is None:
             names = discffusion_layers(tr0.layers)
             layers = [tr0.layer(n).alias for n in names]
-        kw = dict(source=options.source, layers=layers, pooling=options.pooling, lam=options.lam, tokens="all")
+        kw = dict(source=options.source, layers=layers, pooling=options.pooling, lam=options.lam, tokens="padded")
         br = [lse_score(t, **kw) for t in res.traces]
         unc = lse_score(res.uncond_trace, **kw)
         a_cap = np.array([b.score for b in br], dtype=np.float64)

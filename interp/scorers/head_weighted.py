@@ -55,7 +55,7 @@ from models.limits import validate_captions
 from models.trace import AttentionTrace
 from models.unet_pass import check_pass_args, draw_noise, encode_image, noised_unet_pass
 
-from interp.lse import SPECIAL, pool, select_layers
+from interp.lse import layer_step_scores, pool, select_layers, token_columns
 from interp.scorers.base import MatchOptions, ScoreResult, Scorer
 
 __all__ = ["VARIANTS", "AttentionProbe", "ProbeProcessor", "ProbeSet", "probed_attention", "select_layer_names",
@@ -70,19 +70,6 @@ GradNorm = Literal["none", "mean_abs"]
 # ----------------------------------------------------------------------------------------------
 # The matching score f on differentiable traced maps (the pooling of `interp.lse.lse_score`)
 # ----------------------------------------------------------------------------------------------
-def token_columns(trace: AttentionTrace, tokens: str) -> list[int]:
-    """Indices into a trace's token axis that a score pools: "all" real tokens, or "words" (BOS and EOS dropped),
-    as `interp.lse.lse_score`."""
-    if tokens == "all":
-        return list(range(len(trace.tokens)))
-    if tokens == "words":
-        cols = [j for j, t in enumerate(trace.tokens) if t not in SPECIAL]
-        if not cols:
-            raise ValueError(f"tokens='words': the trace has no word tokens (tokens: {trace.tokens})")
-        return cols
-    raise ValueError(f"unknown tokens option {tokens!r}; use 'all' or 'words'")
-
-
 def trace_objective(trace: AttentionTrace, options: MatchOptions,
                     maps: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
     """f per step of one traced caption, differentiable when the maps are (`noised_unet_pass(grad=True)`).
@@ -104,12 +91,7 @@ def trace_objective(trace: AttentionTrace, options: MatchOptions,
     if not maps:
         raise ValueError(f"the trace holds no {'cosine' if cos else options.source} maps")
     cols = token_columns(trace, options.tokens)
-    rows = []
-    for alias in select_layers(trace, options.layers):
-        x = maps[alias][..., cols]  # [steps, heads, h, w, m]
-        x = x.reshape(x.shape[0], x.shape[1], -1, x.shape[-1])  # [steps, heads, n, m]
-        rows.append(pool(x, "mean" if cos else options.pooling, options.lam).mean(dim=1))  # [steps]
-    return torch.stack(rows).mean(dim=0)
+    return layer_step_scores(maps, select_layers(trace, options.layers), cols, options.pooling, options.lam).mean(dim=0)
 
 
 # ----------------------------------------------------------------------------------------------
