@@ -1,4 +1,4 @@
-"""Tests of the shapes world (models/world.py): sampling, rendering, captions, negatives, masks."""
+"""Tests of the shapes world (models/shapes/world.py): sampling, rendering, captions, negatives, masks."""
 from __future__ import annotations
 
 import dataclasses
