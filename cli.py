@@ -220,7 +220,7 @@ def _cmd_report_matching(a: argparse.Namespace) -> int:
 
     rows = inputs.report_matching(a.model, a.benchmarks, a.groups, split=a.split, limit=a.limit,
                                   schedule_steps=a.schedule_steps, prompt_steps=a.prompt_steps, progress=progress,
-                                  **_match_kwargs(a))
+                                  noise_seeds=a.noise_seeds, **_match_kwargs(a))
     command = "python cli.py report-matching " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["report-matching"] else None
     md = report_markdown(rows, command=command)
     if a.out:
@@ -371,6 +371,8 @@ def build_parser() -> argparse.ArgumentParser:
     rm = command("report-matching", _cmd_report_matching)
     rm.add_argument("--benchmarks", nargs="+", default=["winoground", "comvg", "counting", "refcocog"])
     rm.add_argument("--groups", nargs="+", default=None, help="default all: " + " ".join(GROUPS))
+    rm.add_argument("--noise-seeds", dest="noise_seeds", nargs="+", default=None, metavar=NUMBER,
+                    help="run every experiment once per noise seed (default: once, at --noise-seed)")
     rm.add_argument("--split", choices=list(inputs.SPLITS), default="test")
     rm.add_argument("--limit", default=None, metavar=NUMBER)
     rm.add_argument("--schedule-steps", dest="schedule_steps", default=10, metavar=NUMBER)

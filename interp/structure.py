@@ -63,7 +63,8 @@ from interp.heatmaps import word_heatmaps
 from interp.lse import ScoreBreakdown, lse_score
 
 __all__ = ["StructureConfig", "Binding", "PhraseTerms", "StructureScore", "bind_caption", "histogram_intersection",
-           "word_distributions", "structure_score", "structure_scores", "lse_kwargs"]
+           "word_distributions", "structure_score", "structure_scores", "lse_kwargs", "relation_displacement",
+           "learn_relation_directions"]
 
 CONTENT = ("size", "color", "shape", "count")
 LSE_DEFAULTS = {"source": "probs", "layers": None, "pooling": "lse", "lam": 1.0, "tokens": "words"}
@@ -85,6 +86,14 @@ class StructureConfig:
     w_rel: float = 1.0
     w_cross: float = 1.0
     w_lse: float = 0.0
+    # relation word -> unit direction (x, y) of subject minus object; None: the world's hard-coded
+    # `REL_DIRECTION` (what the relation words mean), else directions learned from data (`learn_relation_directions`)
+    directions: tuple[tuple[str, tuple[float, float]], ...] | None = None
+
+    def direction(self, relation: str) -> tuple[float, float] | None:
+        """The relation's direction; None when directions were learned and this relation was never seen."""
+        table = world.REL_DIRECTION if self.directions is None else dict(self.directions)
+        return tuple(float(v) for v in table[relation]) if relation in table else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -301,8 +310,9 @@ def structure_score(trace: AttentionTrace, caption: str | None = None, config: S
     if b.relation is not None and len(terms) == 2:
         c1, c2 = terms[0].centroid, terms[1].centroid
         displacement = (c1[0] - c2[0], c1[1] - c2[1])
-        direction = tuple(float(v) for v in world.REL_DIRECTION[b.relation])
-        relation = displacement[0] * direction[0] + displacement[1] * direction[1]
+        direction = config.direction(b.relation)
+        if direction is not None:
+            relation = displacement[0] * direction[0] + displacement[1] * direction[1]
     score = binding + config.w_rel * (relation or 0.0)
     lse_b, note = None, b.note
     if config.w_lse:
@@ -339,3 +349,36 @@ def structure_scores(traces: Sequence[AttentionTrace], captions: Sequence[str],
 def lse_kwargs(options) -> dict:
     """The LSE settings (source, layers, pooling, lam, tokens) of a `MatchOptions`-like object."""
     return {k: getattr(options, k) for k in LSE_DEFAULTS if hasattr(options, k)}
+
+
+def relation_displacement(trace: AttentionTrace, caption: str, config: StructureConfig = StructureConfig()
+                          ) -> tuple[str, tuple[float, float]] | None:
+    """(relation word, subject-minus-object centroid displacement) of a two-phrase relation caption, else None."""
+    b = bind_caption(caption)
+    if not b.scoreable or b.relation is None or len(b.phrases) != 2:
+        return None
+    P = word_distributions(trace, b.words, config)
+    c = [_centroid(P[list(ph)].mean(0)) for ph in b.phrases]
+    return b.relation, (c[0][0] - c[1][0], c[0][1] - c[1][1])
+
+
+def learn_relation_directions(displacements: Sequence[tuple[str, tuple[float, float]]]
+                              ) -> tuple[tuple[str, tuple[float, float]], ...]:
+    """Each relation word's unit direction: the normalised mean of its observed displacements (true captions of
+    training items), so the structure score reads what the model's maps do instead of what the words mean.
+
+    Example:
+        >>> learn_relation_directions([("left of", (-0.2, 0.01)), ("left of", (-0.3, -0.01))])
+        (('left of', (-1.0, 0.0)),)
+    """
+    acc: dict[str, list[tuple[float, float]]] = {}
+    for rel, d in displacements:
+        acc.setdefault(rel, []).append(d)
+    out = []
+    for rel, ds in sorted(acc.items()):
+        m = np.mean(np.asarray(ds, dtype=np.float64), axis=0)
+        norm = float(np.hypot(*m))
+        if norm == 0:
+            raise ValueError(f"relation {rel!r}: the mean displacement is zero; no direction can be learned")
+        out.append((rel, (float(m[0] / norm), float(m[1] / norm))))
+    return tuple(out)

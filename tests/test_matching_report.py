@@ -66,11 +66,11 @@ class TestRun:
         assert all(r["benchmark"] == "winoground" and r["primary"] == "group_score" for r in rows)
 
     def test_scorer_hooks_and_prompts_run(self, tiny_pipe, wino):
-        """Structure, head-weighted and few-shot rows run and report their own costs and prompt losses."""
+        """Structure, authors' score, head-weighted and few-shot rows run and report their own costs and prompt losses."""
         rows = mr.run_report(tiny_pipe, [str(wino)], ["scorers", "heads", "prompt"], MatchOptions(timesteps=(400,)),
                              limit=1, prompt_steps=2)
         labels = [r["label"] for r in rows]
-        assert len(labels) == 5 + 2 + 3
+        assert len(labels) == 7 + 2 + 3
         norm = next(r for r in rows if "normalised" in r["label"])
         assert norm["unet_evals_per_pair"] == pytest.approx(1.5)  # 2 captions + the "" row per call
         few = [r for r in rows if r["label"].startswith("few-shot")]
@@ -136,3 +136,34 @@ class TestCli:
         saved = json.loads((tmp_path / "rep" / "report.json").read_text())
         assert saved["rows"] == rows
         assert "| all layers |" in (tmp_path / "rep" / "report.md").read_text()
+
+
+class TestRigor:
+    def test_rows_hold_n_intervals_and_outcomes(self, tiny_pipe, wino):
+        """Every row holds n, per-item outcomes that give its value, and a Wilson interval around it."""
+        rows = mr.run_report(tiny_pipe, [str(wino)], ["layers"], MatchOptions(timesteps=(400,)), limit=6)
+        for r in rows:
+            assert r["n"] == 6 == len(r["outcomes"])
+            assert r["value"] == pytest.approx(sum(r["outcomes"]) / 6)
+            lo, hi = r["ci95"]
+            assert 0 <= lo <= r["value"] <= hi <= 1
+        assert "paired" not in rows[0] and rows[1]["paired"]["vs"] == rows[0]["label"]
+        assert 0 <= rows[1]["paired"]["p"] <= 1
+
+    def test_paired_test_counts_discordant_items(self):
+        """McNemar against the group's first row: better / worse are the items only one of them gets right."""
+        def row(label, outcomes, seed=0):
+            return {"group": "g", "benchmark": "b", "label": label, "outcomes": outcomes, "noise_seed": seed}
+
+        rows = mr.add_paired_tests([row("ref", [True, False, False, True]), row("x", [True, True, True, False]),
+                                    row("ref", [True] * 4, seed=1), row("x", [True] * 4, seed=1)])
+        assert rows[1]["paired"]["better"] == 2 and rows[1]["paired"]["worse"] == 1
+        assert rows[3]["paired"]["p"] == 1.0 and "paired" not in rows[2]
+
+    def test_noise_seeds_repeat_every_experiment(self, tiny_pipe, wino):
+        """Each noise seed gives its own rows; the markdown shows the mean and the per-seed range."""
+        rows = mr.run_report(tiny_pipe, [str(wino)], ["layers"], MatchOptions(timesteps=(400,)), limit=3,
+                             noise_seeds=(0, 1))
+        assert [r["noise_seed"] for r in rows] == [0, 0, 1, 1]
+        md = mr.report_markdown(rows)
+        assert "2 noise seeds [0, 1]" in md and "–" in md

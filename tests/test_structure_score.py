@@ -12,8 +12,8 @@ from interp.lse import lse_score
 from interp.scorers import get_scorer
 from interp.tasks.matching import MatchOptions
 from interp.tasks.matching_eval import evaluate_matching
-from interp.structure import (StructureConfig, bind_caption, histogram_intersection, structure_score,
-                                    structure_scores)
+from interp.structure import (StructureConfig, bind_caption, histogram_intersection, learn_relation_directions,
+                              relation_displacement, structure_score, structure_scores)
 from models.shapes import world
 from models.trace import AttentionTrace, LayerInfo
 
@@ -235,3 +235,28 @@ class TestRegisteredScorer:
                               per_item=False)
         assert r["scorer"] == "structure" and r["n_items"] == 1
         assert r["unet_evals_per_pair"] == 1
+
+
+class TestLearnedDirections:
+    def test_learned_directions_are_normalised_means(self):
+        """Each relation's direction is its mean displacement, normalised; relations are kept apart."""
+        got = dict(learn_relation_directions([("left of", (-0.3, 0.1)), ("left of", (-0.1, -0.1)),
+                                              ("above", (0.0, -0.2))]))
+        assert got["left of"] == pytest.approx((-1.0, 0.0)) and got["above"] == pytest.approx((0.0, -1.0))
+        with pytest.raises(ValueError, match="zero"):
+            learn_relation_directions([("below", (0.1, 0.0)), ("below", (-0.1, 0.0))])
+
+    def test_directions_learned_from_the_maps_replace_the_hard_coded_ones(self):
+        """Directions learned from a trace's own displacement reproduce the hard-coded score; reversed ones
+        flip the relation term; an unseen relation gets no relation term."""
+        tr = _faithful(TRUE, IMAGE_LR, 0.002)
+        rel, d = relation_displacement(tr, TRUE)
+        assert rel == "left of" and d[0] < 0
+        learned = learn_relation_directions([(rel, d)])
+        hard = structure_score(tr, TRUE)
+        same = structure_score(tr, TRUE, StructureConfig(directions=learned))
+        assert same.relation == pytest.approx(hard.relation, rel=0.2) and same.relation > 0
+        flipped = StructureConfig(directions=(("left of", (1.0, 0.0)),))
+        assert structure_score(tr, TRUE, flipped).relation == pytest.approx(-hard.relation)
+        unseen = structure_score(tr, TRUE, StructureConfig(directions=(("above", (0.0, -1.0)),)))
+        assert unseen.relation is None and unseen.score == pytest.approx(unseen.binding)

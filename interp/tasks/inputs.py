@@ -23,7 +23,7 @@ from models.limits import (MAX_ATLAS_SCENES, MAX_PER_KIND, MAX_SCENES, MIN_RANK_
                            check_fits, check_float, check_guidance, check_int, check_prompt, check_seed, check_steps,
                            check_timestep, check_timesteps, check_vocabulary, read_image, user_message,
                            validate_captions)
-from models.loading import load_pipeline
+from models.loading import bundled_models, load_pipeline
 from models.sampling import generate_images
 from models.shapes import world
 from models.shapes.benchmarks import Benchmark, load_benchmark
@@ -31,9 +31,10 @@ from models.shapes.benchmarks import Benchmark, load_benchmark
 from interp.figures import atlas_plotly, sample_grid as sample_grid_figure
 from interp.lse import POOLINGS
 from interp.scorers import DEFAULT_SCORER, DEFAULT_TIMESTEPS, MatchOptions, ScoreResult, Scorer, get_scorer
-from interp.tasks import workbench
+from interp.tasks import failures, workbench
 from interp.tasks.faithfulness import atlas_for_model, compare_word_maps, render_scene
 from interp.tasks.generation_eval import evaluate_generation as _evaluate_generation
+from interp.tasks.generation_eval import SPLITS as GENERATION_SPLITS
 from interp.tasks.generation_eval import held_out_prompts, score_generations
 from interp.tasks.grounding_eval import evaluate_generation_grounding
 from interp.tasks.grounding_eval import evaluate_grounding as _evaluate_grounding
@@ -43,18 +44,37 @@ from interp.tasks.matching_report import GROUPS, noise_level_timesteps, run_repo
 from interp.tasks.prompt_learning import apply_prompt, load_prompt, train_prompt as _train_prompt
 
 __all__ = ["ATLAS_METRICS", "SPLITS", "Generation", "load_model", "generate_image", "traced_generation",
+           "edited_generation", "any_word_map", "rank_images", "classify", "caption_word_maps",
+           "matching_failures", "generation_failures", "HostedPolicy", "hosted_policy",
            "sample_grid", "evaluate_generation", "word_maps", "make_scorer", "attention_prompt", "match_options",
            "score_captions", "evaluate_matching", "report_matching", "train_prompt", "evaluate_grounding",
            "compare_models", "head_atlas", "replot_atlas", "benchmark"]
 
 ATLAS_METRICS = ("energy", "pointing")
+MAX_EDIT_SCALE = 10.0  # factor on a word's attention in the app's intervention control
+MAX_IMAGES = 16  # images ranked against one caption (text -> image)
+MAX_LABELS = 16  # labels of one zero-shot classification
+MAX_FAILURE_ITEMS = 200  # benchmark items scored in one Failures run
+MAX_FAILURE_PROMPTS = 50  # held-out prompts per kind generated in one Failures run
 SPLITS = ("train", "test", "all")
 SOURCES = ("probs", "logits")
 
 
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
 def load_model(model: str | None, device: str | None = None):
-    """The pipeline of a bundled name, local folder or hub id (None / "": the bundled model)."""
-    return load_pipeline(model or None, device=device)
+    """The pipeline of a bundled name, local folder or hub id (None / "": the bundled model).
+
+    Offline, a name that is neither bundled nor a local path is refused with one short line (instead of the
+    hub client's long message)."""
+    name = (model or "").strip() if isinstance(model, str) or model is None else model
+    if isinstance(name, str) and name and _offline() and name not in bundled_models() and name != "bundled" \
+            and not (name.startswith((".", "/", "~")) or os.path.exists(name)):
+        raise ValueError(f"unknown model {name!r}: not a bundled model ({', '.join(bundled_models())}) nor a local "
+                         "folder, and the hub cannot be reached (offline)")
+    return load_pipeline(name or None, device=device)
 
 
 def _n_train(pipe) -> int:
@@ -100,10 +120,36 @@ def generate_image(model: str | None, prompt: str, seed=0, steps=None, guidance=
     return Generation(img, prompt, seed, steps, guidance)
 
 
-def traced_generation(model: str | None, prompt: str, seed=0, steps=None, guidance=None) -> workbench.TracedGeneration:
+def traced_generation(model: str | None, prompt: str, seed=0, steps=None, guidance=None, negative_prompt=None,
+                      scheduler=None, progress=None) -> workbench.TracedGeneration:
     """One image with every cross-attention layer, head and step traced (the app's Generate)."""
+    scheduler = None if scheduler in (None, "") else check_choice(scheduler, tuple(workbench.SCHEDULERS), "scheduler")
+    negative_prompt = None if not (negative_prompt or "").strip() else check_prompt(negative_prompt, "the negative prompt")
     pipe, prompt, seed, steps, guidance = _generation_inputs(model, prompt, seed, steps, guidance)
-    return workbench.traced_generation(pipe, prompt, seed=seed, steps=steps, guidance=guidance)
+    if negative_prompt:
+        _check_texts(pipe, [negative_prompt], lambda i: "the negative prompt")
+    return workbench.traced_generation(pipe, prompt, seed=seed, steps=steps, guidance=guidance,
+                                       negative_prompt=negative_prompt, scheduler=scheduler, progress=progress)
+
+
+def edited_generation(model: str | None, gen: workbench.TracedGeneration, word, scale, box=None,
+                      progress=None) -> workbench.TracedGeneration:
+    """The same generation with one word's cross-attention scaled, everywhere or inside a box (the app's
+    intervention control): `word` indexes `gen.words`, `scale` in 0..MAX_EDIT_SCALE, `box` "x0 y0 x1 y1" or None."""
+    w = check_int(word, "word", 0, max(len(gen.words) - 1, 0))
+    s = check_float(scale, "scale", 0.0, MAX_EDIT_SCALE)
+    b = workbench.parse_box(box) if isinstance(box, (str, type(None))) else workbench.parse_box(" ".join(map(str, box)))
+    return workbench.edited_generation(load_model(model), gen, w, s, b, progress=progress)
+
+
+def any_word_map(model: str | None, gen: workbench.TracedGeneration, word: str):
+    """Where the model would have put `word` in a generation, from its stored queries (no UNet call):
+    (map `[H, W]`, the word's tokens)."""
+    word = check_prompt(word, "the word")
+    pipe = load_model(model)
+    check_fits(pipe.tokenizer, word, "the word")
+    check_vocabulary(pipe.tokenizer, [word])
+    return workbench.any_word_map(pipe, gen, word)
 
 
 def sample_grid(model: str | None, n_per_kind=6, cols=6, steps=None, guidance=None, seed=0, prompt_seed=777):
@@ -225,8 +271,10 @@ def evaluate_matching(model: str | None, bench, scorer: str | None = None, *, sp
 
 def report_matching(model: str | None, benchmarks: Sequence, groups: Sequence[str] | None = None, *,
                     split: str = "test", limit=None, schedule_steps=10, prompt_steps=50,
-                    progress: Callable[[dict], None] | None = None, **options) -> list[dict]:
-    """The Discffusion report's rows (`interp.tasks.matching_report.run_report`)."""
+                    progress: Callable[[dict], None] | None = None, noise_seeds: Sequence | None = None,
+                    **options) -> list[dict]:
+    """The Discffusion report's rows (`interp.tasks.matching_report.run_report`); `noise_seeds`: run every
+    experiment once per seed (None: once, at the options' noise seed)."""
     groups = list(groups or GROUPS)
     bad = [g for g in groups if g not in GROUPS]
     if bad:
@@ -236,10 +284,12 @@ def report_matching(model: str | None, benchmarks: Sequence, groups: Sequence[st
     limit = None if limit is None else check_int(limit, "--limit", 1)
     schedule_steps = check_int(schedule_steps, "--schedule-steps", 1)
     prompt_steps = check_int(prompt_steps, "--prompt-steps", 1)
+    seeds = None if not noise_seeds else [check_seed(x, "--noise-seeds") for x in noise_seeds]
     pipe = load_model(model)
     opts = match_options(pipe, "lse", **options)
     return run_report(pipe, benches, groups, opts, split=split, limit=limit, schedule_steps=schedule_steps,
-                      prompt_steps=prompt_steps, progress=progress)
+                      prompt_steps=prompt_steps, progress=progress,
+                      noise_seeds=tuple(seeds) if seeds else (opts.noise_seed,))
 
 
 def train_prompt(model: str | None, bench, *, steps=50, lr: float = 1e-3, margin: float = 0.2,
@@ -307,3 +357,134 @@ def replot_atlas(table, metric: str):
     """The atlas figure of an existing table under another metric (no model run); None without a table."""
     metric = check_choice(metric, ATLAS_METRICS, "metric")
     return atlas_plotly(table, metric=metric) if table else None
+
+
+# ----------------------------------------------------------------------------------------------
+# Match & rank: the other directions; Failures
+# ----------------------------------------------------------------------------------------------
+def rank_images(model: str | None, images: Sequence, caption: str, scorer: str | None = "denoise_norm",
+                **options) -> list[tuple[int, float]]:
+    """One caption against K images (text -> image): (image index, score) best first.
+
+    Each image is scored with the caption alone; use a scorer whose scores compare across images (denoise_norm,
+    the default: the denoising error relative to the empty prompt's on the same image)."""
+    if not images:
+        raise ValueError("no images given: upload at least two")
+    if len(images) > MAX_IMAGES:
+        raise ValueError(f"at most {MAX_IMAGES} images per caption, got {len(images)}")
+    imgs = [read_image(im) for im in images]
+    if len(imgs) < 2:
+        raise ValueError(f"ranking needs at least 2 images, got {len(imgs)}")
+    [cap] = validate_captions([caption], min_count=1)
+    sc = make_scorer(scorer)
+    pipe = load_model(model)
+    opts = match_options(pipe, sc.name, **options)
+    _check_texts(pipe, [cap], lambda i: "the caption")
+    scores = [score_image_captions(pipe, im, [cap], opts, scorer=sc).scores[0] for im in imgs]
+    return sorted(enumerate(scores), key=lambda p: -p[1])
+
+
+def classify(model: str | None, image, template: str, labels, scorer: str | None = None, **options):
+    """Zero-shot classification (DiffDis's use): the captions `template` with each label in its `{}`, ranked:
+    (ScoreResult, {caption: label})."""
+    template = check_prompt(template, "the template")
+    if template.count("{}") != 1:
+        raise ValueError("the template needs exactly one {} where the label goes, e.g. 'a {} circle'")
+    labs = [" ".join(l.split()) for l in (labels.replace(",", "\n").splitlines() if isinstance(labels, str) else labels)]
+    labs = list(dict.fromkeys(l for l in labs if l))
+    if len(labs) > MAX_LABELS:
+        raise ValueError(f"at most {MAX_LABELS} labels, got {len(labs)}")
+    if len(labs) < 2:
+        raise ValueError(f"classification needs at least 2 labels, got {len(labs)}")
+    caps = {template.replace("{}", l): l for l in labs}
+    return score_captions(model, image, list(caps), scorer, **options), caps
+
+
+def caption_word_maps(model: str | None, image, captions: Sequence[str], timestep=DEFAULT_MAP_TIMESTEP):
+    """Each caption's word maps on one image (one noised UNet call each): {caption: (words, maps `[words, H, W]`)}."""
+    img = read_image(image)
+    caps = validate_captions(captions, min_count=1)
+    pipe = load_model(model)
+    t = check_timestep(timestep, _n_train(pipe))
+    _check_texts(pipe, caps, lambda i: f"caption {i + 1}")
+    return {c: word_maps_for_image(pipe, img, c, timestep=t) for c in caps}
+
+
+def matching_failures(model: str | None, bench, scorer: str | None = None, split: str = "test", limit=20,
+                      **options) -> dict:
+    """The items of a benchmark split the scorer gets wrong (`interp.tasks.failures.matching_failures`)."""
+    b = benchmark(bench)
+    split = check_choice(split, SPLITS, "split")
+    limit = check_int(limit, "number of items", 1, MAX_FAILURE_ITEMS)
+    sc = make_scorer(scorer)
+    pipe = load_model(model)
+    opts = match_options(pipe, sc.name, **options)
+    return failures.matching_failures(pipe, b, opts, sc, split=split, limit=limit)
+
+
+def generation_failures(model: str | None, n_per_kind=5, split: str = "test", steps=None, guidance=None) -> dict:
+    """Held-out prompts whose generation the scene checker rejects (`interp.tasks.failures.generation_failures`)."""
+    n = check_int(n_per_kind, "prompts per kind", 1, MAX_FAILURE_PROMPTS)
+    split = check_choice(split, GENERATION_SPLITS, "split")
+    steps = None if steps is None else check_steps(steps)
+    guidance = check_guidance(guidance)
+    return failures.generation_failures(load_model(model), n_per_kind=n, split=split, steps=steps, guidance=guidance)
+
+
+# ----------------------------------------------------------------------------------------------
+# Hosted mode (a public Space): which models, which sizes
+# ----------------------------------------------------------------------------------------------
+HOSTED_ENV = "DISCOLENS_HOSTED"
+
+
+@dataclasses.dataclass(frozen=True)
+class HostedPolicy:
+    """What a hosted app (a Space, a class server) lets visitors ask for.
+
+    models: the names allowed (bundled ones); hub ids ("owner/name") too when `allow_hub` (on a GPU host);
+    local paths and uploaded weights are refused; the caps bound one request's work."""
+
+    models: tuple[str, ...]
+    allow_hub: bool = False
+    max_steps: int = 50
+    max_captions: int = 8
+    max_images: int = 8
+    max_items: int = 30
+    max_per_kind: int = 5
+    max_atlas_scenes: int = 12
+
+    def model(self, model: str | None) -> str | None:
+        """`model` if allowed, else ValueError naming what is."""
+        m = (model or "").strip()
+        if not m or m in self.models:
+            return m or None
+        hub_like = m.count("/") == 1 and not m.startswith((".", "/", "~")) and not os.path.exists(m)
+        if self.allow_hub and hub_like:
+            return m
+        what = ", ".join(self.models) + (" or a hub id (owner/name)" if self.allow_hub else "")
+        raise ValueError(f"this hosted app serves {what}; {m!r} is not allowed here")
+
+    def cap(self, value, cap: int, what: str):
+        """`value` unless it is a number above `cap` (ValueError)."""
+        try:
+            big = value is not None and float(value) > cap
+        except (TypeError, ValueError):
+            return value
+        if big:
+            raise ValueError(f"{what} is limited to {cap} in this hosted app, got {value}")
+        return value
+
+
+def hosted_policy(argv: Sequence[str] | None = None, cuda: bool | None = None) -> HostedPolicy | None:
+    """The hosted policy when `--hosted` is in argv or DISCOLENS_HOSTED is set (not 0 / false), else None."""
+    import sys
+
+    argv = sys.argv[1:] if argv is None else argv
+    env = os.environ.get(HOSTED_ENV, "").strip().lower()
+    if "--hosted" not in argv and env in ("", "0", "false", "no", "off"):
+        return None
+    if cuda is None:
+        import torch
+
+        cuda = torch.cuda.is_available()
+    return HostedPolicy(models=tuple(bundled_models()) or ("shapes-v1",), allow_hub=bool(cuda))

@@ -32,12 +32,16 @@ import time
 from typing import Callable, Iterable, Sequence
 
 from interp.lse import POOLINGS
+from interp.scorers.structure import StructureScorer
+from interp.stats import mcnemar, wilson_interval
+from interp.structure import StructureConfig
 from interp.tasks.matching import MatchOptions
 from interp.tasks.matching_eval import as_benchmark, compare_scorers, evaluate_matching
 from interp.tasks.prompt_learning import apply_prompt, train_prompt
+from interp.tasks.structure_fit import fit_relation_directions
 
 __all__ = ["GROUPS", "PRIMARY", "Experiment", "experiments", "noise_level_timesteps", "schedule_timesteps",
-           "run_report", "report_markdown"]
+           "run_report", "add_paired_tests", "report_markdown"]
 
 GROUPS = ("scorers", "pooling", "layers", "noise", "schedule", "heads", "prompt")
 NOISE_LEVELS = (0.2, 0.4, 0.6, 0.8)
@@ -54,6 +58,7 @@ class Experiment:
     options: MatchOptions
     scorer: str | None = None  # a registered scorer (interp.scorers) replacing options.scorer, e.g. "auto"
     prompt: str | None = None  # None (zero-shot) | "additive" | "lora"
+    fit: str | None = None  # "relation_directions": the structure scorer with directions learned on the train split
     margin: float = 0.2
 
 
@@ -91,7 +96,11 @@ def experiments(groups: Iterable[str], base: MatchOptions, schedule: Sequence[in
                     Experiment(g, "Diffusion Classifier (denoising error)", rep(base, scorer="denoise")),
                     Experiment(g, "Diffusion Classifier, uncond.-normalised", rep(base, scorer="denoise_norm")),
                     Experiment(g, "structure-aware (binding + relation)", base, scorer="structure"),
-                    Experiment(g, "routed: structure if same content words, else DC", base, scorer="auto")]
+                    Experiment(g, "structure, relation directions learned on the train split", base,
+                               scorer="structure", fit="relation_directions"),
+                    Experiment(g, "routed: structure if same content words, else DC", base, scorer="auto"),
+                    Experiment(g, "Discffusion authors' score (exact; 30 timesteps, + denoising term)", base,
+                               scorer="discffusion")]
         elif g == "pooling":
             out += [Experiment(g, f"pooling={p}", rep(base, pooling=p)) for p in POOLINGS]
             other = "probs" if base.source == "logits" else "logits"
@@ -120,20 +129,45 @@ def experiments(groups: Iterable[str], base: MatchOptions, schedule: Sequence[in
     return out
 
 
-def _row(e: Experiment, res: dict, bench: str, seconds: float, extra: dict | None = None) -> dict:
+# the per-item outcome behind each benchmark's primary metric (`matching_eval.item_outcome`)
+OUTCOME = {"group_score": "group", "text_score": "text", "image_score": "image", "accuracy": "correct",
+           "top1": "top1", "top5": "top5"}
+
+
+def _row(e: Experiment, res: dict, bench: str, seconds: float, noise_seed: int, extra: dict | None = None) -> dict:
     key = PRIMARY.get(bench)
     m = res["metrics"]
+    outcomes = [bool(it[OUTCOME[key]]) for it in res.get("items", [])] if key in OUTCOME else []
+    ci = list(wilson_interval(sum(outcomes), len(outcomes))) if outcomes else None
     return {"group": e.group, "label": e.label, "benchmark": bench, "primary": key,
-            "value": m.get(key, math.nan) if key else math.nan, "metrics": m, "chance": res["chance"],
+            "value": m.get(key, math.nan) if key else math.nan, "ci95": ci, "n": len(outcomes),
+            "outcomes": outcomes, "noise_seed": noise_seed, "metrics": m, "chance": res["chance"],
             "by_type": res.get("by_type", {}), "unet_evals_per_pair": res["unet_evals_per_pair"],
             "timesteps": list(e.options.timesteps), "n_items": res["n_items"], "seconds": round(seconds, 1),
             **(extra or {})}
 
 
+def add_paired_tests(rows: list[dict]) -> list[dict]:
+    """Each row gets "paired": McNemar's exact test of its per-item outcomes against the first experiment of its
+    group on the same benchmark and noise seed (the reference row gets none). Rows without outcomes are skipped."""
+    ref: dict[tuple, dict] = {}
+    for r in rows:
+        k = (r["group"], r["benchmark"], r.get("noise_seed", 0))
+        if k not in ref:
+            ref[k] = r
+            continue
+        a = ref[k]
+        if a.get("outcomes") and len(a["outcomes"]) == len(r.get("outcomes", [])):
+            m = mcnemar(r["outcomes"], a["outcomes"])
+            r["paired"] = {"vs": a["label"], "better": m["a_only"], "worse": m["b_only"], "p": m["p"]}
+    return rows
+
+
 def run_report(pipe, benchmarks: Sequence, groups: Sequence[str] = GROUPS, base: MatchOptions = MatchOptions(),
                split: str = "test", limit: int | None = None, schedule_steps: int = 10, prompt_steps: int = 50,
-               seed: int = 0, progress: Callable[[dict], None] | None = None) -> list[dict]:
-    """Run the report's experiments; one row per (experiment, benchmark), in group order.
+               seed: int = 0, progress: Callable[[dict], None] | None = None,
+               noise_seeds: Sequence[int] = (0,)) -> list[dict]:
+    """Run the report's experiments; one row per (experiment, benchmark, noise seed), in group order.
 
     Args:
         pipe: the pipeline (frozen; few-shot prompts are applied in a context and removed afterwards).
@@ -144,9 +178,13 @@ def run_report(pipe, benchmarks: Sequence, groups: Sequence[str] = GROUPS, base:
         schedule_steps: length of the sampling schedule of the "schedule" group.
         prompt_steps: optimiser steps of each few-shot prompt.
         progress: called with each finished row.
+        noise_seeds: every experiment runs once per noise seed (the seed of the noise draw shared by the
+            captions; few-shot prompts are trained once per seed too).
     Returns:
-        rows: {"group", "label", "benchmark", "primary", "value" (the primary metric), "metrics", "chance",
-        "by_type", "unet_evals_per_pair", "timesteps", "n_items", "seconds"} (+ "prompt_loss" for prompts).
+        rows: {"group", "label", "benchmark", "primary", "value" (the primary metric), "ci95" (Wilson, over the
+        items), "n", "outcomes" (per item), "noise_seed", "metrics", "chance", "by_type", "unet_evals_per_pair",
+        "timesteps", "n_items", "seconds", "paired" (McNemar vs the group's first row; `add_paired_tests`)}
+        (+ "prompt_loss" for prompts).
     """
     if base.scorer != "lse":
         raise ValueError("the report's base option set must use scorer='lse'")
@@ -161,36 +199,57 @@ def run_report(pipe, benchmarks: Sequence, groups: Sequence[str] = GROUPS, base:
 
     for name in benchmarks:
         bench = as_benchmark(name)
-        # option sets without hooks or prompts that share timesteps + noise: one shared pass
-        shared: dict[tuple, list[Experiment]] = {}
-        for e in exps:
-            if e.scorer is None and e.prompt is None:
-                shared.setdefault((tuple(e.options.timesteps), e.options.noise_seed), []).append(e)
-        done: dict[Experiment, dict] = {}
-        for batch in shared.values():
-            uniq = list(dict.fromkeys(b.options for b in batch))
-            t0 = time.time()
-            rep = compare_scorers(pipe, bench, uniq, split=split, limit=limit)
-            dt = (time.time() - t0) / len(uniq)
-            by_opts = dict(zip(uniq, (rep["results"][lab] for lab in rep["labels"])))
-            for e in batch:
-                done[e] = _row(e, by_opts[e.options], bench.name, dt)
-        for e in exps:
-            if e in done:
-                emit(done[e])
-                continue
-            t0 = time.time()
-            extra = {}
-            if e.prompt is not None:
-                prompt, log = train_prompt(pipe, bench, e.options, steps=prompt_steps, margin=e.margin,
-                                           variant=e.prompt, seed=seed)
-                extra = {"prompt_loss": [log[0]["loss"], log[-1]["loss"]], "prompt_steps": prompt_steps}
-                with apply_prompt(pipe, prompt):
-                    res = evaluate_matching(pipe, bench, e.options, split=split, limit=limit, per_item=False)
-            else:
-                res = evaluate_matching(pipe, bench, e.options, split=split, limit=limit, per_item=False,
-                                        scorer=e.scorer)
-            emit(_row(e, res, bench.name, time.time() - t0, extra))
+        for ns in noise_seeds:
+            for r in _run_benchmark(pipe, bench, [_with_seed(e, ns) for e in exps], split, limit, prompt_steps,
+                                    seed, ns):
+                emit(r)
+    add_paired_tests(rows)
+    return rows
+
+
+def _with_seed(e: Experiment, noise_seed: int) -> Experiment:
+    return dataclasses.replace(e, options=dataclasses.replace(e.options, noise_seed=int(noise_seed)))
+
+
+def _run_benchmark(pipe, bench, exps: Sequence[Experiment], split, limit, prompt_steps: int, seed: int,
+                   noise_seed: int) -> list[dict]:
+    """The rows of one benchmark at one noise seed, in experiment order."""
+    # option sets without another scorer or a prompt that share timesteps + noise: one shared pass
+    shared: dict[tuple, list[Experiment]] = {}
+    for e in exps:
+        if e.scorer is None and e.prompt is None:
+            shared.setdefault((tuple(e.options.timesteps), e.options.noise_seed), []).append(e)
+    done: dict[Experiment, dict] = {}
+    for batch in shared.values():
+        uniq = list(dict.fromkeys(b.options for b in batch))
+        t0 = time.time()
+        rep = compare_scorers(pipe, bench, uniq, split=split, limit=limit, per_item=True)
+        dt = (time.time() - t0) / len(uniq)
+        by_opts = dict(zip(uniq, (rep["results"][lab] for lab in rep["labels"])))
+        for e in batch:
+            done[e] = _row(e, by_opts[e.options], bench.name, dt, noise_seed)
+    rows = []
+    for e in exps:
+        if e in done:
+            rows.append(done[e])
+            continue
+        t0 = time.time()
+        extra = {}
+        if e.prompt is not None:
+            prompt, log = train_prompt(pipe, bench, e.options, steps=prompt_steps, margin=e.margin,
+                                       variant=e.prompt, seed=seed)
+            extra = {"prompt_loss": [log[0]["loss"], log[-1]["loss"]], "prompt_steps": prompt_steps}
+            with apply_prompt(pipe, prompt):
+                res = evaluate_matching(pipe, bench, e.options, split=split, limit=limit, per_item=True)
+        elif e.fit == "relation_directions":
+            dirs = fit_relation_directions(pipe, bench, e.options)
+            extra = {"learned_directions": [[rel, list(d)] for rel, d in dirs]}
+            res = evaluate_matching(pipe, bench, e.options, split=split, limit=limit, per_item=True,
+                                    scorer=StructureScorer(config=StructureConfig(directions=dirs)))
+        else:
+            res = evaluate_matching(pipe, bench, e.options, split=split, limit=limit, per_item=True,
+                                    scorer=e.scorer)
+        rows.append(_row(e, res, bench.name, time.time() - t0, noise_seed, extra))
     return rows
 
 
@@ -205,8 +264,12 @@ def report_markdown(rows: Sequence[dict], title: str = "Discffusion on the shape
     lines = [f"# {title}", ""]
     if command:
         lines += [f"Made with: `{command}`", ""]
+    seeds = sorted({r.get("noise_seed", 0) for r in rows})
     lines += ["Primary metric per benchmark: " + ", ".join(f"{b} {PRIMARY.get(b, '?')}" for b in benches) +
-              ". Cells: metric (UNet evaluations per image-caption pair).", ""]
+              ". Cells: metric [Wilson 95 % interval over the items] (UNet evaluations per image-caption pair); "
+              "p: McNemar's exact test against the group's first row on the same items"
+              + (f"; with {len(seeds)} noise seeds {seeds}: the mean, the per-seed range and the seeds' p values"
+                 if len(seeds) > 1 else "") + ".", ""]
     for g in dict.fromkeys(r["group"] for r in rows):
         grows = [r for r in rows if r["group"] == g]
         lines += [f"## {g}", "", "| experiment | " + " | ".join(benches) + " |",
@@ -215,7 +278,7 @@ def report_markdown(rows: Sequence[dict], title: str = "Discffusion on the shape
             cells = []
             for b in benches:
                 hit = [r for r in grows if r["label"] == lab and r["benchmark"] == b]
-                cells.append(f"{_fmt(hit[0]['value'])} ({hit[0]['unet_evals_per_pair']:.1f})" if hit else "")
+                cells.append(_cell(hit) if hit else "")
             lines.append(f"| {lab} | " + " | ".join(cells) + " |")
         chance = []
         for b in benches:
@@ -224,6 +287,18 @@ def report_markdown(rows: Sequence[dict], title: str = "Discffusion on the shape
         lines += ["| chance | " + " | ".join(chance) + " |", ""]
         lines += _split_tables(grows, benches) if g == "scorers" else []
     return "\n".join(lines)
+
+
+def _cell(hits: Sequence[dict]) -> str:
+    """One table cell from an experiment's rows on one benchmark (one per noise seed)."""
+    vals = [h["value"] for h in hits]
+    cost = f"({hits[0]['unet_evals_per_pair']:.1f})"
+    ps = [h["paired"]["p"] for h in hits if h.get("paired")]
+    ptxt = (" p=" + "/".join(f"{p:.2g}" for p in ps)) if ps else ""
+    if len(hits) == 1:
+        ci = hits[0].get("ci95")
+        return f"{_fmt(vals[0])}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "") + f" {cost}{ptxt}"
+    return f"{_fmt(sum(vals) / len(vals))} ({_fmt(min(vals))}–{_fmt(max(vals))}) {cost}{ptxt}"
 
 
 def _split_tables(rows: Sequence[dict], benches: Sequence[str]) -> list[str]:
