@@ -12,6 +12,8 @@ Commands (each calls one function of `interp.tasks.inputs`, which checks its inp
     eval-matching     run a matching benchmark (winoground, comvg, counting, refcocog) with one scorer
     report-matching   the Discffusion report: each of the paper's claims on the benchmarks
     train-prompt      few-shot attention prompt learning on a benchmark's train split
+    train-dpt         train the DPT discriminative adapter (stage 1; --stage 2 adds a LoRA), resumable
+    ground            the box of a referring expression, from the DPT adapter
     causal-maps       suppress one word's attention and see what the checker says changed (faithful vs plain)
 
     python cli.py generate --prompt "a red circle" --seed 0 --steps 25 --out x.png [--json]
@@ -48,9 +50,12 @@ from interp.tasks import inputs
 from interp.tasks.matching_eval import distributed_state
 from interp.tasks.matching_report import GROUPS, report_markdown
 from interp.tasks.prompt_learning import save_prompt
-from models.limits import MAX_GUIDANCE, MAX_PER_KIND, MAX_SEED, MAX_STEPS, check_int, check_seed, user_message
+from interp.tasks.self_correction import READINGS
+from models.limits import (DEFAULT_CORRECTION_ETA, MAX_CORRECTION_ETA, MAX_GUIDANCE, MAX_PER_KIND, MAX_SEED,
+                           MAX_STEPS, check_int, check_seed, user_message)
 from models.loading import ModelLoadError
 from models.training.bundled import add_config_flags, config_from_flags, train_bundled
+from models.training.dpt import DPTTrainConfig, train_dpt
 
 
 def _check_out_dir(path: str) -> None:
@@ -102,11 +107,50 @@ def _cmd_train_bundled(a: argparse.Namespace) -> int:
 
 def _cmd_generate(a: argparse.Namespace) -> int:
     _check_out_dir(a.out)
+    if a.trajectory_out and not a.self_correct:
+        raise ValueError("--trajectory-out needs --self-correct")
+    if a.self_correct:
+        if a.trajectory_out:
+            _check_out_dir(os.path.join(a.trajectory_out, "x"))
+        image, traj = inputs.self_corrected_generation(a.model, a.prompt, seed=a.seed, steps=a.steps,
+                                                       guidance=a.guidance, eta=a.eta, reading=a.reading)
+        image.save(a.out)
+        if a.trajectory_out:
+            traj.save(a.trajectory_out)
+        if a.json:
+            nan_free = lambda xs: [None if x != x else float(x) for x in xs]  # NaN outside the step range
+            print(json.dumps({"out": a.out, "prompt": a.prompt, "seed": int(a.seed), "eta": float(a.eta),
+                              "reading": a.reading, "model": a.model or "bundled", "size": list(image.size),
+                              "trajectory": {"score": nan_free(traj.s_before), "score_after": nan_free(traj.s_after),
+                                             "grad_norm": nan_free(traj.grad_norm),
+                                             "latent_change": nan_free(traj.latent_change)}}))
+        return 0
     gen = inputs.generate_image(a.model, a.prompt, seed=a.seed, steps=a.steps, guidance=a.guidance)
     gen.image.save(a.out)
     if a.json:
         print(json.dumps({"out": a.out, "prompt": gen.prompt, "seed": gen.seed, "steps": gen.steps,
                           "guidance": gen.guidance, "model": a.model or "bundled", "size": list(gen.image.size)}))
+    return 0
+
+
+def _cmd_ground(a: argparse.Namespace) -> int:
+    res = inputs.ground_expression(a.model, a.image, a.expression, noise_seed=a.noise_seed)
+    print(json.dumps({"box": [float(v) for v in res["box"]], "score": float(res["score"]),
+                      "expression": res.get("expression", a.expression)}))
+    return 0
+
+
+def _cmd_train_dpt(a: argparse.Namespace) -> int:
+    stage = check_int(a.stage, "--stage", 1, 2)
+    cfg = config_from_flags(a, DPTTrainConfig)
+    if stage == 2 and not cfg.lora_rank:
+        cfg.lora_rank = 4  # the paper's rank
+    if stage == 1:
+        cfg.lora_rank = 0
+    pipe = inputs.load_model(a.model)
+    train_dpt(pipe, cfg, a.work_dir)
+    print(json.dumps({"work_dir": a.work_dir, "stage": stage, "steps": cfg.steps,
+                      "next": "choose a snapshot on validation (python -m bench.dpt_eval), then export_adapter"}))
     return 0
 
 
@@ -320,6 +364,29 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", required=True)
     _add_sampling_args(g, seed=0)
     g.add_argument("--json", action="store_true")
+    g.add_argument("--self-correct", dest="self_correct", action="store_true",
+                   help="steer sampling with the DPT adapter's gradient (Eq. 9; docs/dpt.md)")
+    g.add_argument("--eta", default=DEFAULT_CORRECTION_ETA, metavar=NUMBER,
+                   help=f"self-correction step size, 0..{MAX_CORRECTION_ETA:g} (default {DEFAULT_CORRECTION_ETA})")
+    g.add_argument("--reading", default="noise_only", choices=READINGS,
+                   help="noise_only: the corrected latent feeds the noise prediction only (the authors' code); "
+                        "latent: the DDIM step starts from it too (Eq. 9 literally)")
+    g.add_argument("--trajectory-out", dest="trajectory_out", default=None,
+                   help="folder for the whole trajectory (maps, previews; Trajectory.load reads it)")
+
+    gr_ = command("ground", _cmd_ground)
+    gr_.add_argument("--image", required=True)
+    gr_.add_argument("--expression", required=True)
+    gr_.add_argument("--noise-seed", dest="noise_seed", default=0, metavar=NUMBER)
+    gr_.add_argument("--model", default=None)
+    gr_.add_argument("--json", action="store_true", help="(the output is always JSON)")
+
+    td = command("train-dpt", _cmd_train_dpt)
+    td.add_argument("--stage", default=1, metavar=NUMBER, help="1: adapter on the frozen UNet; 2: + LoRA (rank 4)")
+    td.add_argument("--work-dir", dest="work_dir", default=os.path.expanduser("~/.cache/discolens/dpt/cli"),
+                    help="resumable state and snapshots")
+    td.add_argument("--model", default=None)
+    add_config_flags(td, DPTTrainConfig)
 
     sg = command("sample-grid", _cmd_sample_grid)
     sg.add_argument("--out", required=True)

@@ -28,7 +28,7 @@ OUT = Path(__file__).resolve().parent.parent / "docs" / "measurements" / "dpt"
 
 def wilson(k: int, n: int) -> list[float]:
     ci = binomtest(int(k), int(n)).proportion_ci(method="wilson")
-    return [round(ci.low, 3), round(ci.high, 3)]
+    return [round(float(ci.low), 3), round(float(ci.high), 3)]
 
 
 def rate(d: dict) -> dict:

@@ -16,7 +16,8 @@ import numpy as np
 
 from .head_atlas import atlas_grid
 
-__all__ = ["CLASS_COLORS", "class_color", "atlas_figure", "atlas_plotly"]
+__all__ = ["CLASS_COLORS", "class_color", "atlas_figure", "atlas_plotly", "breakdown_plotly", "heads_plotly",
+           "structure_plotly", "word_map_sheet", "sample_grid"]
 
 # one hue per word class (colorblind-friendly Okabe-Ito)
 CLASS_COLORS: dict[str, tuple[float, float, float]] = {
@@ -189,4 +190,79 @@ def sample_grid(images: Sequence, captions: Sequence[str], verdicts: Sequence[bo
         mark = "" if verdicts is None else (" ✓" if verdicts[i] else " ✗")
         ax.set_title(text + mark, fontsize=7, y=-0.32 if len(words) > 4 else -0.2)
     fig.tight_layout()
+    return fig
+
+
+def heads_plotly(heads: dict, captions: Sequence[str] | None = None):
+    """The head-weighted scorer's attributions as layers x heads heat maps, one panel per caption.
+
+    Args:
+        heads: `ScoreResult.heads` ({"layers": [layers], "tables": {caption: [layers, heads]}}; NaN = no such head).
+        captions: which captions, in order (default: all).
+    """
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    caps = list(captions or heads["tables"])
+    if not caps:
+        raise ValueError("no head attributions to plot")
+    tables = {c: np.asarray(heads["tables"][c], dtype=float) for c in caps}
+    finite = np.concatenate([t[np.isfinite(t)] for t in tables.values()] or [np.zeros(1)])
+    lim = float(np.max(np.abs(finite))) if finite.size else 1.0
+    fig = make_subplots(rows=1, cols=len(caps), shared_yaxes=True,
+                        subplot_titles=[c if len(c) < 40 else c[:37] + "..." for c in caps])
+    for i, c in enumerate(caps, start=1):
+        t = tables[c]
+        fig.add_trace(go.Heatmap(z=t, x=[str(h) for h in range(t.shape[1])], y=list(heads["layers"]),
+                                 zmin=-lim, zmax=lim, colorscale="RdBu", reversescale=True, showscale=i == len(caps),
+                                 hovertemplate="%{y} head %{x}: %{z:.4g}<extra>" + c + "</extra>"), row=1, col=i)
+        fig.update_xaxes(title_text="head", type="category", row=1, col=i)
+    fig.update_yaxes(autorange="reversed", type="category")
+    fig.update_layout(height=340, margin=dict(l=10, r=10, t=60, b=10),
+                      title="Head attributions (A x dScore/dA, summed over positions and words): red helps the caption")
+    return fig
+
+
+def structure_plotly(structure: dict, captions: Sequence[str] | None = None):
+    """The structure scorer's terms per caption (binding, relation) as grouped bars; LSE fallbacks are marked."""
+    import plotly.graph_objects as go
+
+    caps = list(captions or structure)
+    if not caps:
+        raise ValueError("no structure terms to plot")
+    short = [c if len(c) < 40 else c[:37] + "..." for c in caps]
+    binding = [structure[c].binding if structure[c].method == "structure" else None for c in caps]
+    relation = [structure[c].relation if structure[c].method == "structure" else None for c in caps]
+    fig = go.Figure([go.Bar(name="binding", x=short, y=binding),
+                     go.Bar(name="relation direction", x=short, y=relation)])
+    fig.update_layout(barmode="group", height=320, margin=dict(l=10, r=10, t=40, b=10),
+                      title="Structure terms per caption (empty bars: the caption fell back to LSE)")
+    return fig
+
+
+def word_map_sheet(image, words: Sequence[str], maps, cols: int = 8, scale: float = 1.6, cmap: str = "jet"):
+    """A matplotlib Figure of word maps over the image, each labelled, with a colour bar: each map is min-max
+    normalised on its own (0 = its least attended pixel, 1 = its most attended one)."""
+    from matplotlib import colormaps
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+    from matplotlib.figure import Figure
+
+    from .heatmaps import overlay
+
+    n = len(words)
+    if n == 0 or n != len(maps):
+        raise ValueError("need one map per word, at least one")
+    cols = min(cols, n)
+    rows = (n + cols - 1) // cols
+    fig = Figure(figsize=(cols * scale + 0.8, rows * (scale + 0.35)), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for i, (w, m) in enumerate(zip(words, maps)):
+        ax = axes.flat[i]
+        ax.imshow(np.asarray(overlay(image, m, cmap=cmap)), interpolation="nearest")
+        ax.set_title(str(w), fontsize=9)
+    fig.colorbar(ScalarMappable(Normalize(0, 1), colormaps[cmap]), ax=axes, shrink=0.8,
+                 label="attention, each map scaled to its own min..max")
     return fig

@@ -100,3 +100,11 @@ def overlay(image: Image.Image, heat: torch.Tensor | np.ndarray, alpha: float = 
         h = np.asarray(Image.fromarray((h * 255).astype(np.uint8)).resize(img.size, Image.BILINEAR), np.float32) / 255
     rgb = (colormaps[cmap](h)[..., :3] * 255).astype(np.uint8)
     return Image.blend(img, Image.fromarray(rgb), alpha)
+
+
+def colorbar(width: int = 256, height: int = 14, cmap: str = "jet") -> Image.Image:
+    """The overlays' colour scale as a horizontal strip (left: a map's lowest value, right: its highest)."""
+    from matplotlib import colormaps
+
+    ramp = np.tile(np.linspace(0.0, 1.0, width, dtype=np.float32), (height, 1))
+    return Image.fromarray((colormaps[cmap](ramp)[..., :3] * 255).astype(np.uint8))

@@ -37,6 +37,8 @@ MAX_PROMPT_CHARS = 1000  # before tokenizing; the model's own token limit is che
 MAX_IMAGE_SIDE = 4096  # pixels
 MAX_UPLOAD_BYTES = 20 * 2**20  # an image file
 MAX_ETA = 1.0  # DDIM eta in 0..1
+DEFAULT_CORRECTION_ETA = 0.5  # DPT self-correction step size (the paper's); docs/dpt.md: ~100 works on shapes-v1
+MAX_CORRECTION_ETA = 1000.0
 MAX_SCENES = 1000  # held-out scenes / prompts per evaluation run
 MAX_PER_KIND = 1000
 MAX_ATLAS_SCENES = 60  # held-out scenes of one head atlas in the app (one traced UNet call each)
@@ -115,6 +117,11 @@ def check_seed(value, what: str = "seed") -> int:
 def check_eta(value) -> float:
     """DDIM eta in 0..MAX_ETA."""
     return check_float(value, "eta", 0.0, MAX_ETA)
+
+
+def check_correction_eta(value) -> float:
+    """The self-correction step size eta in 0..MAX_CORRECTION_ETA (0: the plain sampler)."""
+    return check_float(value, "eta", 0.0, MAX_CORRECTION_ETA)
 
 
 def check_timestep(value, num_train_timesteps: int) -> int:

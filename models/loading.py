@@ -9,10 +9,12 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import contextlib
 import functools
 import os
 import json
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -114,3 +116,22 @@ def _load_cached(path_or_id: str, device: str, dtype: torch.dtype):
     pipe.set_progress_bar_config(disable=True)
     pipe.discolens_defaults = model_defaults(path_or_id)
     return pipe
+
+
+@contextlib.contextmanager
+def frozen(pipe) -> Iterator[None]:
+    """requires_grad False and eval mode for the pipeline's UNet, VAE and text encoder; the flags and modes are
+    restored on exit (also after an exception), so a training run never leaves a shared pipeline changed."""
+    mods = [m for m in (getattr(pipe, n, None) for n in ("unet", "vae", "text_encoder")) if isinstance(m, torch.nn.Module)]
+    flags = [(p, p.requires_grad) for m in mods for p in m.parameters()]
+    modes = [(m, m.training) for m in mods]
+    try:
+        for m in mods:
+            m.requires_grad_(False)
+            m.eval()
+        yield
+    finally:
+        for p, rg in flags:
+            p.requires_grad_(rg)
+        for m, tr in modes:
+            m.train(tr)

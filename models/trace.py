@@ -71,6 +71,10 @@ class AttentionTrace:
             (only when traced with `cosine=True`)                             [steps, heads, h, w, tokens]
         n_real: the number of real tokens (BOS ... EOS) of the prompt; they are the first n_real columns
             (all of them unless traced with `padded=True`)
+        queries: per layer alias, the projected queries (`to_q` of each image position), split by head; cond
+            branch (only when traced with `queries=True`): a word that was not in the prompt can be
+            attended to after the fact from these (`interp.tasks.workbench.any_word_map`)
+                                                                              [steps, heads, h, w, head_dim]
     """
 
     prompt: str
@@ -85,6 +89,7 @@ class AttentionTrace:
     uncond_tokens: list[str] = dataclasses.field(default_factory=list)
     cosine: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
     n_real: int | None = None
+    queries: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.n_real is None:
@@ -106,8 +111,8 @@ class AttentionTrace:
 
     def nbytes(self) -> int:
         """Bytes held by all tensors of the trace."""
-        return sum(t.numel() * t.element_size() for d in (self.probs, self.logits, self.uncond_probs, self.cosine)
-                   for t in d.values())
+        return sum(t.numel() * t.element_size() for d in (self.probs, self.logits, self.uncond_probs, self.cosine,
+                                                          self.queries) for t in d.values())
 
     @property
     def n_steps(self) -> int:
@@ -121,7 +126,7 @@ class AttentionTrace:
         path = Path(path)
         tensors = {}
         for kind, d in (("probs", self.probs), ("logits", self.logits), ("uncond_probs", self.uncond_probs),
-                        ("cosine", self.cosine)):
+                        ("cosine", self.cosine), ("queries", self.queries)):
             for k, v in d.items():
                 tensors[f"{kind}/{k}"] = v.contiguous()
         meta = {
@@ -141,14 +146,15 @@ class AttentionTrace:
             if raw is None:
                 raise ValueError(f"{path} is not a DiscoLens trace")
             meta = json.loads(raw)
-            d: dict[str, dict] = {"probs": {}, "logits": {}, "uncond_probs": {}, "cosine": {}}  # older files: no cosine
+            d: dict[str, dict] = {"probs": {}, "logits": {}, "uncond_probs": {}, "cosine": {},  # older files: no cosine
+                                  "queries": {}}
             for k in f.keys():
                 kind, alias = k.split("/", 1)
                 d[kind][alias] = f.get_tensor(k)
         layers = [LayerInfo(**l) for l in meta["layers"]]
         return AttentionTrace(meta["prompt"], meta["tokens"], meta["token_index"], meta["timesteps"], layers,
                               meta["heads"], d["probs"], d["logits"], d["uncond_probs"], meta["uncond_tokens"],
-                              d["cosine"], meta.get("n_real"))
+                              d["cosine"], meta.get("n_real"), d["queries"])
 
 
 def real_token_count(ids: Sequence[int], eos_id: int) -> int:
@@ -175,8 +181,10 @@ class Tracer:
                  heads: Sequence[int] | None = None, tokens: Sequence[int] | None = None,
                  logits: bool = False, uncond: bool = False, device: str | torch.device | None = None,
                  dtype: torch.dtype = torch.float16, cosine: bool = False, padded: bool = False,
-                 grad: bool = False, processor_factory: Callable[..., object] = CaptureProcessor) -> None:
+                 grad: bool = False, processor_factory: Callable[..., object] = CaptureProcessor,
+                 queries: bool = False) -> None:
         self.unet, self.tokenizer, self.text_encoder = unet, tokenizer, text_encoder
+        self.want_queries = queries
         self.want_logits, self.keep_uncond, self.want_cosine = logits, uncond, cosine
         self.padded, self.grad, self.processor_factory = padded, grad, processor_factory
         if device is None:  # maps with a graph stay where the UNet computes them; plain ones go to the CPU
@@ -254,7 +262,7 @@ class Tracer:
         H, W = self._latent_hw
         f = math.isqrt((H * W) // probs.shape[2])
         h, w = H // f, W // f
-        st = self._store.setdefault(name, {"probs": [], "logits": [], "uncond": [], "cosine": []})
+        st = self._store.setdefault(name, {"probs": [], "logits": [], "uncond": [], "cosine": [], "queries": []})
         st["hw"] = (h, w)
         st["probs"].append(self._shrink(probs[cond], h, w))
         if self.want_logits and logits is not None:
@@ -274,6 +282,24 @@ class Tracer:
         x = x.reshape(x.shape[0], x.shape[1], h, w, x.shape[-1])
         return x.to(self.store_device, self.store_dtype)
 
+    def _query_hook(self, name: str, heads: int):
+        """A forward hook on a layer's `to_q`: keeps the cond rows' queries `[b, heads, h, w, head_dim]`."""
+
+        def hook(module, args, out):
+            if not self._recording or self._prompt_ids is None:
+                return
+            n = self._prompt_ids.shape[0]
+            b, hw, inner = out.shape
+            rows = slice(n, 2 * n) if b == 2 * n else slice(0, n)
+            H, W = self._latent_hw
+            f = math.isqrt((H * W) // hw)
+            h, w = H // f, W // f
+            q = out[rows].detach().reshape(-1, h, w, heads, inner // heads).permute(0, 3, 1, 2, 4)
+            st = self._store.setdefault(name, {"probs": [], "logits": [], "uncond": [], "cosine": [], "queries": []})
+            st["queries"].append(q.to(self.store_device, self.store_dtype))
+
+        return hook
+
     # ---- context ----
     @contextlib.contextmanager
     def _active(self) -> Iterator["Tracer"]:
@@ -285,6 +311,10 @@ class Tracer:
                                          processor_factory=self.processor_factory,
                                          want_cosine=self.want_cosine) as layers:
                 self._layers = layers
+                if self.want_queries:
+                    mods = dict(self.unet.named_modules())
+                    for l in layers:
+                        handles.append(mods[l.name].to_q.register_forward_hook(self._query_hook(l.name, l.heads)))
                 yield self
         finally:
             for hd in handles:
@@ -308,9 +338,12 @@ class Tracer:
         for i in range(ids.shape[0]):
             keep = real[i] if self.sel_tokens is None else [real[i][j] for j in self.sel_tokens if j < len(real[i])]
             toks = [_clean(t) for t in self.tokenizer.convert_ids_to_tokens(ids[i, keep].tolist())]
-            probs, logits, unc, cos = {}, {}, {}, {}
+            probs, logits, unc, cos, qs = {}, {}, {}, {}, {}
             for info in infos:
                 st = self._store[info.name]
+                if st["queries"]:  # [steps, heads, h, w, head_dim]
+                    qq = torch.stack([s[i] for s in st["queries"]])
+                    qs[info.alias] = qq if self.sel_heads is None else qq[:, self.sel_heads]
                 probs[info.alias] = torch.stack([s[i][..., keep] for s in st["probs"]])
                 if st["logits"]:
                     logits[info.alias] = torch.stack([s[i][..., keep] for s in st["logits"]])
@@ -329,7 +362,7 @@ class Tracer:
             prompt = " ".join(t for t in named if t not in (self.tokenizer.bos_token, self.tokenizer.eos_token))
             kept_real = sum(1 for j in keep if j < n_real)
             self.traces.append(AttentionTrace(prompt, toks, keep, list(self._timesteps), infos, self.sel_heads,
-                                              probs, logits, unc, unc_toks, cos, kept_real))
+                                              probs, logits, unc, unc_toks, cos, kept_real, qs))
         self._store.clear()
 
     @property
@@ -351,7 +384,8 @@ def trace(pipe, prompts: Sequence[str] | str | None = None, **selection) -> Iter
             (indices into the real tokens), logits (bool), uncond (bool), cosine (bool: also keep the
             cosine maps of projected query / key features, `AttentionTrace.cosine`), device, dtype,
             padded (bool: keep all max_length key columns), grad (bool: keep the maps' autograd graph),
-            processor_factory (the capture processor, e.g. `ProbeSet.factory`).
+            processor_factory (the capture processor, e.g. `ProbeSet.factory`), queries (bool: also keep
+            each layer's projected queries, `AttentionTrace.queries`).
     Yields:
         the Tracer; after the block, `tracer.traces` / `tracer.trace`.
     """

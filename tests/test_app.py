@@ -75,10 +75,31 @@ class TestMatchTab:
     def test_match_ranks_all_captions(self, tiny_pipe_dir):
         """All captions come back ranked 1..K with a breakdown figure and the UNet cost."""
         caps = "a red circle left of a blue square\na blue square left of a red circle"
-        table, fig, cost, heads, notes = app.match(self._img(), caps, str(tiny_pipe_dir), "lse", "300 600")
+        table, fig, cost, about, notes, win, run, key = app.match(self._img(), caps, str(tiny_pipe_dir), "lse", "300 600")
         assert [r[0] for r in table] == [1, 2] and {r[1] for r in table} == set(caps.splitlines())
         assert table[0][2] >= table[1][2] and fig is not None and "4 UNet evaluations" in cost
-        assert heads == [] and notes == ""
+        assert "layer x timestep" in about and notes == ""
+        # the captions use the same words: every word's map is shown for the winner and the runner-up
+        assert [w for _, w in win] == table[0][1].split() and [w for _, w in run] == table[1][1].split()
+
+    def test_match_maps_show_the_differing_words(self, tiny_pipe_dir):
+        """Captions that differ in one word: the top two's galleries show only that word."""
+        table, *_, win, run, _ = app.match(self._img(), "a red circle\na blue circle", str(tiny_pipe_dir), "lse", "300")
+        assert {w for _, w in win} | {w for _, w in run} == {"red", "blue"} and len(win) == len(run) == 1
+
+    def test_default_scorer_is_the_best_measured(self):
+        """The Match tab opens on the registry's default (auto), described beside the dropdown."""
+        from interp.scorers import DEFAULT_SCORER
+
+        [dd] = [c for c in app.demo.config["components"] if c.get("props", {}).get("elem_id") == "match-scorer"]
+        assert dd["props"]["value"] == DEFAULT_SCORER == "auto"
+        assert "Structure-aware" in app.scorer_description("auto")
+
+    def test_denoise_says_why_there_is_no_breakdown(self, tiny_pipe_dir):
+        """A scorer without a layer x timestep breakdown returns no figure and says why."""
+        _, fig, _, about, *_ = app.match(self._img(), "a red circle\na blue square", str(tiny_pipe_dir), "denoise",
+                                         "300", None, False)
+        assert fig is None and "No layer x timestep breakdown" in about and "denoise" in about
 
     def test_scorer_dropdown_is_the_registry(self):
         """The dropdown offers every registered scorer (by name), labelled by the scorer."""
@@ -90,9 +111,10 @@ class TestMatchTab:
     def test_structure_scorer_notes_bound_words(self, tiny_pipe_dir):
         """The structure scorer ranks the captions and says which words it bound, and the relation term."""
         caps = "a red circle left of a blue square\na blue square left of a red circle"
-        table, fig, cost, heads, notes = app.match(self._img(), caps, str(tiny_pipe_dir),
-                                                   "structure", "300")
-        assert {r[1] for r in table} == set(caps.splitlines()) and fig is None and heads == []
+        table, fig, cost, about, notes, *_ = app.match(self._img(), caps, str(tiny_pipe_dir), "structure", "300",
+                                                       None, False)
+        assert {r[1] for r in table} == set(caps.splitlines()) and "structure" in about
+        assert [b.name for b in fig.data] == ["binding", "relation direction"]
         lines = notes.splitlines()
         assert len(lines) == 2 and all("bound words red, circle, blue, square" in l or
                                        "bound words blue, square, red, circle" in l for l in lines)
@@ -100,23 +122,23 @@ class TestMatchTab:
 
     def test_structure_scorer_notes_the_lse_fallback(self, tiny_pipe_dir):
         """Captions with nothing to bind fall back to LSE, and the notes say so."""
-        *_, notes = app.match(self._img(), "red\nblue", str(tiny_pipe_dir), "structure",
-                              "300")
+        _, fig, _, about, notes, *_ = app.match(self._img(), "red\nblue", str(tiny_pipe_dir), "structure", "300",
+                                                None, False)
+        assert fig is not None and "layer x timestep" in about  # both fell back to LSE: its breakdown
         assert notes.count("LSE fallback") == 2
 
     def test_head_weighted_scorer_shows_head_attributions(self, tiny_pipe_dir):
-        """The gradient-weighted scorer returns one attribution per caption x layer x head, and its backward cost."""
+        """The gradient-weighted scorer shows a layers x heads heat map per caption, and its backward cost."""
         from models.loading import load_pipeline
 
         caps = "a red circle\na blue square"
-        table, fig, cost, heads, notes = app.match(self._img(), caps, str(tiny_pipe_dir),
-                                                   "head_weighted",
-                                                   "300")
+        table, fig, cost, about, notes, *_ = app.match(self._img(), caps, str(tiny_pipe_dir), "head_weighted", "300",
+                                                       None, False)
         unet = load_pipeline(str(tiny_pipe_dir)).unet
-        n_heads = sum(m.heads for name, m in unet.named_modules() if name.endswith("attn2"))
-        assert len(heads) == 2 * n_heads and {r[0] for r in heads} == set(caps.splitlines())
-        assert all(isinstance(r[3], float) and r[3] == r[3] for r in heads)
-        assert "backward" in cost and len(table) == 2 and fig is None and notes == ""
+        layers = [m for name, m in unet.named_modules() if name.endswith("attn2")]
+        assert len(fig.data) == 2 and all(np.asarray(d.z).shape == (len(layers), max(m.heads for m in layers))
+                                          for d in fig.data)
+        assert "Head attributions" in about and "backward" in cost and len(table) == 2 and notes == ""
 
     def test_match_with_a_saved_attention_prompt(self, tiny_pipe_dir, tmp_path):
         """A prompt file from train-prompt changes the LSE scores; after the call the model is restored."""
@@ -133,9 +155,9 @@ class TestMatchTab:
         f = save_prompt(prompt, tmp_path / "p.safetensors")
         label = "lse"
         caps = "a red circle\na blue square"
-        before, *_ = app.match(self._img(), caps, str(tiny_pipe_dir), label, "300")
-        with_p, *_ = app.match(self._img(), caps, str(tiny_pipe_dir), label, "300", str(f))
-        after, *_ = app.match(self._img(), caps, str(tiny_pipe_dir), label, "300")
+        before, *_ = app.match(self._img(), caps, str(tiny_pipe_dir), label, "300", None, False)
+        with_p, *_ = app.match(self._img(), caps, str(tiny_pipe_dir), label, "300", str(f), False)
+        after, *_ = app.match(self._img(), caps, str(tiny_pipe_dir), label, "300", None, False)
         assert before == after and with_p != before
         bad = tmp_path / "bad.safetensors"
         bad.write_bytes(b"not a prompt")
@@ -146,10 +168,11 @@ class TestMatchTab:
         """The auto scorer ranks every caption and names the scorer it routed to."""
         label = "auto"
         caps = "a red circle left of a blue square\na blue square left of a red circle"
-        table, fig, cost, heads, notes = app.match(self._img(), caps, str(tiny_pipe_dir), label, "300")
+        table, fig, cost, about, notes, *_ = app.match(self._img(), caps, str(tiny_pipe_dir), label, "300", None, False)
         assert sorted(r[1] for r in table) == sorted(caps.splitlines()) and "Routed to **structure**" in notes
-        table, *_, notes = app.match(self._img(), "two red circles\nthree red circles", str(tiny_pipe_dir), label, "300")
-        assert len(table) == 2 and "Routed to **denoise**" in notes
+        table, fig, cost, about, notes, *_ = app.match(self._img(), "two red circles\nthree red circles",
+                                                       str(tiny_pipe_dir), label, "300", None, False)
+        assert len(table) == 2 and "Routed to **denoise**" in notes and fig is None and "denoise" in about
 
     @pytest.mark.parametrize("caps,ts,match", [("a red circle", "300", "at least 2"),
                                                 ("a red circle\na blue square", "x", "whole number"),
@@ -194,7 +217,8 @@ class TestFaithfulnessTab:
         a, b = str(tiny_pipe_dir), str(other_pipe_dir)
         image, maps_a, maps_b, table, summary = app.faithfulness(4, "relation", a, b, 300)
         assert image.size == (256, 256)
-        assert [c.split(":")[0] for _, c in maps_a] == words and len(maps_b) == len(words)
+        assert [c.split()[0] for _, c in maps_a] == words and len(maps_b) == len(words)
+        assert sum(("✓" in c or "✗" in c) for _, c in maps_a) == 4  # the masked words: two colours, two shapes
         assert table["headers"][3:] == [f"{a} pointing", f"{a} energy", f"{b} pointing", f"{b} energy"]
         rows = table["data"]
         assert [r[0] for r in rows[:-1]] == words and rows[-1][0].startswith("mean")
@@ -242,3 +266,226 @@ class TestFaithfulnessTab:
         """Bad timestep, scene count or metric: gr.Error."""
         with pytest.raises(gr.Error, match=match):
             app.atlas(str(tiny_pipe_dir), t, n, metric)
+
+
+class TestWorkbenchViews:
+    """The Generate & look tab beyond the word maps: slices after Generate, player, model view, any word, edit, export."""
+
+    @pytest.fixture(scope="class")
+    def out(self, tiny_pipe_dir):
+        return app.generate("a red circle left of a blue square", str(tiny_pipe_dir), 0, 3, 3.0)
+
+    def test_generate_fills_every_view(self, out):
+        """The slice panel, the player and the model view are filled by Generate itself (no dropdown change)."""
+        img, maps, key, layer, head, step, slices, word, slider, prev, heat, caption, grid, ed_word = out
+        assert [w for _, w in slices] == [w for _, w in maps] == "a red circle left of a blue square".split()
+        assert word.value == 1 and slider.maximum == 2 and slider.value == 2 and "step 3 of 3" in caption
+        assert prev.size == heat.size == (256, 256)
+        assert isinstance(grid, gr.Gallery) and grid.columns == 4  # one column per head of the tiny model
+
+    def test_player_and_model_view_reslice(self, out):
+        """A step and a word give their frame; the model view has one cell per layer x head."""
+        key = out[2]
+        prev, heat, caption = app.player_frame(key, 2, 0)
+        assert "step 1 of 3" in caption and "circle" in caption
+        one, avg = app.model_grid(key, 2, 1, False), app.model_grid(key, 2, 1, True)
+        assert one.columns == avg.columns == 4 and one.height == avg.height
+        assert isinstance(app.model_grid_at_step(key, 2, 1, False), gr.Gallery)
+
+    def test_player_tick_stops_at_the_end(self, out):
+        """Play starts at 0 when at the end; ticks advance; the last tick stops the timer."""
+        key = out[2]
+        slider, timer = app.play(key, 2)
+        assert slider.value == 0 and timer.active
+        slider, timer = app.player_tick(key, 1)
+        assert slider.value == 2 and not timer.active
+
+    def test_any_word_and_edit(self, out, tiny_pipe_dir):
+        """Any word's map says how it is computed; the edit returns before / after and the edited maps."""
+        key = out[2]
+        m, note = app.any_word(key, str(tiny_pipe_dir), "green")
+        assert m.size == (256, 256) and "no new UNet call" in note
+        before, after, maps, note = app.intervene(key, str(tiny_pipe_dir), 2, 0.0, "")
+        assert before.tobytes() != after.tobytes() and len(maps) == 8 and "x0" in note and "everywhere" in note
+
+    @pytest.mark.parametrize("word,scale,box,match", [(2, -1, "", "scale"), (2, 11, "", "scale"), (9, 0, "", "word"),
+                                                     (2, 0, "0 0 2 1", "box")])
+    def test_edit_bad_inputs(self, out, tiny_pipe_dir, word, scale, box, match):
+        """Bad word index, scale or box: gr.Error."""
+        with pytest.raises(gr.Error, match=match):
+            app.intervene(out[2], str(tiny_pipe_dir), word, scale, box)
+
+    def test_any_word_out_of_vocabulary(self, out, tiny_pipe_dir):
+        """A word the closed vocabulary does not know is refused with the known words."""
+        with pytest.raises(gr.Error, match="vocabulary: zebra"):
+            app.any_word(out[2], str(tiny_pipe_dir), "zebra")
+
+    def test_export_generation_loads_back(self, out):
+        """Export gives the image, the word-map sheet, the trace and its manifest."""
+        from interp.tasks.export import load_trace_export
+
+        files = app.export_generation(out[2])
+        tr, manifest = load_trace_export(files[-1])
+        assert manifest["words"] == "a red circle left of a blue square".split() and tr.n_steps == 3
+
+    def test_expired_key_is_a_clear_error(self):
+        """A key the cache no longer holds asks to generate again."""
+        with pytest.raises(gr.Error, match="generate an image first"):
+            app.player_frame("gone", 0, 0)
+
+
+class TestOtherDirections:
+    def _png(self, tmp_path, caption, seed=0):
+        from models.shapes import world
+
+        p = tmp_path / f"{seed}.png"
+        world.render(world.scene_from_caption(caption, np.random.default_rng(seed))).save(p)
+        return str(p)
+
+    def test_rank_images(self, tiny_pipe_dir, tmp_path):
+        """One caption against three images: a ranked gallery and a table, scores sorted."""
+        files = [self._png(tmp_path, c, i) for i, c in enumerate(["a red circle", "a blue square", "a green triangle"])]
+        gallery, table = app.rank_images(files, "a red circle", str(tiny_pipe_dir), "denoise_norm", "300")
+        assert len(gallery) == len(table) == 3 and [r[0] for r in table] == [1, 2, 3]
+        assert table[0][2] >= table[1][2] >= table[2][2]
+        with pytest.raises(gr.Error, match="at least 2 images"):
+            app.rank_images(files[:1], "a red circle", str(tiny_pipe_dir), "denoise_norm", "300")
+
+    def test_classify(self, tiny_pipe_dir, tmp_path):
+        """Labels in a template: one row per label, the answer names the top one."""
+        img = self._png(tmp_path, "a red circle")
+        table, answer = app.classify(img, "a {} circle", "red, green, blue", str(tiny_pipe_dir), "lse", "300")
+        assert sorted(r[1] for r in table) == ["blue", "green", "red"] and table[0][1] in answer
+        with pytest.raises(gr.Error, match="exactly one"):
+            app.classify(img, "a circle", "red, blue", str(tiny_pipe_dir), "lse", "300")
+        with pytest.raises(gr.Error, match="at least 2 labels"):
+            app.classify(img, "a {} circle", "red", str(tiny_pipe_dir), "lse", "300")
+
+    def test_export_match(self, tiny_pipe_dir, tmp_path):
+        """The ranking exports as JSON and CSV with the scores."""
+        import json
+
+        *_, key = app.match(self._png(tmp_path, "a red circle"), "a red circle\na blue square", str(tiny_pipe_dir),
+                            "lse", "300", None, False)
+        j, c, scores = app.export_match(key)
+        assert [r["rank"] for r in json.loads(open(j).read())] == [1, 2] and "breakdown" in json.loads(open(scores).read())
+
+
+class TestFailuresTab:
+    def test_matching_failures_and_open(self, tiny_pipe_dir):
+        """Failures table rows, a summary, and opening one shows both captions' maps."""
+        rows, summary, key = app.matching_failures(str(tiny_pipe_dir), "comvg", "test", "lse", 6, "300")
+        assert "failures" in summary and all(r[5] <= r[6] for r in rows)
+        if rows:
+            img, true, wrong, text = app.open_failure(key, 0, str(tiny_pipe_dir))
+            assert len(true) == len(rows[0][3].split()) and len(wrong) == len(rows[0][4].split()) and rows[0][1] in text
+
+    def test_generation_failures(self, tiny_pipe_dir):
+        """Rejected generations with the checker's reason; opening one shows its word maps."""
+        gallery, rows, summary, key = app.generation_failures(str(tiny_pipe_dir), 1, "test")
+        assert len(gallery) == len(rows) >= 1 and "rejected" in summary
+        maps, text = app.open_generation_failure(key, 0, str(tiny_pipe_dir))
+        assert [w for _, w in maps] == rows[0][2].split()
+
+
+class TestHostedAndServing:
+    def test_hosted_policy(self, monkeypatch):
+        """--hosted / DISCOLENS_HOSTED: bundled models only (hub ids on GPU), local paths refused, sizes capped."""
+        from interp.tasks import inputs
+
+        monkeypatch.delenv("DISCOLENS_HOSTED", raising=False)
+        assert inputs.hosted_policy([], cuda=False) is None
+        p = inputs.hosted_policy(["--hosted"], cuda=False)
+        assert p.model("shapes-v1") == "shapes-v1" and p.model("") is None
+        for bad in ("/tmp/x", "./m", "runwayml/stable-diffusion-v1-5"):
+            with pytest.raises(ValueError, match="not allowed"):
+                p.model(bad)
+        assert inputs.hosted_policy(["--hosted"], cuda=True).model("runwayml/stable-diffusion-v1-5")
+        with pytest.raises(ValueError, match="limited to 50"):
+            p.cap(100, p.max_steps, "steps")
+        monkeypatch.setenv("DISCOLENS_HOSTED", "1")
+        assert inputs.hosted_policy([], cuda=False) is not None
+
+    def test_hosted_app_refuses_paths(self, monkeypatch, tiny_pipe_dir):
+        """In hosted mode the app refuses a local model folder and too many steps."""
+        from interp.tasks import inputs
+
+        monkeypatch.setattr(app, "HOSTED", inputs.hosted_policy(["--hosted"], cuda=False))
+        with pytest.raises(gr.Error, match="not allowed"):
+            app.generate("a red circle", str(tiny_pipe_dir), 0, 2, 3.0)
+        with pytest.raises(gr.Error, match="limited to 50"):
+            app.generate("a red circle", "shapes-v1", 0, 80, 3.0)
+
+    def test_unknown_hub_id_offline_is_one_short_line(self, monkeypatch):
+        """Offline, an unknown model name says so in one line, without the hub client's advice."""
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        with pytest.raises(gr.Error) as e:
+            app.generate("a red circle", "someone/no-such-model", 0, 2, 3.0)
+        assert "offline" in e.value.message and "local_files_only" not in e.value.message
+
+    def test_every_action_is_a_named_endpoint(self):
+        """gradio_client can call every action by name."""
+        names = {d.api_name for d in app.demo.fns.values()}
+        assert {"generate", "explore", "player_frame", "model_view", "any_word", "intervene", "export_generation",
+                "match", "export_match", "rank_images", "classify", "failures", "open_failure",
+                "generation_failures", "faithfulness", "atlas"} <= names
+
+    def test_model_runs_share_one_concurrency_slot(self):
+        """Every event that runs a model is in the 'model' concurrency group with limit 1."""
+        runs = [d for d in app.demo.fns.values() if d.api_name in ("generate", "match", "any_word", "intervene",
+                                                                     "faithfulness", "atlas", "failures")]
+        assert runs and all(d.concurrency_id == app.MODEL for d in runs)
+        assert {d.concurrency_limit for d in runs if d.api_name == "generate"} == {1}
+
+    def test_gradio_server_variables_win(self, monkeypatch):
+        """GRADIO_SERVER_NAME / PORT (a Space's) are honoured over DISCOLENS_HOST / PORT."""
+        seen = {}
+        monkeypatch.setattr(app.demo, "launch", lambda **kw: seen.update(kw))
+        monkeypatch.setenv("DISCOLENS_PORT", "1234")
+        monkeypatch.setenv("GRADIO_SERVER_NAME", "0.0.0.0")
+        monkeypatch.setenv("GRADIO_SERVER_PORT", "7861")
+        app.main()
+        assert seen["server_name"] == "0.0.0.0" and seen["server_port"] == 7861
+        monkeypatch.delenv("GRADIO_SERVER_PORT")
+        app.main()
+        assert seen["server_port"] == 1234
+
+    def test_tabs(self):
+        """The page is organised in tabs a newcomer can follow."""
+        labels = [c["props"].get("label") for c in app.demo.config["components"] if c.get("type") == "tabitem"]
+        assert labels[:5] == ["Generate & look", "Match & rank", "Failures", "Faithfulness", "Learn"] or \
+            {"Generate & look", "Match & rank", "Failures", "Faithfulness", "Learn"} <= set(labels)
+
+
+class TestTableExports:
+    def test_faithfulness_failures_and_atlas_export(self, tiny_pipe_dir):
+        """The faithfulness table, the failures and the atlas table export and load back."""
+        import json
+
+        import pandas as pd
+
+        *_, table, _ = app.faithfulness(1, "single", str(tiny_pipe_dir), str(tiny_pipe_dir), 300)
+        j, c = app.export_dataframe(table, "faithfulness")
+        assert [r["word"] for r in json.loads(open(j).read())] == [r[0] for r in table["data"]]
+        j, c = app.export_dataframe(pd.DataFrame(table["data"], columns=table["headers"]), "faithfulness")
+        assert open(c).readline().startswith("word,class")
+        with pytest.raises(gr.Error, match="nothing to export"):
+            app.export_dataframe(None)
+        rows, _, key = app.matching_failures(str(tiny_pipe_dir), "comvg", "test", "lse", 4, "300")
+        fj, fc, summary = app.export_failures(key)
+        assert len(json.loads(open(fj).read())) == len(rows) and json.loads(open(summary).read())["n_items"] == 4
+        _, atlas_table, _ = app.atlas(str(tiny_pipe_dir), 300, 1, "energy")
+        [aj] = app.export_atlas(atlas_table)
+        assert len(json.loads(open(aj).read())) == len(atlas_table)
+
+    def test_too_many_images_or_labels(self):
+        """Caps on images per caption and labels per classification, before any model loads."""
+        from PIL import Image
+
+        from interp.tasks import inputs
+
+        imgs = [Image.new("RGB", (8, 8))] * (inputs.MAX_IMAGES + 1)
+        with pytest.raises(ValueError, match=f"at most {inputs.MAX_IMAGES} images"):
+            inputs.rank_images("/nonexistent", imgs, "a red circle")
+        with pytest.raises(ValueError, match=f"at most {inputs.MAX_LABELS} labels"):
+            inputs.classify("/nonexistent", imgs[0], "a {} circle", ",".join(f"l{i}" for i in range(20)))

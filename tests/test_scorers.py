@@ -6,12 +6,28 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 from interp.scorers import DEFAULT_SCORER, MatchOptions, PassSpec, ScoreResult, Scorer, get_scorer, scorer_names, scorers
+from models.adapters.dpt import save_adapter
 from models.shapes import world
+from models.training import dpt as tdpt
 
 CAPTIONS = ["a red circle left of a blue square", "a blue square left of a red circle", "two green triangles"]
 OPTS = MatchOptions(timesteps=(300, 600))
+
+
+@pytest.fixture(scope="module")
+def dpt_dir(tiny_pipe, tmp_path_factory):
+    """A small untrained DPT adapter for the tiny pipeline (the shipped one fits the bundled model only)."""
+    torch.manual_seed(0)
+    adapter = tdpt.new_adapter(tiny_pipe, ("up_blocks.1",), width=32, heads=2, ff=64, n_queries=6, n_match=2,
+                               sem_dim=8, dropout=0.0).eval()
+    return save_adapter(adapter, tmp_path_factory.mktemp("dpt") / "tiny-dpt")
+
+
+def _scorer(name: str, dpt_dir):
+    return get_scorer(name, adapter_dir=dpt_dir) if name == "dpt" else get_scorer(name)
 
 
 @pytest.fixture(scope="module")
@@ -43,15 +59,16 @@ class TestRegistry:
 
 
 @pytest.mark.parametrize("name", scorer_names())
-def test_scorer_runs_and_ranks_by_its_scores(name, tiny_pipe, image):
+def test_scorer_runs_and_ranks_by_its_scores(name, tiny_pipe, image, dpt_dir):
     """Each registered scorer returns one finite score per caption, a ranking sorted by them, and its cost."""
-    res = get_scorer(name).score(tiny_pipe, image, CAPTIONS, OPTS)
+    res = _scorer(name, dpt_dir).score(tiny_pipe, image, CAPTIONS, OPTS)
     assert isinstance(res, ScoreResult) and res.scorer == name
     assert res.captions == CAPTIONS and len(res.scores) == 3 and all(math.isfinite(v) for v in res.scores)
     ranked = res.ranking()
     assert sorted(c for c, _ in ranked) == sorted(CAPTIONS)
     assert [v for _, v in ranked] == sorted(res.scores, reverse=True)
-    assert res.unet_calls == len(OPTS.timesteps) and res.unet_evals >= res.unet_calls * len(CAPTIONS)
+    calls = 1 if name == "dpt" else len(OPTS.timesteps)  # dpt reads the UNet once, at its adapter's t
+    assert res.unet_calls == calls and res.unet_evals >= res.unet_calls * len(CAPTIONS)
 
 
 @pytest.mark.parametrize("name", [n for n in scorer_names() if get_scorer(n).shares_pass])

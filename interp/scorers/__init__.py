@@ -12,6 +12,7 @@ from __future__ import annotations
 from interp.scorers.base import DEFAULT_TIMESTEPS, MatchOptions, PassSpec, ScoreResult, Scorer
 from interp.scorers.denoise import DenoiseNormScorer, DenoiseScorer
 from interp.scorers.discffusion import DiscffusionScorer
+from interp.scorers.dpt import DPTScorer
 from interp.scorers.head_weighted import HeadWeightedScorer
 from interp.scorers.pooled import PooledAttentionScorer
 from interp.scorers.routed import RoutedScorer
@@ -23,6 +24,7 @@ __all__ = ["DEFAULT_SCORER", "DEFAULT_TIMESTEPS", "MatchOptions", "PassSpec", "S
 # name -> factory; the order is the order users see (best measured first: docs/measurements/matching_scorers_*)
 _REGISTRY = {
     "auto": RoutedScorer,
+    "dpt": DPTScorer,  # needs a trained adapter (assets/adapters/<model>-dpt; docs/dpt.md)
     "structure": StructureScorer,
     "denoise": DenoiseScorer,
     "denoise_norm": DenoiseNormScorer,

@@ -19,11 +19,12 @@ from typing import Callable, Mapping, Sequence
 
 from PIL import Image
 
-from models.limits import (MAX_ATLAS_SCENES, MAX_PER_KIND, MAX_SCENES, MIN_RANK_CANDIDATES, check_choice,
-                           check_fits, check_float, check_guidance, check_int, check_prompt, check_seed, check_steps,
+from models.limits import (DEFAULT_CORRECTION_ETA, MAX_ATLAS_SCENES, MAX_PER_KIND, MAX_SCENES, MIN_RANK_CANDIDATES,
+                           check_choice, check_correction_eta, check_fits, check_float, check_guidance, check_int, check_prompt, check_seed, check_steps,
                            check_timestep, check_timesteps, check_vocabulary, read_image, user_message,
                            validate_captions)
 from models.loading import bundled_models, load_pipeline
+from models.training.dpt import find_adapter
 from models.sampling import generate_images
 from models.shapes import world
 from models.shapes.benchmarks import Benchmark, load_benchmark
@@ -41,7 +42,9 @@ from interp.tasks.grounding_eval import evaluate_grounding as _evaluate_groundin
 from interp.tasks.matching import DEFAULT_MAP_TIMESTEP, score_image_captions, word_maps_for_image
 from interp.tasks.matching_eval import evaluate_matching as _evaluate_matching
 from interp.tasks.matching_report import GROUPS, noise_level_timesteps, run_report
+from interp.tasks.grounding_dpt import ground
 from interp.tasks.prompt_learning import apply_prompt, load_prompt, train_prompt as _train_prompt
+from interp.tasks.self_correction import READINGS, generate_self_corrected
 
 __all__ = ["ATLAS_METRICS", "SPLITS", "Generation", "load_model", "generate_image", "traced_generation",
            "edited_generation", "any_word_map", "rank_images", "classify", "caption_word_maps",
@@ -173,8 +176,7 @@ def evaluate_generation(model: str | None, n_per_kind=100, steps=None, guidance=
     steps = None if steps is None else check_steps(steps)
     guidance = check_guidance(guidance)
     seed = None if seed is None else check_seed(seed)
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    split = check_choice(split, GENERATION_SPLITS, "split")
     return _evaluate_generation(load_model(model), n_per_kind=n, steps=steps, guidance=guidance, seed=seed,
                                 split=split)
 
@@ -488,3 +490,28 @@ def hosted_policy(argv: Sequence[str] | None = None, cuda: bool | None = None) -
 
         cuda = torch.cuda.is_available()
     return HostedPolicy(models=tuple(bundled_models()) or ("shapes-v1",), allow_hub=bool(cuda))
+
+
+# ----------------------------------------------------------------------------------------------
+# DPT: grounding, self-correction, training
+# ----------------------------------------------------------------------------------------------
+def ground_expression(model: str | None, image, expression: str, noise_seed=0) -> dict:
+    """The referred object's box in image pixels and its probability (CLI `ground`): {"box", "score", ...}."""
+    img = read_image(image) if not isinstance(image, Image.Image) else image
+    expression = check_prompt(expression, "the expression")
+    noise_seed = check_seed(noise_seed, "noise seed")
+    pipe = load_model(model)
+    _check_texts(pipe, [expression], lambda i: "the expression")
+    return ground(pipe, img, expression, noise_seed=noise_seed)
+
+
+def self_corrected_generation(model: str | None, prompt: str, seed=0, steps=None, guidance=None,
+                              eta=DEFAULT_CORRECTION_ETA, reading: str = "noise_only", progress=None):
+    """One image with DPT self-correction (Eq. 9) and its trajectory (CLI `generate --self-correct`, app's
+    Self-correction view): (PIL image, Trajectory)."""
+    eta = check_correction_eta(eta)
+    reading = check_choice(reading, READINGS, "reading")
+    pipe, prompt, seed, steps, guidance = _generation_inputs(model, prompt, seed, steps, guidance)
+    find_adapter(pipe)  # no adapter: the message says how to train one, before any sampling
+    return generate_self_corrected(pipe, prompt, seed=seed, eta=eta, steps=steps, guidance=guidance,
+                                   reading=reading, callback=progress)

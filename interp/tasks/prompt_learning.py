@@ -25,13 +25,12 @@ same source, layers, pooling, lambda and token columns as `options` and `interp.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import random
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -39,6 +38,7 @@ from torch import nn
 from models.adapters.attention_prompt import (FORMAT_VERSION, VARIANTS, AttentionPrompt, PromptLayer, Variant,
                                               apply_prompt, check_compatible, load_prompt, save_prompt)
 from models.attention_capture import cross_attention_layers, select_layer_names
+from models.loading import frozen
 from models.shapes.benchmarks import Benchmark, Item, load_benchmark
 from models.unet_pass import encode_image, noised_unet_pass
 
@@ -268,24 +268,6 @@ def triplet_loss(pipe, data, options=None, margin: float = 0.2, prompt: Attentio
 # ----------------------------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def _frozen(pipe) -> Iterator[None]:
-    """requires_grad False and eval mode for the pipeline's models; flags and modes restored on exit."""
-    mods = [m for m in (getattr(pipe, n, None) for n in ("unet", "vae", "text_encoder")) if isinstance(m, nn.Module)]
-    flags = [(p, p.requires_grad) for m in mods for p in m.parameters()]
-    modes = [(m, m.training) for m in mods]
-    try:
-        for m in mods:
-            m.requires_grad_(False)
-            m.eval()
-        yield
-    finally:
-        for p, rg in flags:
-            p.requires_grad_(rg)
-        for m, tr in modes:
-            m.train(tr)
-
-
 def train_prompt(pipe, benchmark_or_pairs, options=None, steps: int = 50, lr: float = 1e-3, margin: float = 0.2,
                  variant: Variant = "additive", seed: int = 0, *, negatives: str = "both", batch_size: int = 8,
                  rank: int = 4, alpha: float | None = None, resample_noise: bool = False,
@@ -342,7 +324,7 @@ def train_prompt(pipe, benchmark_or_pairs, options=None, steps: int = 50, lr: fl
     rng = random.Random(seed)
     order: list[int] = []
     log: list[dict] = []
-    with _frozen(pipe):
+    with frozen(pipe):
         data = _prepare(pipe, trips)
         S = len(options.timesteps)
         g = torch.Generator().manual_seed(int(seed))

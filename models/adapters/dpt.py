@@ -93,6 +93,7 @@ class DPTConfig:
     @staticmethod
     def from_dict(d: dict) -> "DPTConfig":
         names = {f.name for f in dataclasses.fields(DPTConfig)}
+        d = {"text_memory": False, **d}  # adapters saved before the option existed had no text memory
         return DPTConfig(**{k: v for k, v in d.items() if k in names})
 
 

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from models.adapters.dpt import (CONFIG_FILE, LORA_FILE, DPTAdapter, DPTConfig, DPTOutput, add_lora,
                                  box_cxcywh_to_xyxy, box_iou, itm_contrastive_loss, itm_score, load_adapter,
                                  lora_state_dict, rec_loss, save_adapter)
+from models.loading import frozen
 from models.shapes import referring, world
 from models.unet_pass import native_size, noised_unet_pass
 
@@ -299,6 +300,14 @@ def _losses(pipe, adapter: DPTAdapter, batch: dict, t: int, noise: torch.Tensor,
 
 def train_dpt(pipe, cfg: DPTTrainConfig, work_dir: str | Path, progress: bool = True,
               stop_after_s: float | None = None, init_from: str | Path | None = None) -> DPTAdapter:
+    """Train (or resume) a DPT adapter (`_train_dpt`) with the pipeline's models frozen; their requires_grad flags
+    and train / eval modes are restored afterwards (`models.loading.frozen`)."""
+    with frozen(pipe):
+        return _train_dpt(pipe, cfg, work_dir, progress, stop_after_s, init_from)
+
+
+def _train_dpt(pipe, cfg: DPTTrainConfig, work_dir: str | Path, progress: bool = True,
+              stop_after_s: float | None = None, init_from: str | Path | None = None) -> DPTAdapter:
     """Train (or resume training) a DPT adapter on `pipe`; state and snapshots under `work_dir`.
 
     Stage 1 (`cfg.lora_rank == 0`): the UNet is frozen, its features computed without a graph. Stage 2: a LoRA
@@ -319,9 +328,6 @@ def train_dpt(pipe, cfg: DPTTrainConfig, work_dir: str | Path, progress: bool = 
     adapter = new_adapter(pipe, cfg.blocks, width=cfg.width, heads=cfg.heads, ff=cfg.ff, n_queries=cfg.n_queries,
                           n_match=cfg.n_match, sem_dim=cfg.sem_dim, t=cfg.t, lora_rank=cfg.lora_rank,
                           stage=2 if cfg.lora_rank else 1)
-    pipe.unet.requires_grad_(False)
-    pipe.vae.requires_grad_(False)
-    pipe.text_encoder.requires_grad_(False)
     lora_params = add_lora(pipe.unet, cfg.lora_rank) if cfg.lora_rank else []
     groups = [{"params": list(adapter.parameters()), "lr": cfg.lr}]
     if lora_params:

@@ -1,0 +1,295 @@
+"""Image -> text by masked text diffusion: the loss, the sampler, judging, training and the entry points (tiny
+components, CPU)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from interp.figures_text import candidates_plotly, timeline_plotly, token_attention_map
+from interp.tasks import text_diffusion as td
+from models.adapters.text_denoiser import (MASK, ExtraTimestep, TextDenoiser, TextDenoiserConfig, TextVocab,
+                                           load_text_denoiser, masked_diffusion_loss, override_time_embedding,
+                                           save_text_denoiser)
+from models.shapes import world
+from models.training import text_diffusion as tr
+
+
+@pytest.fixture(scope="module")
+def vocab(tiny_pipe):
+    return TextVocab.from_tokenizer(tiny_pipe.tokenizer)
+
+
+@pytest.fixture(scope="module")
+def model(vocab):
+    torch.manual_seed(0)
+    cfg = TextDenoiserConfig(vocab_size=vocab.size, max_len=12, block_channels=(32, 32), hidden=32, layers=1, heads=2)
+    return TextDenoiser(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def feats():
+    g = torch.Generator().manual_seed(0)
+    return {"mid_block": torch.randn(1, 32, 4, 4, generator=g), "up_blocks.1": torch.randn(1, 32, 16, 16, generator=g)}
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_pipe, tmp_path_factory):
+    """A tiny adapter trained a few steps on the tiny pipeline (frozen mode, cached features)."""
+    d = tmp_path_factory.mktemp("td")
+    cfg = tr.TextDiffusionConfig(out_dir=str(d / "out"), work_dir=str(d / "work"), n_scenes=48, n_val=8, steps=4,
+                                 batch=16, hidden=32, layers=1, heads=2, val_every=2, checkpoint_every=2,
+                                 export_every=2, feature_batch=16)
+    tr.train_text_diffusion(cfg, tiny_pipe)
+    return cfg
+
+
+class TestVocab:
+    def test_every_world_word_and_question_word_is_one_id(self, vocab):
+        """Each caption word and question word maps to one id and back."""
+        words = list(world.WORDS) + ["how", "many", "what", "where", "?", "one", "object"]
+        assert vocab.decode(vocab.encode(words)) == words
+
+    def test_unknown_word_raises(self, vocab):
+        """A word outside the vocabulary is a ValueError naming it."""
+        with pytest.raises(ValueError, match="'banana'"):
+            vocab.encode("how many banana ?")
+
+    def test_caption_ids_are_the_tokenizer_ids(self, vocab, tiny_pipe):
+        """Caption words keep the bundled tokenizer's ids."""
+        ids = tiny_pipe.tokenizer("a red circle").input_ids[1:-1]
+        assert vocab.encode("a red circle") == ids
+
+
+class TestLoss:
+    def test_unmasked_positions_do_not_count(self):
+        """Changing the logits of unmasked positions leaves the loss unchanged; no mask gives 0."""
+        g = torch.Generator().manual_seed(0)
+        logits = torch.randn(2, 5, 7, generator=g)
+        targets = torch.randint(0, 7, (2, 5), generator=g)
+        masked = torch.tensor([[1, 0, 1, 0, 0], [0, 0, 0, 1, 1]], dtype=torch.bool)
+        t = torch.tensor([0.5, 0.3])
+        base = masked_diffusion_loss(logits, targets, masked, t)
+        other = logits.clone()
+        other[~masked] = torch.randn(int((~masked).sum()), 7, generator=g) * 10
+        assert torch.allclose(base, masked_diffusion_loss(other, targets, masked, t))
+        assert float(masked_diffusion_loss(logits, targets, torch.zeros_like(masked), t)) == 0.0
+
+    def test_finite_near_zero(self):
+        """t close to 0 keeps the loss finite."""
+        logits = torch.randn(1, 4, 6)
+        loss = masked_diffusion_loss(logits, torch.zeros(1, 4, dtype=torch.long), torch.ones(1, 4, dtype=torch.bool),
+                                     torch.tensor([1e-9]))
+        assert torch.isfinite(loss)
+
+    def test_weight_leaves_out_the_prefix(self):
+        """Positions with weight 0 (a question) do not count even when masked."""
+        logits = torch.randn(1, 4, 6)
+        tgt = torch.zeros(1, 4, dtype=torch.long)
+        m = torch.ones(1, 4, dtype=torch.bool)
+        w = torch.tensor([[0, 0, 1, 1]])
+        other = logits.clone()
+        other[0, :2] += 5
+        t = torch.tensor([0.5])
+        assert torch.allclose(masked_diffusion_loss(logits, tgt, m, t, w), masked_diffusion_loss(other, tgt, m, t, w))
+
+
+class TestSampler:
+    def test_deterministic_with_a_seed(self, model, vocab, feats):
+        """Same seed, same steps: the same sample (random order, temperature 1)."""
+        a = td.sample_text(model, vocab, feats, (), 10, 5, "random", seed=3, temperature=1.0)
+        b = td.sample_text(model, vocab, feats, (), 10, 5, "random", seed=3, temperature=1.0)
+        assert a.steps_tokens() == b.steps_tokens()
+
+    def test_prefix_is_kept(self, model, vocab, feats):
+        """The question prefix is never changed at any step."""
+        q = vocab.encode("how many circles ?")
+        s = td.sample_text(model, vocab, feats, q, 8, 3, "confidence", seed=0, temperature=1.0)
+        assert all(st.ids[: len(q)] == q for st in s.steps)
+
+    @pytest.mark.parametrize("order,steps", [("confidence", 4), ("random", 4), ("confidence", 15), ("random", 1)])
+    def test_masks_fall_monotonically_to_zero(self, model, vocab, feats, order, steps):
+        """The number of [MASK]s never rises and is 0 after the last step; committed tokens never change."""
+        s = td.sample_text(model, vocab, feats, (), 12, steps, order, seed=1)
+        counts = [st.tokens.count(MASK) for st in s.steps]
+        assert counts == sorted(counts, reverse=True) and counts[-1] == 0 and len(counts) == steps
+        for k in range(1, steps):
+            prev, cur = s.steps[k - 1].tokens, s.steps[k].tokens
+            assert all(p == c for p, c in zip(prev, cur) if p != MASK)
+
+    def test_bad_options_raise(self, model, vocab, feats):
+        """A length leaving no generated position, 0 steps or an unknown order are ValueErrors."""
+        with pytest.raises(ValueError):
+            td.sample_text(model, vocab, feats, vocab.encode("how many circles ?"), 4, 2)
+        with pytest.raises(ValueError):
+            td.sample_text(model, vocab, feats, (), 8, 0)
+        with pytest.raises(ValueError):
+            td.sample_text(model, vocab, feats, (), 8, 2, order="left-to-right")
+
+    def test_attention_recorded_and_figures(self, model, vocab, feats):
+        """With record_attention each step holds [L][N] attention; the figures build."""
+        s = td.sample_text(model, vocab, feats, (), 6, 3, record_attention=True)
+        assert len(s.steps[0].attention) == 6 and len(s.steps[0].attention[0]) == model.config.n_image_tokens
+        assert token_attention_map(s, 1, 2).shape == (64, 64)
+        assert len(timeline_plotly(s).data) == 1
+        assert candidates_plotly(s, 0).data
+
+
+class TestJudging:
+    def _rel(self):
+        return next(s for s in world.sample_dataset(5, 50) if s.kind == "relation")
+
+    def test_relation_either_role_order(self):
+        """'a A left of a B' and 'a B right of a A' are both right."""
+        s = self._rel()
+        a, b = s.objects
+        assert td.judge_caption(s.caption, s)["ok"]
+        swapped = world.caption_of("relation", [b, a], world.OPPOSITE[s.relation])
+        assert td.judge_caption(swapped, s)["ok"]
+        assert not td.judge_caption(world.caption_of("relation", [a, b], world.OPPOSITE[s.relation]), s)["ok"]
+
+    def test_count_and_unparsable(self):
+        """A wrong number is wrong; text outside the grammar is not parsed."""
+        s = next(s for s in world.sample_dataset(5, 50) if s.kind == "count")
+        n = len(s.objects)
+        wrong = s.caption.replace({2: "two", 3: "three"}[n], {2: "three", 3: "two"}[n])
+        assert td.judge_caption(s.caption, s)["ok"] and not td.judge_caption(wrong, s)["count_ok"]
+        j = td.judge_caption("red red circle", s)
+        assert not j["ok"] and not j["parsed"]
+
+    def test_questions_and_caption_answers(self):
+        """Scene questions have the scene's answers; a caption implies the same answers."""
+        s = self._rel()
+        for task, q, a in tr.scene_questions(s):
+            assert td.answer_from_caption(s.caption, q) == a, (task, q)
+        assert td.answer_from_caption("not a caption", "how many circles ?") is None
+
+    def test_check_question(self, vocab):
+        """Empty, too long or out-of-vocabulary questions are one-line ValueErrors; '?' is added."""
+        assert td.check_question("how many circles", vocab, 12) == vocab.encode("how many circles ?")
+        for bad in ("", "   ", "how many circles " * 4, "how many dogs ?"):
+            with pytest.raises(ValueError):
+                td.check_question(bad, vocab, 12)
+
+
+class TestTraining:
+    def test_few_steps_lower_the_loss(self, vocab):
+        """Thirty steps on one fixed batch lower its loss."""
+        torch.manual_seed(0)
+        cfg = TextDenoiserConfig(vocab_size=vocab.size, block_channels=(8, 8), block_sizes=((4, 4), (8, 8)),
+                                 pool=(1, 1), hidden=32, layers=1, heads=2)
+        m = TextDenoiser(cfg)
+        g = torch.Generator().manual_seed(0)
+        f = {"mid_block": torch.randn(8, 8, 4, 4, generator=g), "up_blocks.1": torch.randn(8, 8, 8, 8, generator=g)}
+        scenes = world.sample_dataset(1, 8)
+        ids = torch.tensor([tr.encode_examples(vocab, "", s.caption, 12)[0] for s in scenes])
+        opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
+        t = torch.full((8,), 0.7)
+
+        def loss():
+            return tr.text_loss_step(m, f, ids, torch.ones_like(ids), vocab.mask_id, torch.Generator().manual_seed(1), t)
+
+        before = loss().item()
+        for _ in range(30):
+            opt.zero_grad()
+            loss().backward()
+            opt.step()
+        assert loss().item() < 0.7 * before
+
+    def test_trains_exports_and_resumes(self, trained, tiny_pipe):
+        """The run exports safetensors + config; a longer run resumes from the checkpoint's step."""
+        m, v, extra, info = load_text_denoiser(trained.out_dir)
+        assert m.config.trained_steps == 4 and extra is None and info["train_seed"] == trained.seed
+        import dataclasses
+        cfg = dataclasses.replace(trained, steps=6)
+        tr.train_text_diffusion(cfg, tiny_pipe)
+        assert load_text_denoiser(trained.out_dir)[0].config.trained_steps == 6
+
+    def test_cli_flags_are_checked(self):
+        """Every config field is a flag; a bad mode or timestep is a ValueError naming the flag."""
+        import argparse
+
+        from models.training.bundled import add_config_flags, config_from_flags
+
+        p = argparse.ArgumentParser()
+        add_config_flags(p, tr.TextDiffusionConfig)
+        cfg = config_from_flags(p.parse_args(["--steps", "20", "--timestep", "1000"]), tr.TextDiffusionConfig)
+        assert (cfg.steps, cfg.timestep, cfg.mode) == (20, 1000, "frozen")
+        for bad, flag in ((["--mode", "x"], "--mode"), (["--timestep", "1001"], "--timestep")):
+            with pytest.raises(ValueError, match=flag):
+                config_from_flags(p.parse_args(bad), tr.TextDiffusionConfig)
+
+    def test_save_load_roundtrip(self, model, vocab, tmp_path, feats):
+        """Saved weights load back to the same logits (with an extra timestep)."""
+        extra = ExtraTimestep(torch.randn(16))
+        save_text_denoiser(tmp_path, model, vocab, extra)
+        m2, v2, e2, _ = load_text_denoiser(tmp_path)
+        ids = torch.tensor([vocab.encode("a red circle")])
+        assert torch.allclose(model(feats, ids).logits, m2(feats, ids).logits)
+        assert torch.equal(e2.embedding, extra.embedding) and v2.encode("how ?") == vocab.encode("how ?")
+
+    def test_no_adapter_is_a_value_error(self, tmp_path):
+        """Loading from a folder without an adapter is a one-line ValueError."""
+        with pytest.raises(ValueError, match="no text denoiser"):
+            load_text_denoiser(tmp_path)
+
+
+class TestUNetReading:
+    def test_extra_timestep_features_and_hook_removed(self, tiny_pipe):
+        """t = 1000 reads the clean latent with a replaced time embedding; the hook is gone afterwards, also after
+        an error."""
+        z = torch.randn(2, 4, 16, 16)
+        f = tr.unet_text_features(tiny_pipe, z, 1000, ["mid_block"])
+        f0 = tr.unet_text_features(tiny_pipe, z, 0, ["mid_block"])
+        assert f["mid_block"].shape == f0["mid_block"].shape and not torch.allclose(f["mid_block"], f0["mid_block"])
+        unet = tiny_pipe.unet
+        with pytest.raises(RuntimeError):
+            with override_time_embedding(unet, ExtraTimestep.from_unet(unet)):
+                raise RuntimeError("boom")
+        assert not unet.time_embedding._forward_hooks
+
+
+class TestEntryPoints:
+    def test_caption_and_vqa_json(self, trained, tiny_pipe):
+        """caption_image / answer_question give the CLI's JSON: text and one token list per step."""
+        img = world.render(world.sample_dataset(3, 1)[0])
+        c = td.caption_image(img, pipe=tiny_pipe, adapter=trained.out_dir, steps=4).to_json()
+        assert set(c) == {"caption", "steps"} and len(c["steps"]) == 4 and MASK not in c["steps"][-1]
+        a = td.answer_question(img, "how many circles ?", pipe=tiny_pipe, adapter=trained.out_dir).to_json()
+        assert a["steps"][0][:4] == ["how", "many", "circles", "?"] and isinstance(a["answer"], str)
+
+    def test_bad_inputs(self, trained, tiny_pipe, tmp_path):
+        """Unreadable image, bad question: one-line ValueErrors."""
+        bad = tmp_path / "x.png"
+        bad.write_bytes(b"not an image")
+        with pytest.raises(ValueError, match="cannot read image"):
+            td.caption_image(bad, pipe=tiny_pipe, adapter=trained.out_dir)
+        img = world.render(world.sample_dataset(3, 1)[0])
+        with pytest.raises(ValueError, match="vocabulary"):
+            td.answer_question(img, "how many dogs ?", pipe=tiny_pipe, adapter=trained.out_dir)
+
+    def test_eval_reports_rates(self, trained, tiny_pipe):
+        """The evaluation reports per-task rates with n and intervals, and the ranking baseline's cost."""
+        out = td.evaluate_text_diffusion(tiny_pipe, n_scenes=3, adapter=trained.out_dir, caption_steps=2,
+                                         n_ranking=1, progress=False)
+        assert out["caption"]["overall"]["n"] == 3 and "count" in out["vqa"]["by_task"]
+        assert out["ranking"]["n_scenes"] == 1 and out["cost"]["unet_evals_per_image"]["ranking"] > 0
+
+
+class TestDualMode:
+    def test_dual_step_trains_unet_and_exports_it_beside(self, tmp_path):
+        """Dual mode: a step changes the UNet, which is exported to out_dir/unet (never over the pipeline)."""
+        import dataclasses
+
+        from conftest import build_tiny_pipeline
+
+        pipe = build_tiny_pipeline(tmp_path / "p", seed=1)
+        before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+        cfg = tr.TextDiffusionConfig(out_dir=str(tmp_path / "out"), work_dir=str(tmp_path / "work"), mode="dual",
+                                     n_scenes=16, n_val=4, steps=1, dual_batch=4, hidden=32, layers=1, heads=2)
+        tr.train_text_diffusion(cfg, pipe)
+        after = pipe.unet.state_dict()
+        assert any(not torch.equal(before[k], after[k]) for k in before)
+        assert (tmp_path / "out" / "unet" / "config.json").exists()
+        assert load_text_denoiser(cfg.out_dir)[0].config.mode == "dual"
+        assert dataclasses.asdict(cfg)["text_weight"] == 0.2
