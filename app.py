@@ -23,11 +23,14 @@ import gradio as gr
 from PIL import Image
 
 from interp.figures import breakdown_plotly, heads_plotly, structure_plotly
+from interp.figures_text import timeline_plotly
 from interp.heatmaps import colorbar, overlay
 from interp.scorers import DEFAULT_SCORER, ScoreResult, scorers
 from interp.tasks import export, inputs
+from interp.tasks.self_correction import READINGS
 from interp.tasks.workbench import SCHEDULERS, TraceCache, model_view, slice_choices, slice_overlays, step_frame, word_choices
-from models.limits import MAX_ATLAS_SCENES, MAX_GUIDANCE, MAX_STEPS, parse_numbers, user_message
+from models.limits import (DEFAULT_CORRECTION_ETA, MAX_ATLAS_SCENES, MAX_CORRECTION_ETA, MAX_GUIDANCE, MAX_STEPS,
+                           parse_numbers, user_message)
 from models.loading import ModelLoadError, bundled_models, model_defaults, resolve_model_id
 from models.shapes import world
 
@@ -528,6 +531,61 @@ def replot_atlas(table, metric: str):
 
 
 # ----------------------------------------------------------------------------------------------
+# Self-correction (DPT)
+# ----------------------------------------------------------------------------------------------
+@GPU
+def self_correction(prompt: str, model: str = "shapes-v1", seed: float = 0, steps: float = 25, guidance: float = 3.0,
+                    eta: float = DEFAULT_CORRECTION_ETA, reading: str = "noise_only", progress=gr.Progress()):
+    """A DPT self-corrected generation beside the plain one (same seed), its trajectory, ITM score and boxes."""
+    with _shown("self-correction"):
+        _cap(steps, "max_steps", "steps")
+        v = inputs.self_correction_view(_model(model), prompt, seed=seed, steps=steps, guidance=guidance, eta=eta,
+                                        reading=reading, progress=_progress(progress, "self-corrected denoising"))
+    t = v.trajectory
+    note = (f"**{t.prompt}**, seed {t.seed}, {t.steps} steps, guidance {t.guidance:g}, η = {t.eta:g} "
+            f"({t.reading}); corrected steps {t.step_range[0]}..{t.step_range[1]}; {t.unet_calls} UNet calls, "
+            f"{t.unet_backwards} backward passes. Left: self-corrected; right: plain sampler, same seed.")
+    return v.image, v.plain, v.boxed, v.figure, v.strip, {"headers": v.headers, "data": v.rows}, note
+
+
+# ----------------------------------------------------------------------------------------------
+# Image -> text (D-DiT)
+# ----------------------------------------------------------------------------------------------
+def heldout_scene(index: float):
+    """A held-out (validation) scene, rendered, and its caption (no model run)."""
+    with _shown("heldout-scene"):
+        img, caption = inputs.heldout_scene(index)
+    return img, f"Held-out scene {int(float(index))}: *{caption}*"
+
+
+@GPU
+def image_to_text(image, task: str = "caption", question: str = "", model: str = "shapes-v1", seed: float = 0,
+                  progress=gr.Progress()):
+    """Caption an image, or answer a question about it, by masked text diffusion; its unmasking timeline."""
+    with _shown("image-to-text"):
+        progress(0, desc="masked text diffusion")
+        img, res = inputs.image_to_text(_model(model), image, task, question, seed)
+        s = res.sample
+        pos, step = min(s.prefix_len, s.length - 1), len(s.steps) - 1
+        cand, att = inputs.text_sample_views(img, s, step, pos)
+    text = (f"### Caption: **{res.caption}**" if task == "caption" else
+            f"### {res.question} → **{res.answer}**")
+    return (text, timeline_plotly(s),
+            gr.Slider(minimum=0, maximum=max(s.length - 1, 1), value=pos, step=1, label=f"Text position (0..{s.length - 1})"),
+            cand, gr.Slider(minimum=0, maximum=max(step, 1), value=step, step=1, label=f"Reverse step (0..{step})"),
+            att, CACHE.put({"image": img, "sample": s}))
+
+
+def text_frame(state, step: float, position: float):
+    """One position's candidates over the steps and its attention over the image at one step (no model run)."""
+    with _shown("image-to-text-frame"):
+        if not state:
+            raise ValueError("run a caption or a question first")
+        r = CACHE.get(state)
+        return inputs.text_sample_views(r["image"], r["sample"], step, position)
+
+
+# ----------------------------------------------------------------------------------------------
 # Learn
 # ----------------------------------------------------------------------------------------------
 LEARN = r"""
@@ -948,7 +1006,88 @@ def build_demo() -> gr.Blocks:
             with gr.Tab("Learn", id="learn-tab", elem_id="learn-tab"):
                 gr.Markdown(LEARN, latex_delimiters=[{"left": "$", "right": "$", "display": False}],
                             elem_id="learn-text")
-            # later tabs (Self-correction, Image -> text) go here
+            # ---------------- Self-correction (DPT) ----------------
+            with gr.Tab("Self-correction", id="dpt-tab", elem_id="dpt-tab"):
+                gr.Markdown("DPT self-correction (Qu et al., Eq. 9): at each sampling step the latent is pushed up the "
+                            "gradient of the adapter's matching score, z_t ← z_t + η ∂s/∂z_t, then the usual guided "
+                            "step follows. Compared with the plain sampler at the same seed.")
+                with gr.Row():
+                    sc_prompt = gr.Textbox(label="Prompt", value="a red circle left of a blue square",
+                                           elem_id="dpt-prompt", scale=3)
+                    sc_seed = gr.Number(value=0, precision=0, label="Seed", elem_id="dpt-seed")
+                    sc_steps = gr.Number(value=default_steps, precision=0, label=f"Steps (1..{MAX_STEPS})",
+                                         elem_id="dpt-steps")
+                    sc_guidance = gr.Number(value=default_guidance, label=f"Guidance (0..{MAX_GUIDANCE:g})",
+                                            elem_id="dpt-guidance")
+                with gr.Row():
+                    sc_eta = gr.Number(value=DEFAULT_CORRECTION_ETA, label=f"η, step size (0..{MAX_CORRECTION_ETA:g})",
+                                       info=f"{DEFAULT_CORRECTION_ETA:g} is the paper's; on the bundled model ~100 is the "
+                                            "useful scale (docs/dpt.md). 0 = the plain sampler.", elem_id="dpt-eta")
+                    sc_reading = gr.Dropdown(list(READINGS), value=READINGS[0], label="Reading of Eq. 9",
+                                             info="noise_only: the authors' code; latent: the literal equation",
+                                             elem_id="dpt-reading")
+                    sc_go = gr.Button("Generate with self-correction", variant="primary", elem_id="dpt-go")
+                sc_status = gr.Markdown(elem_id="dpt-status")
+                with gr.Row():
+                    sc_image = gr.Image(label="self-corrected", elem_id="dpt-image", interactive=False, height=260)
+                    sc_plain = gr.Image(label="plain (same seed)", elem_id="dpt-plain", interactive=False, height=260)
+                    sc_boxed = gr.Image(label="DPT grounding: a box per noun phrase", elem_id="dpt-boxes",
+                                        interactive=False, height=260)
+                sc_note = gr.Markdown(elem_id="dpt-note")
+                sc_plot = gr.Plot(label="Trajectory", elem_id="dpt-plot")
+                sc_strip = _gallery("Per step: |∂s/∂z| map, then the predicted x0", "dpt-strip", 8)
+                sc_table = gr.Dataframe(headers=["what", "text / box (x0 y0 x1 y1)", "value"], elem_id="dpt-table",
+                                        interactive=False, wrap=True)
+                gr.Examples([["a red circle left of a blue square", 100.0], ["two red circles", 100.0],
+                             ["a small green triangle", 0.0]], [sc_prompt, sc_eta], label="Examples")
+                ev = sc_go.click(self_correction, [sc_prompt, model, sc_seed, sc_steps, sc_guidance, sc_eta, sc_reading],
+                                 [sc_image, sc_plain, sc_boxed, sc_plot, sc_strip, sc_table, sc_note],
+                                 api_name="self_correction", concurrency_id=MODEL)
+                ev.success(_ok, None, sc_status, api_name=False)
+                ev.failure(_status("self-correction"), None, sc_status, api_name=False)
+
+            # ---------------- Image -> text (D-DiT) ----------------
+            with gr.Tab("Image → text", id="ddit-tab", elem_id="ddit-tab"):
+                gr.Markdown("Masked text diffusion (D-DiT) on the UNet's reading of the image: the text starts as "
+                            "[MASK] and is unmasked over a few reverse steps; a question is a kept prefix.")
+                with gr.Row():
+                    with gr.Column():
+                        tx_image = gr.Image(label="Image (upload, or pick a held-out scene)", type="pil",
+                                            elem_id="ddit-image", height=220)
+                        with gr.Row():
+                            tx_scene = gr.Number(0, precision=0, label=f"Held-out scene (0..{inputs.MAX_HELDOUT_SCENES - 1})",
+                                                 elem_id="ddit-scene")
+                            tx_pick = gr.Button("Use this held-out scene", elem_id="ddit-pick")
+                        tx_scene_note = gr.Markdown(elem_id="ddit-scene-note")
+                        tx_task = gr.Radio(list(inputs.TEXT_TASKS), value="caption", label="Caption or question",
+                                           elem_id="ddit-task")
+                        tx_question = gr.Textbox("how many circles ?", label="Question (for 'question')",
+                                                 elem_id="ddit-question")
+                        gr.Examples([[q] for q in inputs.EXAMPLE_QUESTIONS], [tx_question], label="Example questions")
+                        tx_seed = gr.Number(0, precision=0, label="Sampling seed", elem_id="ddit-seed")
+                        tx_go = gr.Button("Run", variant="primary", elem_id="ddit-go")
+                        tx_status = gr.Markdown(elem_id="ddit-status")
+                    with gr.Column():
+                        tx_text = gr.Markdown(elem_id="ddit-text")
+                        tx_timeline = gr.Plot(label="Unmasking timeline", elem_id="ddit-timeline")
+                with gr.Row():
+                    with gr.Column():
+                        tx_pos = gr.Slider(0, 8, value=0, step=1, label="Text position", elem_id="ddit-position")
+                        tx_cands = gr.Plot(label="Candidates at this position", elem_id="ddit-candidates")
+                    with gr.Column():
+                        tx_step = gr.Slider(0, 8, value=0, step=1, label="Reverse step", elem_id="ddit-step")
+                        tx_att = gr.Image(label="This token's attention over the image at this step",
+                                          elem_id="ddit-attention", interactive=False, height=260)
+                tx_state = gr.State(None)
+                ev = tx_pick.click(heldout_scene, tx_scene, [tx_image, tx_scene_note], api_name="heldout_scene")
+                ev.failure(_status("heldout-scene"), None, tx_scene_note, api_name=False)
+                ev = tx_go.click(image_to_text, [tx_image, tx_task, tx_question, model, tx_seed],
+                                 [tx_text, tx_timeline, tx_pos, tx_cands, tx_step, tx_att, tx_state],
+                                 api_name="image_to_text", concurrency_id=MODEL)
+                ev.success(_ok, None, tx_status, api_name=False)
+                ev.failure(_status("image-to-text"), None, tx_status, api_name=False)
+                gr.on([tx_pos.release, tx_step.release], text_frame, [tx_state, tx_step, tx_pos], [tx_cands, tx_att],
+                      api_name="image_to_text_frame", concurrency_limit=8, trigger_mode="always_last")
         model.change(sampling_defaults, model, [steps, guidance], api_name=False)
     return demo
 

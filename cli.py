@@ -14,6 +14,10 @@ Commands (each calls one function of `interp.tasks.inputs`, which checks its inp
     train-prompt      few-shot attention prompt learning on a benchmark's train split
     train-dpt         train the DPT discriminative adapter (stage 1; --stage 2 adds a LoRA), resumable
     ground            the box of a referring expression, from the DPT adapter
+    caption           caption an image by masked text diffusion (D-DiT), every reverse step recorded
+    vqa               answer a question about an image by masked text diffusion
+    eval-text-diffusion  captioning and VQA accuracy on held-out scenes, beside ranking-based answers
+    train-text-diffusion train (or resume) the text denoiser on UNet features (frozen or dual mode)
     causal-maps       suppress one word's attention and see what the checker says changed (faithful vs plain)
 
     python cli.py generate --prompt "a red circle" --seed 0 --steps 25 --out x.png [--json]
@@ -51,11 +55,13 @@ from interp.tasks.matching_eval import distributed_state
 from interp.tasks.matching_report import GROUPS, report_markdown
 from interp.tasks.prompt_learning import save_prompt
 from interp.tasks.self_correction import READINGS
+from interp.tasks.text_diffusion import answer_question, caption_image, evaluate_text_diffusion
 from models.limits import (DEFAULT_CORRECTION_ETA, MAX_CORRECTION_ETA, MAX_GUIDANCE, MAX_PER_KIND, MAX_SEED,
-                           MAX_STEPS, check_int, check_seed, user_message)
+                           MAX_STEPS, check_int, check_seed, read_image, user_message)
 from models.loading import ModelLoadError
 from models.training.bundled import add_config_flags, config_from_flags, train_bundled
 from models.training.dpt import DPTTrainConfig, train_dpt
+from models.training.text_diffusion import TextDiffusionConfig, train_text_diffusion
 
 
 def _check_out_dir(path: str) -> None:
@@ -111,7 +117,7 @@ def _cmd_generate(a: argparse.Namespace) -> int:
         raise ValueError("--trajectory-out needs --self-correct")
     if a.self_correct:
         if a.trajectory_out:
-            _check_out_dir(os.path.join(a.trajectory_out, "x"))
+            _check_out_dir(a.trajectory_out)  # its parent folder must exist; the folder is made
         image, traj = inputs.self_corrected_generation(a.model, a.prompt, seed=a.seed, steps=a.steps,
                                                        guidance=a.guidance, eta=a.eta, reading=a.reading)
         image.save(a.out)
@@ -130,6 +136,45 @@ def _cmd_generate(a: argparse.Namespace) -> int:
     if a.json:
         print(json.dumps({"out": a.out, "prompt": gen.prompt, "seed": gen.seed, "steps": gen.steps,
                           "guidance": gen.guidance, "model": a.model or "bundled", "size": list(gen.image.size)}))
+    return 0
+
+
+def _image_arg(path: str):
+    """The model's pipeline and the checked image of --image (the same checks as the app's uploads)."""
+    return read_image(path)
+
+
+def _cmd_caption(a: argparse.Namespace) -> int:
+    img = _image_arg(a.image)
+    res = caption_image(img, pipe=inputs.load_model(a.model), seed=check_seed(a.seed),
+                        steps=None if a.steps is None else check_int(a.steps, "--steps", 1, MAX_STEPS),
+                        order=a.order)
+    print(json.dumps(res.to_json()) if a.json else res.to_json()["caption"])
+    return 0
+
+
+def _cmd_vqa(a: argparse.Namespace) -> int:
+    img = _image_arg(a.image)
+    res = answer_question(img, a.question, pipe=inputs.load_model(a.model), seed=check_seed(a.seed),
+                          steps=None if a.steps is None else check_int(a.steps, "--steps", 1, MAX_STEPS),
+                          order=a.order)
+    print(json.dumps(res.to_json()) if a.json else res.to_json()["answer"])
+    return 0
+
+
+def _cmd_eval_text_diffusion(a: argparse.Namespace) -> int:
+    n = check_int(a.n_scenes, "--n-scenes", 1, MAX_PER_KIND)
+    split = inputs.check_choice(a.split, ("validation", "test"), "split")
+    res = evaluate_text_diffusion(pipe=inputs.load_model(a.model), n_scenes=n, split=split,
+                                  ranking=not a.no_ranking, progress=False)
+    print(json.dumps(res) if a.json else json.dumps(res, indent=1))
+    return 0
+
+
+def _cmd_train_text_diffusion(a: argparse.Namespace) -> int:
+    cfg = config_from_flags(a, TextDiffusionConfig)
+    out = train_text_diffusion(cfg)
+    print(json.dumps({"out": str(out), "mode": cfg.mode, "steps": cfg.steps}))
     return 0
 
 
@@ -380,6 +425,28 @@ def build_parser() -> argparse.ArgumentParser:
     gr_.add_argument("--noise-seed", dest="noise_seed", default=0, metavar=NUMBER)
     gr_.add_argument("--model", default=None)
     gr_.add_argument("--json", action="store_true", help="(the output is always JSON)")
+
+    for name, fn in (("caption", _cmd_caption), ("vqa", _cmd_vqa)):
+        c = command(name, fn)
+        c.add_argument("--image", required=True)
+        if name == "vqa":
+            c.add_argument("--question", required=True, help='e.g. "how many circles ?"')
+        c.add_argument("--seed", default=0, metavar=NUMBER)
+        c.add_argument("--steps", default=None, metavar=NUMBER, help="reverse steps (default: chosen on validation)")
+        c.add_argument("--order", default=None, choices=("confidence", "random"), help="unmasking order")
+        c.add_argument("--model", default=None)
+        c.add_argument("--json", action="store_true")
+
+    et = command("eval-text-diffusion", _cmd_eval_text_diffusion)
+    et.add_argument("--n-scenes", dest="n_scenes", default=300, metavar=NUMBER)
+    et.add_argument("--split", default="validation", help="validation (for choices) or test (read once)")
+    et.add_argument("--no-ranking", dest="no_ranking", action="store_true",
+                    help="skip the ranking-based baseline (the slow part)")
+    et.add_argument("--model", default=None)
+    et.add_argument("--json", action="store_true")
+
+    tt = command("train-text-diffusion", _cmd_train_text_diffusion)
+    add_config_flags(tt, TextDiffusionConfig)
 
     td = command("train-dpt", _cmd_train_dpt)
     td.add_argument("--stage", default=1, metavar=NUMBER, help="1: adapter on the frozen UNet; 2: + LoRA (rank 4)")

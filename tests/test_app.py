@@ -489,3 +489,55 @@ class TestTableExports:
             inputs.rank_images("/nonexistent", imgs, "a red circle")
         with pytest.raises(ValueError, match=f"at most {inputs.MAX_LABELS} labels"):
             inputs.classify("/nonexistent", imgs[0], "a {} circle", ",".join(f"l{i}" for i in range(20)))
+
+
+class TestSelfCorrectionTab:
+    def test_self_correction_returns_both_images_figure_strip_and_table(self):
+        """The bundled model: corrected and plain images at 256 px, boxes, the trajectory figure, the strip, ITM."""
+        img, plain, boxed, fig, strip, table, note = app.self_correction(
+            "a red circle left of a blue square", "shapes-v1", 0, 3, 3.0, 100.0, "noise_only")
+        assert img.size == plain.size == boxed.size == (256, 256)
+        assert len(fig.data) == 4 and len(fig.data[0].x) == 3
+        assert len(strip) == 6 and all(im.size == (96, 96) for im, _ in strip)
+        rows = table["data"]
+        assert rows[0][0].startswith("ITM") and sum(r[0].startswith("box: the") for r in rows) == 2
+        assert "η = 100" in note
+
+    @pytest.mark.parametrize("eta", [-1.0, float("nan")])
+    def test_bad_eta_is_a_gr_error(self, eta):
+        """A negative or NaN η is refused with the limits' message, before any sampling."""
+        with pytest.raises(gr.Error, match="eta"):
+            app.self_correction("a red circle", "shapes-v1", 0, 3, 3.0, eta, "noise_only")
+
+
+class TestImageToTextTab:
+    def test_heldout_scene_renders(self):
+        """A held-out validation scene is rendered with its caption."""
+        img, note = app.heldout_scene(3)
+        assert img.size == (64, 64) and "Held-out scene 3" in note
+
+    def test_caption_gives_timeline_candidates_and_attention(self):
+        """Captioning a held-out scene: the caption, timeline and candidate figures, a 256 px attention overlay."""
+        img, _ = app.heldout_scene(0)
+        text, timeline, pos, cands, step, att, state = app.image_to_text(img, "caption", "", "shapes-v1", 0)
+        assert text.startswith("### Caption:") and timeline is not None and cands is not None
+        assert att.size == (256, 256)
+        cands2, att2 = app.text_frame(state, 0, 1)
+        assert cands2 is not None and att2.size == (256, 256)
+
+    def test_question_is_answered(self):
+        """A question gives an answer after the arrow."""
+        img, _ = app.heldout_scene(0)
+        text, *_ = app.image_to_text(img, "question", "how many circles ?", "shapes-v1", 0)
+        assert "→ **" in text
+
+    def test_empty_question_is_a_gr_error(self):
+        """An empty question is refused with a clear message."""
+        img, _ = app.heldout_scene(0)
+        with pytest.raises(gr.Error, match="question is empty"):
+            app.image_to_text(img, "question", "   ", "shapes-v1", 0)
+
+    def test_frame_before_run_is_a_gr_error(self):
+        """Moving a slider before any run is a gr.Error."""
+        with pytest.raises(gr.Error, match="first"):
+            app.text_frame(None, 0, 0)

@@ -207,3 +207,47 @@ class TestEvalGeneration:
         d = json.loads(out)
         assert code == 0 and d["n"] == 3
         assert all(0 <= d[k] <= 1 for k in ("single", "relation", "count"))
+
+
+class TestDPTAndTextDiffusion:
+    """The DPT and D-DiT commands on the bundled model and its shipped adapters."""
+
+    def test_generate_self_correct_json_holds_the_trajectory(self, capsys, tmp_path):
+        out, traj = tmp_path / "x.png", tmp_path / "traj"
+        code, stdout, _ = _run(capsys, "generate", "--prompt", "two red circles", "--steps", 4, "--self-correct",
+                               "--eta", 100, "--out", out, "--trajectory-out", traj, "--json")
+        d = json.loads(stdout)
+        assert code == 0 and Image.open(out).size == (64, 64)
+        assert all(len(d["trajectory"][k]) == 4 for k in ("score", "grad_norm", "latent_change"))
+        assert (traj / "trajectory.json").exists() or any(traj.iterdir())
+
+    @pytest.mark.parametrize("eta", ["-1", "nan", "1e9"])
+    def test_bad_eta(self, capsys, tmp_path, eta):
+        code, _, err = _run(capsys, "generate", "--prompt", "a red circle", "--self-correct", "--eta", eta,
+                            "--out", tmp_path / "x.png")
+        assert code == 2 and err.startswith("eta must be") and err.count("\n") == 1
+
+    def test_ground_returns_a_box_in_pixels(self, capsys, render_png):
+        code, stdout, _ = _run(capsys, "ground", "--image", render_png, "--expression", "the red circle")
+        d = json.loads(stdout)
+        x0, y0, x1, y1 = d["box"]
+        assert code == 0 and 0 <= x0 < x1 <= 64 and 0 <= y0 < y1 <= 64 and 0 <= d["score"] <= 1
+
+    def test_ground_refuses_unknown_words(self, capsys, render_png):
+        code, _, err = _run(capsys, "ground", "--image", render_png, "--expression", "the red dog")
+        assert code == 2 and "dog" in err and err.count("\n") == 1
+
+    def test_caption_and_vqa_contract(self, capsys, render_png):
+        code, stdout, _ = _run(capsys, "caption", "--image", render_png, "--json")
+        d = json.loads(stdout)
+        assert code == 0 and isinstance(d["caption"], str) and d["caption"]
+        masks = [sum(t == "[MASK]" for t in step) for step in d["steps"]]
+        assert masks == sorted(masks, reverse=True) and masks[-1] == 0
+        code, stdout, _ = _run(capsys, "vqa", "--image", render_png, "--question", "how many circles ?", "--json")
+        d = json.loads(stdout)
+        assert code == 0 and d["answer"] and all(s[:4] == ["how", "many", "circles", "?"] for s in d["steps"])
+
+    @pytest.mark.parametrize("question,match", [(" ", "empty"), ("how many dogs ?", "dogs")])
+    def test_vqa_bad_questions(self, capsys, render_png, question, match):
+        code, _, err = _run(capsys, "vqa", "--image", render_png, "--question", question)
+        assert code == 2 and match in err and err.count("\n") == 1

@@ -500,8 +500,7 @@ def ground_expression(model: str | None, image, expression: str, noise_seed=0) -
     img = read_image(image) if not isinstance(image, Image.Image) else image
     expression = check_prompt(expression, "the expression")
     noise_seed = check_seed(noise_seed, "noise seed")
-    pipe = load_model(model)
-    _check_texts(pipe, [expression], lambda i: "the expression")
+    pipe = load_model(model)  # `ground` checks the expression's words against the adapter's vocabulary
     return ground(pipe, img, expression, noise_seed=noise_seed)
 
 
@@ -515,3 +514,151 @@ def self_corrected_generation(model: str | None, prompt: str, seed=0, steps=None
     find_adapter(pipe)  # no adapter: the message says how to train one, before any sampling
     return generate_self_corrected(pipe, prompt, seed=seed, eta=eta, steps=steps, guidance=guidance,
                                    reading=reading, callback=progress)
+
+
+# ----------------------------------------------------------------------------------------------
+# The app's Self-correction and Image -> text views
+# ----------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class SelfCorrectionView:
+    """What the app's Self-correction tab shows (plain images, one plotly figure, one table).
+
+    Attributes:
+        image / plain: the self-corrected and the plain image (same seed), upscaled to `side`.
+        boxed: the corrected image with each noun phrase's DPT grounding box drawn.
+        figure: s_before, s_after, grad_norm and latent_change per step (NaN outside the correction range).
+        strip: per step, the colour-mapped gradient map and the x0 preview, as (image, label) pairs.
+        headers / rows: a table: the ITM score of the prompt, each phrase's box and score, the run's summary.
+        trajectory: the `Trajectory` itself.
+    """
+
+    image: Image.Image
+    plain: Image.Image
+    boxed: Image.Image
+    figure: object
+    strip: list
+    headers: list
+    rows: list
+    trajectory: object
+
+
+def _upscaled(im: Image.Image, side: int) -> Image.Image:
+    return im.resize((side, side), Image.NEAREST) if im.width < side else im
+
+
+def _trajectory_figure(traj):
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    x = list(range(len(traj.s_before)))
+    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, subplot_titles=("DPT score s(z_t, y)", "gradient and change"))
+    for name, ys, r in (("s before", traj.s_before, 1), ("s after", traj.s_after, 1),
+                        ("|ds/dz|", traj.grad_norm, 2), ("|eta * grad|", traj.latent_change, 2)):
+        fig.add_trace(go.Scatter(x=x, y=[None if v != v else v for v in ys], mode="lines+markers", name=name),
+                      row=r, col=1)
+    fig.update_xaxes(title_text="sampling step", row=2, col=1)
+    fig.update_layout(height=460, margin={"l": 50, "r": 20, "t": 40, "b": 40})
+    return fig
+
+
+def self_correction_view(model: str | None, prompt: str, seed=0, steps=None, guidance=None,
+                         eta=DEFAULT_CORRECTION_ETA, reading: str = "noise_only", side: int = 256,
+                         progress=None) -> SelfCorrectionView:
+    """The app's Self-correction tab: the self-corrected image beside the plain one (same seed), the trajectory's
+    curves, gradient maps and previews, the adapter's ITM score of the prompt and a box per noun phrase.
+
+        >>> v = self_correction_view(None, "a red circle left of a blue square", seed=0, eta=100)
+        >>> v.image.size, v.rows[0]          # (256, 256), ["ITM score (prompt)", "...", 0.93]
+        >>> v.figure                          # plotly: s before / after, grad norm, latent change per step
+    """
+    from matplotlib import colormaps
+    from PIL import ImageDraw
+
+    from interp.heatmaps import normalize
+
+    img, traj = self_corrected_generation(model, prompt, seed=seed, steps=steps, guidance=guidance, eta=eta,
+                                          reading=reading, progress=progress)
+    prompt = check_prompt(prompt)
+    plain = generate_image(model, prompt, seed=seed, steps=traj.steps, guidance=traj.guidance).image
+    pipe = load_model(model)
+    itm = get_scorer("dpt").score(pipe, img, [prompt]).scores[0]
+    rows = [["ITM score (prompt)", prompt, round(float(itm), 4)]]
+    boxed = _upscaled(img, side).convert("RGB")
+    draw = ImageDraw.Draw(boxed)
+    sx, sy = boxed.width / img.width, boxed.height / img.height
+    try:
+        phrases = world.parse_caption(prompt).phrases
+    except world.CaptionError:
+        phrases = ()
+    colours = ("#ff00ff", "#00ffff", "#ffff00", "#ffffff")
+    for i, ph in enumerate(phrases):
+        expr = "the " + " ".join(w for w in (ph.size, ph.color, ph.shape) if w)
+        try:
+            g = ground(pipe, img, expr)
+        except ValueError as e:
+            rows.append([f"box: {expr}", user_message(e), None])
+            continue
+        x0, y0, x1, y1 = g["box"]
+        draw.rectangle([x0 * sx, y0 * sy, x1 * sx, y1 * sy], outline=colours[i % len(colours)], width=3)
+        draw.text((x0 * sx + 3, y0 * sy + 2), expr[4:], fill=colours[i % len(colours)])
+        rows.append([f"box: {expr}", " ".join(f"{v:.0f}" for v in g["box"]), round(g["score"], 4)])
+    s = traj.summary()
+    rows += [[k, "", round(v, 4) if isinstance(v, float) else v] for k, v in s.items()]
+    strip = []
+    for k in range(len(traj.grad_map)):
+        g = traj.grad_map[k]
+        rgb = (colormaps["magma"](normalize(g))[..., :3] * 255).astype("uint8")
+        strip.append((_upscaled(Image.fromarray(rgb), 96), f"step {k}: |grad|"))
+    for k in range(len(traj.previews)):
+        strip.append((_upscaled(Image.fromarray(traj.previews[k]), 96), f"step {k}: x0"))
+    return SelfCorrectionView(_upscaled(img, side), _upscaled(plain, side), boxed, _trajectory_figure(traj), strip,
+                              ["what", "text / box (x0 y0 x1 y1)", "value"], rows, traj)
+
+
+TEXT_TASKS = ("caption", "question")
+EXAMPLE_QUESTIONS = ("how many circles ?", "what color is the circle ?", "what shape is the red object ?",
+                     "where is the red circle ?")
+MAX_HELDOUT_SCENES = 20
+
+
+def heldout_scene(index) -> tuple[Image.Image, str]:
+    """A held-out (validation) scene of the text-diffusion evaluation, rendered: (image, its caption)."""
+    from interp.tasks.text_diffusion import eval_scenes
+
+    i = check_int(index, "scene", 0, MAX_HELDOUT_SCENES - 1)
+    scene = eval_scenes("validation", MAX_HELDOUT_SCENES)[i]
+    return world.render(scene), scene.caption
+
+
+def image_to_text(model: str | None, image, task: str = "caption", question: str = "", seed=0):
+    """The app's Image -> text tab: caption an image, or answer a question about it, by masked text diffusion
+    (D-DiT) with the joint attention recorded: (PIL image, CaptionResult or AnswerResult).
+
+        >>> img, res = image_to_text(None, "two_circles.png", "question", "how many circles ?")
+        >>> res.answer, res.sample.length
+    """
+    from interp.tasks.text_diffusion import answer_question, caption_image
+
+    if image is None:
+        raise ValueError("no image: upload one or pick a held-out scene")
+    img = image.convert("RGB") if isinstance(image, Image.Image) else read_image(image)
+    task = check_choice(task, TEXT_TASKS, "task")
+    seed = check_seed(seed)
+    if task == "question" and not (question or "").strip():
+        raise ValueError("the question is empty; e.g. 'how many circles ?'")
+    pipe = load_model(model)
+    if task == "caption":
+        return img, caption_image(img, pipe=pipe, seed=seed, record_attention=True)
+    return img, answer_question(img, question, pipe=pipe, seed=seed, record_attention=True)
+
+
+def text_sample_views(image, sample, step, position):
+    """One position's candidates over the steps (plotly) and its joint attention at one step over the image (PIL)."""
+    from interp.figures_text import candidates_plotly, token_attention_overlay
+
+    if sample is None:
+        raise ValueError("run a caption or a question first")
+    p = check_int(position, "position", 0, sample.length - 1)
+    k = check_int(step, "step", 0, len(sample.steps) - 1)
+    img = image.convert("RGB") if isinstance(image, Image.Image) else read_image(image)
+    return candidates_plotly(sample, p), token_attention_overlay(_upscaled(img, 256), sample, k, p)
