@@ -336,3 +336,12 @@ class TestEvaluateMatching:
             compare_scorers(None, loaded["comvg"], [MatchOptions(timesteps=(100,)), MatchOptions(timesteps=(200,))])
         with pytest.raises(ValueError):
             evaluate_matching(None, loaded["comvg"], MatchOptions(), limit=0, scorer=_oracle(loaded["comvg"]))
+
+
+def test_evaluate_matching_prints_wilson_intervals(loaded):
+    """The JSON of eval-matching holds each rate with n and a Wilson interval around it."""
+    b = loaded["comvg"]
+    res = evaluate_matching(None, b, MatchOptions(timesteps=(300,)), scorer=_oracle(b, "subject_only"))
+    iv = res["intervals"]["correct"]
+    assert iv["n"] == res["n_items"] and iv["rate"] == pytest.approx(res["metrics"]["accuracy"])
+    assert 0 < iv["ci95"][0] < iv["rate"] < iv["ci95"][1] < 1

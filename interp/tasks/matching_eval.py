@@ -44,9 +44,10 @@ from models.shapes.benchmarks import CHANCE, Benchmark, Item, load_benchmark
 from models.unet_pass import encode_image, noised_unet_pass
 
 from interp.scorers import MatchOptions, PassSpec, Scorer, get_scorer
+from interp.stats import rate
 
-__all__ = ["evaluate_matching", "compare_scorers", "item_outcome", "summarize_outcomes", "options_label",
-           "distributed_state"]
+__all__ = ["evaluate_matching", "compare_scorers", "item_outcome", "summarize_outcomes", "outcome_intervals",
+           "options_label", "distributed_state"]
 # which metric family a benchmark uses; unknown names are inferred from the item structure
 _FAMILY = {"winoground": "group", "comvg": "pair", "counting": "pair", "refcocog": "topk"}
 
@@ -215,10 +216,17 @@ def _report(b: Benchmark, items: Sequence[Item], tables, split, limit, per_item:
         by_type[t] = {**summarize_outcomes(family, sel), "n": len(sel)}
     out = {"benchmark": b.name, "version": b.version, "split": split, "limit": limit, "n_items": len(items),
            "family": family, "metrics": summarize_outcomes(family, outcomes), "by_type": by_type,
-           "chance": _chance(b.name, family, items)}
+           "chance": _chance(b.name, family, items), "intervals": outcome_intervals(outcomes)}
     if per_item:
         out["items"] = [{"id": it.id, "type": it.type, "scores": M, **o} for it, M, o in zip(items, tables, outcomes)]
     return out
+
+
+def outcome_intervals(outcomes: Sequence[dict]) -> dict:
+    """Each rate-valued metric with its count, n and Wilson 95 % interval over the items (`interp.stats.rate`):
+    text / image / group, correct, top1 / top5 (mean rank has none)."""
+    keys = [k for k in ("text", "image", "group", "correct", "top1", "top5") if outcomes and k in outcomes[0]]
+    return {k: rate([bool(o[k]) for o in outcomes]) for k in keys}
 
 
 def _cost(calls: int, evals: int, pairs: int) -> dict:
