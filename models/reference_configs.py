@@ -32,7 +32,12 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import diffusers
 import torch
+from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from models.shapes.vocab import build_clip_tokenizer_files
 
 __all__ = [
     "ARCHS", "COMPONENTS", "SCALES", "CONFIG_ROOT", "load_reference_config", "scaled_config",
@@ -217,8 +222,6 @@ def build_text_encoder_config(config: dict[str, Any], tokenizer) -> "CLIPTextCon
     Returns:
         The `CLIPTextConfig`.
     """
-    from transformers import CLIPTextConfig
-
     kw = {k: v for k, v in config.items() if k not in _TRANSFORMERS_META}
     kw.update(vocab_size=len(tokenizer), max_position_embeddings=int(tokenizer.model_max_length),
               bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
@@ -227,11 +230,8 @@ def build_text_encoder_config(config: dict[str, Any], tokenizer) -> "CLIPTextCon
 
 
 def _load_tokenizer(tokenizer_dir: str | Path | None):
-    from transformers import CLIPTokenizer
-
     if tokenizer_dir is not None:
         return CLIPTokenizer.from_pretrained(str(tokenizer_dir))
-    from models.shapes.vocab import build_clip_tokenizer_files
 
     with tempfile.TemporaryDirectory(prefix="discolens-tok-") as tmp:
         return CLIPTokenizer.from_pretrained(str(build_clip_tokenizer_files(tmp)))
@@ -267,10 +267,6 @@ def build_reference_pipeline(arch: str, scale: str | int = "tiny", tokenizer_dir
     Raises:
         ValueError: unknown arch or scale.
     """
-    import diffusers
-    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextModel
-
     if arch not in PIPELINE_ARCHS:
         raise ValueError(f"no pipeline for arch {arch!r}; expected one of {PIPELINE_ARCHS}")
     d = _width_divisor(scale)

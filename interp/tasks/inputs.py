@@ -15,36 +15,63 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 from typing import Callable, Mapping, Sequence
 
-from PIL import Image
+import plotly.graph_objects as go
+import torch
+from matplotlib import colormaps
+from PIL import Image, ImageDraw
+from plotly.subplots import make_subplots
 
-from models.limits import (DEFAULT_CORRECTION_ETA, MAX_ATLAS_SCENES, MAX_PER_KIND, MAX_SCENES, MIN_RANK_CANDIDATES,
-                           check_choice, check_correction_eta, check_fits, check_float, check_guidance, check_int, check_prompt, check_seed, check_steps,
-                           check_timestep, check_timesteps, check_vocabulary, read_image, user_message,
-                           validate_captions)
-from models.loading import bundled_models, load_pipeline
-from models.training.dpt import find_adapter
-from models.sampling import generate_images
-from models.shapes import world
-from models.shapes.benchmarks import Benchmark, load_benchmark
-
-from interp.figures import atlas_plotly, sample_grid as sample_grid_figure
+from interp.figures import atlas_plotly
+from interp.figures import sample_grid as sample_grid_figure
+from interp.figures_text import candidates_plotly, token_attention_overlay
+from interp.heatmaps import normalize
 from interp.lse import POOLINGS
-from interp.scorers import DEFAULT_SCORER, DEFAULT_TIMESTEPS, MatchOptions, ScoreResult, Scorer, get_scorer
+from interp.scorers import DEFAULT_SCORER, DEFAULT_TIMESTEPS, MatchOptions, Scorer, ScoreResult, get_scorer
 from interp.tasks import failures, workbench
 from interp.tasks.faithfulness import atlas_for_model, compare_word_maps, render_scene
-from interp.tasks.generation_eval import evaluate_generation as _evaluate_generation
 from interp.tasks.generation_eval import SPLITS as GENERATION_SPLITS
+from interp.tasks.generation_eval import evaluate_generation as _evaluate_generation
 from interp.tasks.generation_eval import held_out_prompts, score_generations
+from interp.tasks.grounding_dpt import ground
 from interp.tasks.grounding_eval import evaluate_generation_grounding
 from interp.tasks.grounding_eval import evaluate_grounding as _evaluate_grounding
 from interp.tasks.matching import DEFAULT_MAP_TIMESTEP, score_image_captions, word_maps_for_image
 from interp.tasks.matching_eval import evaluate_matching as _evaluate_matching
 from interp.tasks.matching_report import GROUPS, noise_level_timesteps, run_report
-from interp.tasks.grounding_dpt import ground
-from interp.tasks.prompt_learning import apply_prompt, load_prompt, train_prompt as _train_prompt
+from interp.tasks.prompt_learning import apply_prompt, load_prompt
+from interp.tasks.prompt_learning import train_prompt as _train_prompt
 from interp.tasks.self_correction import READINGS, generate_self_corrected
+from interp.tasks.text_diffusion import answer_question, caption_image, eval_scenes
+from models.limits import (
+    DEFAULT_CORRECTION_ETA,
+    MAX_ATLAS_SCENES,
+    MAX_PER_KIND,
+    MAX_SCENES,
+    MIN_RANK_CANDIDATES,
+    check_choice,
+    check_correction_eta,
+    check_fits,
+    check_float,
+    check_guidance,
+    check_int,
+    check_prompt,
+    check_seed,
+    check_steps,
+    check_timestep,
+    check_timesteps,
+    check_vocabulary,
+    read_image,
+    user_message,
+    validate_captions,
+)
+from models.loading import bundled_models, load_pipeline
+from models.sampling import generate_images
+from models.shapes import world
+from models.shapes.benchmarks import Benchmark, load_benchmark
+from models.training.dpt import find_adapter
 
 __all__ = ["ATLAS_METRICS", "SPLITS", "Generation", "load_model", "generate_image", "traced_generation",
            "edited_generation", "any_word_map", "rank_images", "classify", "caption_word_maps",
@@ -479,15 +506,11 @@ class HostedPolicy:
 
 def hosted_policy(argv: Sequence[str] | None = None, cuda: bool | None = None) -> HostedPolicy | None:
     """The hosted policy when `--hosted` is in argv or DISCOLENS_HOSTED is set (not 0 / false), else None."""
-    import sys
-
     argv = sys.argv[1:] if argv is None else argv
     env = os.environ.get(HOSTED_ENV, "").strip().lower()
     if "--hosted" not in argv and env in ("", "0", "false", "no", "off"):
         return None
     if cuda is None:
-        import torch
-
         cuda = torch.cuda.is_available()
     return HostedPolicy(models=tuple(bundled_models()) or ("shapes-v1",), allow_hub=bool(cuda))
 
@@ -547,9 +570,6 @@ def _upscaled(im: Image.Image, side: int) -> Image.Image:
 
 
 def _trajectory_figure(traj):
-    import plotly.graph_objects as go
-    from plotly.subplots import make_subplots
-
     x = list(range(len(traj.s_before)))
     fig = make_subplots(rows=2, cols=1, shared_xaxes=True, subplot_titles=("DPT score s(z_t, y)", "gradient and change"))
     for name, ys, r in (("s before", traj.s_before, 1), ("s after", traj.s_after, 1),
@@ -571,11 +591,6 @@ def self_correction_view(model: str | None, prompt: str, seed=0, steps=None, gui
         >>> v.image.size, v.rows[0]          # (256, 256), ["ITM score (prompt)", "...", 0.93]
         >>> v.figure                          # plotly: s before / after, grad norm, latent change per step
     """
-    from matplotlib import colormaps
-    from PIL import ImageDraw
-
-    from interp.heatmaps import normalize
-
     img, traj = self_corrected_generation(model, prompt, seed=seed, steps=steps, guidance=guidance, eta=eta,
                                           reading=reading, progress=progress)
     prompt = check_prompt(prompt)
@@ -623,8 +638,6 @@ MAX_HELDOUT_SCENES = 20
 
 def heldout_scene(index) -> tuple[Image.Image, str]:
     """A held-out (validation) scene of the text-diffusion evaluation, rendered: (image, its caption)."""
-    from interp.tasks.text_diffusion import eval_scenes
-
     i = check_int(index, "scene", 0, MAX_HELDOUT_SCENES - 1)
     scene = eval_scenes("validation", MAX_HELDOUT_SCENES)[i]
     return world.render(scene), scene.caption
@@ -637,8 +650,6 @@ def image_to_text(model: str | None, image, task: str = "caption", question: str
         >>> img, res = image_to_text(None, "two_circles.png", "question", "how many circles ?")
         >>> res.answer, res.sample.length
     """
-    from interp.tasks.text_diffusion import answer_question, caption_image
-
     if image is None:
         raise ValueError("no image: upload one or pick a held-out scene")
     img = image.convert("RGB") if isinstance(image, Image.Image) else read_image(image)
@@ -654,8 +665,6 @@ def image_to_text(model: str | None, image, task: str = "caption", question: str
 
 def text_sample_views(image, sample, step, position):
     """One position's candidates over the steps (plotly) and its joint attention at one step over the image (PIL)."""
-    from interp.figures_text import candidates_plotly, token_attention_overlay
-
     if sample is None:
         raise ValueError("run a caption or a question first")
     p = check_int(position, "position", 0, sample.length - 1)

@@ -34,17 +34,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
-
-from models.shapes.benchmarks import CHANCE, Benchmark, Item, load_benchmark
-
-from models.unet_pass import encode_image, noised_unet_pass
+import torch
+from accelerate import PartialState
+from accelerate.utils import gather_object
 
 from interp.scorers import MatchOptions, PassSpec, Scorer, get_scorer
 from interp.stats import rate
+from models.shapes.benchmarks import CHANCE, Benchmark, Item, load_benchmark
+from models.unet_pass import encode_image, noised_unet_pass
 
 __all__ = ["evaluate_matching", "compare_scorers", "item_outcome", "summarize_outcomes", "outcome_intervals",
            "options_label", "distributed_state"]
@@ -173,12 +175,8 @@ def _run(items: Sequence[Item], score_image: Callable[[Any, list[str]], tuple[li
 
 def distributed_state():
     """accelerate's PartialState when this process is one of several (`accelerate launch` / torchrun), else None."""
-    import os
-
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return None
-    import torch
-    from accelerate import PartialState
 
     state = PartialState(cpu=not torch.cuda.is_available())  # processes on CPU talk over gloo
     return state if state.num_processes > 1 else None
@@ -190,7 +188,6 @@ def _run_sharded(items: Sequence[Item], score_image, n_opts: int):
     state = distributed_state()
     if state is None:
         return _run(items, score_image, n_opts)
-    from accelerate.utils import gather_object
 
     with state.split_between_processes(list(range(len(items)))) as mine:
         mine = list(mine)

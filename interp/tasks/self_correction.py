@@ -22,11 +22,14 @@ from typing import Literal, Sequence
 
 import numpy as np
 import torch
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
 from PIL import Image
+from safetensors.numpy import load_file, save_file
 
 from models.limits import check_guidance, check_prompt, check_seed, check_steps
-from models.sampling import _defaults
+from models.sampling import _defaults, generate_images
 from models.training.dpt import DPTAdapter, find_adapter, itm_scores, itm_scores_at
+from models.unet_pass import encode_image
 
 __all__ = ["READINGS", "Trajectory", "generate_self_corrected", "best_of_n"]
 
@@ -76,8 +79,6 @@ class Trajectory:
 
     def save(self, folder: str | Path) -> Path:
         """Write `trajectory.safetensors` (arrays) and `trajectory.json` (everything else) to `folder`."""
-        from safetensors.numpy import save_file
-
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         save_file({k: np.ascontiguousarray(getattr(self, k)) for k in self._ARRAYS}, folder / "trajectory.safetensors")
@@ -89,8 +90,6 @@ class Trajectory:
 
     @classmethod
     def load(cls, folder: str | Path) -> "Trajectory":
-        from safetensors.numpy import load_file
-
         folder = Path(folder)
         arrays = load_file(folder / "trajectory.safetensors")
         meta = json.loads((folder / "trajectory.json").read_text())
@@ -179,7 +178,6 @@ def generate_self_corrected(pipe, prompt: str, seed: int = 0, eta: float = 0.5, 
     with torch.no_grad():
         pe, ne = pipe.encode_prompt(prompt, dev, 1, cfg, None)
         emb = torch.cat([ne, pe]) if cfg else pe
-        from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
 
         timesteps, steps = retrieve_timesteps(pipe.scheduler, steps, dev)
         vs = pipe.vae_scale_factor
@@ -245,9 +243,6 @@ def best_of_n(pipe, prompt: str, seeds: Sequence[int], steps: int | None = None,
 
     Returns: (the chosen image, {"seed", "scores" [N], "unet_calls" = N * steps + N}).
     """
-    from models.sampling import generate_images
-    from models.unet_pass import encode_image
-
     adapter = adapter or find_adapter(pipe)
     seeds = list(seeds)
     imgs = generate_images(pipe, [prompt] * len(seeds), seeds, steps=steps, guidance=guidance)

@@ -24,13 +24,26 @@ from typing import Literal, Sequence
 
 import numpy as np
 import torch
+from PIL import Image, UnidentifiedImageError
+from tqdm.auto import tqdm
 
+from interp.scorers import MatchOptions, get_scorer
 from interp.stats import rate
-from models.adapters.text_denoiser import (EXTRA_TIMESTEP, MASK, PAD, TextDenoiser, TextVocab,
-                                           load_text_denoiser)
+from models.adapters.text_denoiser import EXTRA_TIMESTEP, MASK, PAD, TextDenoiser, TextVocab, load_text_denoiser
+from models.limits import MAX_CANDIDATES
+from models.loading import load_pipeline
 from models.shapes import world
-from models.training.text_diffusion import (DEFAULT_OUT, QUESTION_TASKS, TEST_SEED, VAL_SEED, encode_latents,
-                                            scene_questions, size_group, unet_text_features)
+from models.training.text_diffusion import (
+    DEFAULT_OUT,
+    QUESTION_TASKS,
+    TEST_SEED,
+    VAL_SEED,
+    encode_latents,
+    scene_questions,
+    size_group,
+    unet_text_features,
+)
+from models.unet_pass import native_size
 
 __all__ = ["DEFAULTS", "SPLITS", "UnmaskStep", "TextSample", "CaptionResult", "AnswerResult", "load_adapter",
            "sample_text", "caption_image", "answer_question", "judge_caption", "answer_from_caption",
@@ -203,8 +216,6 @@ def load_adapter(folder: str | Path | None = None):
 def image_features(pipe, model: TextDenoiser, extra, images: Sequence, noise_seed: int = 0
                    ) -> dict[str, torch.Tensor]:
     """The denoiser's UNet reading of PIL images (native size, RGB): per block `[B, C, h, w]`."""
-    from models.unet_pass import native_size
-
     h, w = native_size(pipe)
     arr = np.stack([np.asarray(im.convert("RGB").resize((w, h))) for im in images])
     z = encode_latents(pipe, arr)
@@ -213,8 +224,6 @@ def image_features(pipe, model: TextDenoiser, extra, images: Sequence, noise_see
 
 
 def _open_image(image):
-    from PIL import Image, UnidentifiedImageError
-
     if isinstance(image, Image.Image):
         return image.convert("RGB")
     if isinstance(image, (str, Path)):
@@ -344,8 +353,6 @@ def answer_question(image, question: str, pipe=None, adapter: str | Path | None 
 
 
 def _default_pipe():
-    from models.loading import load_pipeline
-
     return load_pipeline()
 
 
@@ -439,9 +446,6 @@ def ranking_candidates(scene: world.Scene) -> list[str]:
 def rank_caption(pipe, image, scene: world.Scene, scorer: str = "auto", options=None) -> tuple[str, int]:
     """(best candidate caption, UNet sample-forwards) by a registry scorer over `ranking_candidates(scene)`,
     scored in chunks of at most `models.limits.MAX_CANDIDATES` (same noise draw for every chunk)."""
-    from interp.scorers import MatchOptions, get_scorer
-    from models.limits import MAX_CANDIDATES
-
     sc = get_scorer(scorer)
     options = options or MatchOptions(scorer=scorer)
     cands = ranking_candidates(scene)
@@ -494,8 +498,6 @@ def evaluate_text_diffusion(pipe=None, n_scenes: int = 300, split: str = "valida
          "denoiser_forwards_per_image", "seconds"}, "examples": first few}; every rate is
         {"rate", "k", "n", "ci95"} (`interp.stats.rate`).
     """
-    from tqdm.auto import tqdm
-    from models.unet_pass import encode_image  # noqa: F401  (the ranking's scorer encodes the image itself)
 
     pipe = pipe if pipe is not None else _default_pipe()
     model, vocab, extra, info = load_adapter(adapter)

@@ -27,6 +27,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -34,12 +35,16 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.training_utils import EMAModel
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from models.attention_capture import STAGES, capture_cross_attention, cross_attention_layers
 from models.shapes import world
-from models.attention_capture import capture_cross_attention
-from models.training.text_aux import IGNORE, TextAuxHead, caption_labels, text_aux_loss
 from models.shapes.vocab import MODEL_MAX_LENGTH, build_clip_tokenizer_files
+from models.training.text_aux import IGNORE, TextAuxHead, caption_labels, text_aux_loss
 
 LATENT = 16
 MAX_SHARD = "15MB"  # weight files stay small in the git tree; from_pretrained reads the shard index
@@ -176,8 +181,6 @@ def config_from_flags(namespace, cls=TrainConfig):
 # Components (configs of the real diffusers / transformers classes)
 # ------------------------------------------------------------------------------------------------
 def make_vae(cfg: TrainConfig):
-    from diffusers import AutoencoderKL
-
     n = len(cfg.vae_channels)
     return AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4, sample_size=world.IMAGE_SIZE,
@@ -187,8 +190,6 @@ def make_vae(cfg: TrainConfig):
 
 
 def make_unet(cfg: TrainConfig):
-    from diffusers import UNet2DConditionModel
-
     return UNet2DConditionModel(
         sample_size=LATENT, in_channels=4, out_channels=4, layers_per_block=1,
         block_out_channels=tuple(cfg.unet_channels),
@@ -201,8 +202,6 @@ def make_unet(cfg: TrainConfig):
 
 
 def make_text_encoder(cfg: TrainConfig, tokenizer):
-    from transformers import CLIPTextConfig, CLIPTextModel
-
     conf = CLIPTextConfig(
         vocab_size=len(tokenizer), hidden_size=cfg.text_hidden, intermediate_size=4 * cfg.text_hidden,
         num_hidden_layers=cfg.text_layers, num_attention_heads=4, max_position_embeddings=MODEL_MAX_LENGTH,
@@ -218,8 +217,6 @@ def noise_scheduler_kwargs() -> dict:
 
 
 def make_inference_scheduler():
-    from diffusers import DDIMScheduler
-
     return DDIMScheduler(**noise_scheduler_kwargs(), timestep_spacing="trailing", clip_sample=False,
                          set_alpha_to_one=False, steps_offset=1)
 
@@ -302,8 +299,6 @@ class _StopFlag:
 # Stage 2: VAE
 # ------------------------------------------------------------------------------------------------
 def train_vae(cfg: TrainConfig, data: dict, device: torch.device, log) -> "AutoencoderKL":
-    from diffusers import AutoencoderKL
-
     work = Path(cfg.work_dir)
     final = work / "vae"
     if (final / "config.json").exists():
@@ -419,7 +414,6 @@ def loss_stages(selection: str | None) -> tuple[str, ...] | None:
     """The UNet stages of a `token_loss_layers` value: "all" -> None (every layer), "mid,up" -> ("mid", "up")."""
     if selection in (None, "", "all"):
         return None
-    from models.attention_capture import STAGES
 
     stages = tuple(x.strip() for x in selection.split(",") if x.strip())
     if not stages or any(x not in STAGES for x in stages):
@@ -430,8 +424,6 @@ def loss_stages(selection: str | None) -> tuple[str, ...] | None:
 
 def loss_layers(unet, selection: str | None) -> list[str] | None:
     """Module paths of the cross-attention layers the grounding losses see (None = every layer)."""
-    from models.attention_capture import cross_attention_layers
-
     stages = loss_stages(selection)
     return None if stages is None else [l.name for l in cross_attention_layers(unet) if l.stage in stages]
 
@@ -475,8 +467,6 @@ def export_pipeline(cfg: TrainConfig, unet, text_encoder, tokenizer, vae, step: 
 
     The text-aux probe head, when given, is saved too (a few KB) so that a resume on a new machine keeps it.
     """
-    from diffusers import StableDiffusionPipeline
-
     out = Path(cfg.out_dir)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=make_inference_scheduler(), safety_checker=None,
@@ -488,8 +478,6 @@ def export_pipeline(cfg: TrainConfig, unet, text_encoder, tokenizer, vae, step: 
     state = {"unet_step": step, "config": cfg_d, **extra}
     (tmp / "training_state.json").write_text(json.dumps(state, indent=2))
     if aux_head is not None:
-        from safetensors.torch import save_file
-
         save_file({k: v.detach().cpu().contiguous() for k, v in aux_head.state_dict().items()}, tmp / AUX_HEAD_FILE)
     log_src = Path(cfg.work_dir) / "loss_log.csv"
     if log_src.exists():
@@ -503,7 +491,6 @@ def export_pipeline(cfg: TrainConfig, unet, text_encoder, tokenizer, vae, step: 
         old = out.with_name(out.name + ".old")
         os.replace(out, old)
         os.replace(tmp, out)
-        import shutil
 
         shutil.rmtree(old)
     else:
@@ -532,8 +519,6 @@ class _Logger:
 def training_tokenizer(cfg: TrainConfig):
     """The run's tokenizer, never rebuilt under a run in progress: the work dir's (its cached token ids
     were made with it), else the exported model's being resumed, else a fresh build; kept in the work dir."""
-    from transformers import CLIPTokenizer
-
     work_tok, exported = Path(cfg.work_dir) / "tokenizer", Path(cfg.out_dir)
     if not (work_tok / "tokenizer_config.json").exists():
         if (exported / "training_state.json").exists() and (exported / "tokenizer").exists():
@@ -545,10 +530,6 @@ def training_tokenizer(cfg: TrainConfig):
 
 def train_bundled(cfg: TrainConfig) -> Path:
     """Run every stage that is not done yet; returns the exported pipeline folder."""
-    from diffusers import DDPMScheduler, UNet2DConditionModel
-    from diffusers.training_utils import EMAModel
-    from transformers import CLIPTextModel
-
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -602,8 +583,6 @@ def train_bundled(cfg: TrainConfig) -> Path:
         ema_unet.optimization_step = ema_text.optimization_step = step
         restored = ""
         if aux_head is not None and (exported / AUX_HEAD_FILE).exists():
-            from safetensors.torch import load_file
-
             aux_head.load_state_dict(load_file(exported / AUX_HEAD_FILE))
             restored = " (text-aux probe head restored)"
         print(f"resuming from exported EMA weights at step {step} with a fresh optimizer{restored}")
