@@ -12,9 +12,19 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import matplotlib
+import matplotlib.pyplot as plt
 import numpy as np
+import plotly.graph_objects as go
+from matplotlib import colormaps
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
+from plotly.subplots import make_subplots
 
 from .head_atlas import atlas_grid
+from .heatmaps import overlay
 
 __all__ = ["CLASS_COLORS", "class_color", "atlas_figure", "atlas_plotly", "breakdown_plotly", "heads_plotly",
            "structure_plotly", "word_map_sheet", "sample_grid"]
@@ -58,9 +68,6 @@ def atlas_figure(table: Sequence[dict], metric: str = "energy", timestep: float 
     Returns a matplotlib Figure with one image (`ax.images[0]`, `[layers, heads, 3]`) and one text per
     filled cell.
     """
-    from matplotlib.figure import Figure
-    from matplotlib.patches import Patch
-
     layers, heads, cells = atlas_grid(table, metric, timestep)
     if not layers:
         raise ValueError("the atlas table is empty")
@@ -104,8 +111,6 @@ def atlas_plotly(table: Sequence[dict], metric: str = "energy", timestep: float 
     that runs from white to the class's hue, so hue = best class and intensity = score; the cell text is
     the score and the hover text lists every class's mean. Cells without rows are empty (NaN).
     """
-    import plotly.graph_objects as go
-
     layers, heads, cells = atlas_grid(table, metric, timestep)
     if not layers:
         raise ValueError("the atlas table is empty")
@@ -148,9 +153,6 @@ def breakdown_plotly(breakdowns: dict, captions: Sequence[str] | None = None):
         breakdowns: {caption: ScoreBreakdown} (from `interp.tasks.matching.score_image_captions`).
         captions: which captions, in order (default: all).
     """
-    import plotly.graph_objects as go
-    from plotly.subplots import make_subplots
-
     caps = list(captions or breakdowns)
     if not caps:
         raise ValueError("no breakdowns to plot")
@@ -170,10 +172,7 @@ def breakdown_plotly(breakdowns: dict, captions: Sequence[str] | None = None):
 def sample_grid(images: Sequence, captions: Sequence[str], verdicts: Sequence[bool] | None = None,
                 cols: int = 6, scale: float = 1.6):
     """A matplotlib Figure of images with each prompt under its image (and the checker's verdict)."""
-    import matplotlib
-
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     n = len(images)
     if n == 0 or n != len(captions):
@@ -200,9 +199,6 @@ def heads_plotly(heads: dict, captions: Sequence[str] | None = None):
         heads: `ScoreResult.heads` ({"layers": [layers], "tables": {caption: [layers, heads]}}; NaN = no such head).
         captions: which captions, in order (default: all).
     """
-    import plotly.graph_objects as go
-    from plotly.subplots import make_subplots
-
     caps = list(captions or heads["tables"])
     if not caps:
         raise ValueError("no head attributions to plot")
@@ -225,8 +221,6 @@ def heads_plotly(heads: dict, captions: Sequence[str] | None = None):
 
 def structure_plotly(structure: dict, captions: Sequence[str] | None = None):
     """The structure scorer's terms per caption (binding, relation) as grouped bars; LSE fallbacks are marked."""
-    import plotly.graph_objects as go
-
     caps = list(captions or structure)
     if not caps:
         raise ValueError("no structure terms to plot")
@@ -243,13 +237,6 @@ def structure_plotly(structure: dict, captions: Sequence[str] | None = None):
 def word_map_sheet(image, words: Sequence[str], maps, cols: int = 8, scale: float = 1.6, cmap: str = "jet"):
     """A matplotlib Figure of word maps over the image, each labelled, with a colour bar: each map is min-max
     normalised on its own (0 = its least attended pixel, 1 = its most attended one)."""
-    from matplotlib import colormaps
-    from matplotlib.cm import ScalarMappable
-    from matplotlib.colors import Normalize
-    from matplotlib.figure import Figure
-
-    from .heatmaps import overlay
-
     n = len(words)
     if n == 0 or n != len(maps):
         raise ValueError("need one map per word, at least one")

@@ -10,6 +10,8 @@ Dimension names: step (reverse step), position (text position), N image tokens.
 from __future__ import annotations
 
 import numpy as np
+import plotly.graph_objects as go
+from PIL import Image
 
 from .heatmaps import overlay
 
@@ -22,8 +24,6 @@ def timeline_plotly(sample, title: str | None = None):
     """The unmasking timeline: one row per reverse step (top = first), one column per text position; a cell shows
     its word (bold at the step it was committed) colored by the probability it was committed with, or a greyed
     `[MASK]`; the prefix (question) is grey-blue. Hover: the position's top candidates at that step."""
-    import plotly.graph_objects as go
-
     K, L = len(sample.steps), sample.length
     z = np.full((K, L), np.nan)
     text = [["" for _ in range(L)] for _ in range(K)]
@@ -54,8 +54,6 @@ def timeline_plotly(sample, title: str | None = None):
 def candidates_plotly(sample, position: int):
     """The top-k candidates of one text position over the reverse steps (probability per step; a word absent from
     a step's top-k is drawn at 0), with the commit step marked."""
-    import plotly.graph_objects as go
-
     if not 0 <= position < sample.length:
         raise ValueError(f"position must be in 0..{sample.length - 1}, got {position}")
     words: list[str] = []
@@ -80,8 +78,6 @@ def token_attention_map(sample, step: int, position: int, size: int = 64) -> np.
     """One text token's joint attention over the image at a step, `[size, size]`: each UNet block's share (its
     tokens' attention, on its grid) upsampled to `size` and summed. Needs a sample recorded with
     `record_attention=True`."""
-    from PIL import Image
-
     if not 0 <= step < len(sample.steps):
         raise ValueError(f"step must be in 0..{len(sample.steps) - 1}, got {step}")
     att = sample.steps[step].attention

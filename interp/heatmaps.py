@@ -13,6 +13,7 @@ from typing import Literal, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from matplotlib import colormaps
 from PIL import Image
 
 from models.trace import AttentionTrace
@@ -92,8 +93,6 @@ def normalize(m: torch.Tensor | np.ndarray) -> np.ndarray:
 
 def overlay(image: Image.Image, heat: torch.Tensor | np.ndarray, alpha: float = 0.55, cmap: str = "jet") -> Image.Image:
     """The heat map (min-max normalised, colour-mapped) blended over the image, at the image's size."""
-    from matplotlib import colormaps
-
     img = image.convert("RGB")
     h = normalize(heat)
     if h.shape != (img.height, img.width):
@@ -104,7 +103,5 @@ def overlay(image: Image.Image, heat: torch.Tensor | np.ndarray, alpha: float = 
 
 def colorbar(width: int = 256, height: int = 14, cmap: str = "jet") -> Image.Image:
     """The overlays' colour scale as a horizontal strip (left: a map's lowest value, right: its highest)."""
-    from matplotlib import colormaps
-
     ramp = np.tile(np.linspace(0.0, 1.0, width, dtype=np.float32), (height, 1))
     return Image.fromarray((colormaps[cmap](ramp)[..., :3] * 255).astype(np.uint8))

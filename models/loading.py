@@ -8,15 +8,16 @@ Example:
 """
 from __future__ import annotations
 
-import dataclasses
 import contextlib
+import dataclasses
 import functools
-import os
 import json
+import os
 from pathlib import Path
 from typing import Iterator
 
 import torch
+from diffusers import StableDiffusionPipeline
 
 REPO = Path(__file__).resolve().parent.parent
 BUNDLED_NAME = "shapes-v1"
@@ -99,8 +100,6 @@ def _load_error(path_or_id: str, e: Exception) -> str:
 
 @functools.lru_cache(maxsize=4)
 def _load_cached(path_or_id: str, device: str, dtype: torch.dtype):
-    from diffusers import StableDiffusionPipeline
-
     p = Path(path_or_id)
     looks_local = p.is_absolute() or path_or_id.startswith(".") or p.exists()
     if looks_local and not (p / "model_index.json").exists():

@@ -28,6 +28,8 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from .attention_capture import CaptureProcessor, CrossAttnLayer, capture_cross_attention, layer_stage
 
@@ -121,8 +123,6 @@ class AttentionTrace:
     # ---- persistence ----
     def save(self, path: str | Path) -> Path:
         """Save as safetensors (tensors) with the metadata as JSON in the header."""
-        from safetensors.torch import save_file
-
         path = Path(path)
         tensors = {}
         for kind, d in (("probs", self.probs), ("logits", self.logits), ("uncond_probs", self.uncond_probs),
@@ -139,8 +139,6 @@ class AttentionTrace:
 
     @staticmethod
     def load(path: str | Path) -> "AttentionTrace":
-        from safetensors import safe_open
-
         with safe_open(str(path), framework="pt") as f:
             raw = (f.metadata() or {}).get("discolens_trace")
             if raw is None:

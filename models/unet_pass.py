@@ -41,6 +41,7 @@ import dataclasses
 from typing import Iterator, Sequence
 
 import torch
+from PIL import Image
 
 from models.attention_capture import ProbeSet
 from models.trace import AttentionTrace, trace
@@ -109,8 +110,6 @@ def encode_image(pipe, image) -> torch.Tensor:
     the latent is the mean of the VAE posterior (deterministic, as the bundled training caches it)
     times `vae.config.scaling_factor`.
     """
-    from PIL import Image
-
     if not isinstance(image, Image.Image):
         raise TypeError(f"encode_image expects a PIL image, got {type(image).__name__}")
     h, w = native_size(pipe)

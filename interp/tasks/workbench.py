@@ -21,16 +21,16 @@ import uuid
 from collections import OrderedDict
 from typing import Any, Callable, Sequence
 
+import diffusers
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from interp.heatmaps import merge_subwords, overlay, token_heatmaps
 from models.interventions import AttentionEdit, intervene, word_columns
 from models.loading import ModelDefaults
 from models.trace import AttentionTrace, trace
-
-from interp.heatmaps import overlay, token_heatmaps
 
 __all__ = ["TracedGeneration", "SCHEDULERS", "traced_generation", "edited_generation", "slice_choices",
            "slice_overlays", "word_choices", "step_frame", "model_view", "any_word_map", "TraceCache",
@@ -122,7 +122,6 @@ def use_scheduler(pipe, name: str | None):
         return
     if name not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
-    import diffusers
 
     old = pipe.scheduler
     pipe.scheduler = getattr(diffusers, SCHEDULERS[name]).from_config(old.config)
@@ -272,7 +271,6 @@ def word_choices(gen: TracedGeneration) -> list[tuple[str, int]]:
 def _groups_of(tr: AttentionTrace, groups: Sequence[Sequence[int]] | None, words: Sequence[str] | None):
     if groups:
         return list(words or []), [list(g) for g in groups]
-    from interp.heatmaps import merge_subwords
 
     words = list(words) if words is not None else tr.prompt.split()
     return words, merge_subwords(tr.tokens, words)

@@ -30,7 +30,9 @@ from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import nn
+from transformers import BertConfig, BertModel
 
 __all__ = ["CONFIG_FILE", "WEIGHTS_FILE", "VOCAB_FILE", "MASK", "PAD", "QUESTION_WORDS", "EXTRA_TIMESTEP",
            "TextVocab", "TextDenoiserConfig", "TextDenoiser", "DenoiserOutput", "ExtraTimestep",
@@ -180,7 +182,6 @@ class TextDenoiser(nn.Module):
 
     def __init__(self, config: TextDenoiserConfig):
         super().__init__()
-        from transformers import BertConfig, BertModel
 
         self.config = config
         D = config.hidden
@@ -290,8 +291,6 @@ def save_text_denoiser(folder: str | Path, model: TextDenoiser, vocab: TextVocab
                        extra: ExtraTimestep | None = None, info: dict | None = None) -> Path:
     """Write config.json (+ `info`), vocab.json and text_denoiser.safetensors (the extra timestep's embedding as
     `extra_timestep.embedding` when given) to `folder`."""
-    from safetensors.torch import save_file
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     cfg = dataclasses.asdict(model.config) | {"info": info or {}}
@@ -312,8 +311,6 @@ def load_text_denoiser(folder: str | Path) -> tuple[TextDenoiser, TextVocab, Ext
     Raises:
         ValueError: the folder holds no text denoiser.
     """
-    from safetensors.torch import load_file
-
     folder = Path(folder)
     if not (folder / CONFIG_FILE).exists() or not (folder / WEIGHTS_FILE).exists():
         raise ValueError(f"no text denoiser in {folder} (expected {CONFIG_FILE} and {WEIGHTS_FILE}); train one with "

@@ -19,6 +19,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Sequence
@@ -26,11 +27,27 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from peft.utils import set_peft_model_state_dict
+from PIL import Image
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from models.adapters.dpt import (CONFIG_FILE, LORA_FILE, DPTAdapter, DPTConfig, DPTOutput, add_lora,
-                                 box_cxcywh_to_xyxy, box_iou, itm_contrastive_loss, itm_score, load_adapter,
-                                 lora_state_dict, rec_loss, save_adapter)
+from models.adapters.dpt import (
+    CONFIG_FILE,
+    LORA_FILE,
+    DPTAdapter,
+    DPTConfig,
+    DPTOutput,
+    add_lora,
+    box_cxcywh_to_xyxy,
+    box_iou,
+    itm_contrastive_loss,
+    itm_score,
+    load_adapter,
+    lora_state_dict,
+    rec_loss,
+    save_adapter,
+)
 from models.loading import frozen
 from models.shapes import referring, world
 from models.unet_pass import native_size, noised_unet_pass
@@ -64,8 +81,6 @@ def text_embeddings(pipe, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Ten
 @torch.no_grad()
 def encode_images(pipe, images: Sequence) -> torch.Tensor:
     """PIL images -> scaled latents `[B, C, h, w]` (posterior means, as `models.unet_pass.encode_image`, batched)."""
-    from PIL import Image
-
     h, w = native_size(pipe)
     arr = np.stack([np.asarray(im.convert("RGB").resize((w, h), Image.BICUBIC), np.float32) for im in images])
     x = torch.from_numpy(arr).permute(0, 3, 1, 2) / 127.5 - 1.0
@@ -343,7 +358,6 @@ def _train_dpt(pipe, cfg: DPTTrainConfig, work_dir: str | Path, progress: bool =
         st = torch.load(state_path, map_location="cpu", weights_only=False)
         adapter.load_state_dict(st["adapter"])
         if lora_params and st.get("lora"):
-            from peft.utils import set_peft_model_state_dict
             set_peft_model_state_dict(pipe.unet, st["lora"], adapter_name="dpt")
         opt.load_state_dict(st["opt"])
         step = int(st["step"])
@@ -360,7 +374,6 @@ def _train_dpt(pipe, cfg: DPTTrainConfig, work_dir: str | Path, progress: bool =
         adapter.config.trained_steps = step
         d = save_adapter(adapter, work / f"snap-{step:05d}", extra={"train": dataclasses.asdict(cfg)})
         if lora_params:
-            from safetensors.torch import save_file
             save_file(lora_state_dict(pipe.unet), d / LORA_FILE)
 
     t0 = time.time()
@@ -446,8 +459,6 @@ def evaluate_itm_pairs(pipe, adapter: DPTAdapter, scenes: Sequence[world.Scene],
 def export_adapter(snapshot_dir: str | Path, out_dir: str | Path, extra: dict | None = None) -> Path:
     """Copy a snapshot (adapter [+ LoRA]) to `out_dir` (e.g. assets/adapters/shapes-v1-dpt), adding `extra` to
     its config.json (the validation readings it was chosen on)."""
-    import shutil
-
     src, dst = Path(snapshot_dir), Path(out_dir)
     dst.mkdir(parents=True, exist_ok=True)
     for f in src.iterdir():

@@ -34,13 +34,24 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from diffusers import DDPMScheduler
 from tqdm.auto import tqdm
 
-from models.adapters.text_denoiser import (EXTRA_TIMESTEP, ExtraTimestep, TextDenoiser, TextDenoiserConfig,
-                                           TextVocab, load_text_denoiser, masked_diffusion_loss,
-                                           override_time_embedding, save_text_denoiser)
+from models.adapters.text_denoiser import (
+    EXTRA_TIMESTEP,
+    ExtraTimestep,
+    TextDenoiser,
+    TextDenoiserConfig,
+    TextVocab,
+    load_text_denoiser,
+    masked_diffusion_loss,
+    override_time_embedding,
+    save_text_denoiser,
+)
+from models.loading import load_pipeline
 from models.shapes import world
-from models.training.bundled import _Logger, _StopFlag, _atomic_save, _opt, images_to_tensor, noise_scheduler_kwargs
+from models.training.bundled import _atomic_save, _Logger, _opt, _StopFlag, images_to_tensor, noise_scheduler_kwargs
+from models.training.dpt import block_shapes
 from models.unet_pass import noised_unet_pass
 
 __all__ = ["TextDiffusionConfig", "VAL_SEED", "TEST_SEED", "DEFAULT_OUT", "NUMBER_WORDS", "QUESTION_TASKS",
@@ -320,8 +331,6 @@ def load_or_none(folder: str | Path):
 
 
 def _denoiser_config(cfg: TextDiffusionConfig, vocab: TextVocab, pipe) -> TextDenoiserConfig:
-    from models.training.dpt import block_shapes
-
     blocks = ("mid_block", "up_blocks.1")
     shapes = block_shapes(pipe, blocks)
     pool = tuple(max(1, h // 8) for _, h, _ in shapes)  # at most 8x8 tokens a block
@@ -345,8 +354,6 @@ def train_text_diffusion(cfg: TextDiffusionConfig, pipe=None) -> Path:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     if pipe is None:
-        from models.loading import load_pipeline
-
         pipe = load_pipeline(cfg.model)
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     vocab = TextVocab.from_tokenizer(pipe.tokenizer)
@@ -400,8 +407,6 @@ def train_text_diffusion(cfg: TextDiffusionConfig, pipe=None) -> Path:
         if extra is not None:
             extra.embedding.requires_grad_(False)  # the cache was read with it: it cannot change here
     else:
-        from diffusers import DDPMScheduler
-
         unet.to(device).train().requires_grad_(True)
         if unet_state is not None:
             unet.load_state_dict(unet_state)
