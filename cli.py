@@ -44,22 +44,33 @@ import numpy as np
 import transformers.utils.logging as transformers_logging
 
 from interp.head_atlas import atlas_table
-from interp.tasks.causal_eval import run_causal_maps
-from interp.tasks.faithfulness import save_atlas
-from interp.tasks.generation_eval import SPLITS
 from interp.lse import POOLINGS
 from interp.scorers import DEFAULT_SCORER, ScoreResult, get_scorer, scorer_names
 from interp.scorers.head_weighted import VARIANTS
 from interp.tasks import inputs
+from interp.tasks.causal_eval import run_causal_maps
+from interp.tasks.faithfulness import save_atlas
+from interp.tasks.generation_eval import SPLITS
 from interp.tasks.matching_eval import distributed_state
 from interp.tasks.matching_report import GROUPS, report_markdown
 from interp.tasks.prompt_learning import save_prompt
 from interp.tasks.self_correction import READINGS
 from interp.tasks.text_diffusion import answer_question, caption_image, evaluate_text_diffusion
-from models.limits import (DEFAULT_CORRECTION_ETA, MAX_CORRECTION_ETA, MAX_GUIDANCE, MAX_PER_KIND, MAX_SEED,
-                           MAX_STEPS, check_int, check_seed, read_image, user_message)
+from models.limits import (
+    DEFAULT_CORRECTION_ETA,
+    MAX_CORRECTION_ETA,
+    MAX_GUIDANCE,
+    MAX_PER_KIND,
+    MAX_SEED,
+    MAX_STEPS,
+    check_int,
+    check_seed,
+    read_image,
+    user_message,
+)
 from models.loading import ModelLoadError
-from models.training.bundled import add_config_flags, config_from_flags, train_bundled
+from models.training.bundled import TrainConfig, train_bundled
+from models.training.common import add_config_flags, config_from_flags
 from models.training.dpt import DPTTrainConfig, train_dpt
 from models.training.text_diffusion import TextDiffusionConfig, train_text_diffusion
 
@@ -106,7 +117,7 @@ def score_json(res: ScoreResult) -> dict:
 # Commands
 # ----------------------------------------------------------------------------------------------
 def _cmd_train_bundled(a: argparse.Namespace) -> int:
-    out = train_bundled(config_from_flags(a))
+    out = train_bundled(config_from_flags(a, TrainConfig))
     print(json.dumps({"out_dir": str(out)}))
     return 0
 
@@ -402,7 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
         c.set_defaults(fn=fn)
         return c
 
-    add_config_flags(command("train-bundled", _cmd_train_bundled))
+    add_config_flags(command("train-bundled", _cmd_train_bundled), TrainConfig)
 
     g = command("generate", _cmd_generate)
     g.add_argument("--prompt", required=True)

@@ -209,7 +209,7 @@ class TestTraining:
         """Every config field is a flag; a bad mode or timestep is a ValueError naming the flag."""
         import argparse
 
-        from models.training.bundled import add_config_flags, config_from_flags
+        from models.training.common import add_config_flags, config_from_flags
 
         p = argparse.ArgumentParser()
         add_config_flags(p, tr.TextDiffusionConfig)

@@ -284,9 +284,10 @@ class TestCompositionalSplit:
     def test_flag_parses_both_ways(self):
         import argparse
 
-        from models.training.bundled import add_config_flags, config_from_flags
+        from models.training.bundled import TrainConfig
+        from models.training.common import add_config_flags, config_from_flags
 
         p = argparse.ArgumentParser()
-        add_config_flags(p)
-        assert config_from_flags(p.parse_args([])).exclude_compositional is True
-        assert config_from_flags(p.parse_args(["--no-exclude-compositional"])).exclude_compositional is False
+        add_config_flags(p, TrainConfig)
+        assert config_from_flags(p.parse_args([]), TrainConfig).exclude_compositional is True
+        assert config_from_flags(p.parse_args(["--no-exclude-compositional"]), TrainConfig).exclude_compositional is False

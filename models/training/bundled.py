@@ -19,16 +19,13 @@ Example:
 """
 from __future__ import annotations
 
-import argparse
 import copy
-import csv
 import dataclasses
 import hashlib
 import json
 import math
 import os
 import shutil
-import signal
 import time
 from pathlib import Path
 
@@ -44,19 +41,11 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from models.attention_capture import STAGES, capture_cross_attention, cross_attention_layers
 from models.shapes import world
 from models.shapes.vocab import MODEL_MAX_LENGTH, build_clip_tokenizer_files
+from models.training.common import LossLog, StopOnSignal, atomic_save, config_field
 from models.training.text_aux import IGNORE, TextAuxHead, caption_labels, text_aux_loss
 
 LATENT = 16
 MAX_SHARD = "15MB"  # weight files stay small in the git tree; from_pretrained reads the shard index
-
-
-def _opt(default, help: str, factory=None, **metadata):
-    """A TrainConfig field with its `train-bundled` flag's help and its bounds (ge / gt / le / lt) or `check`
-    (a function raising ValueError) in the field's metadata (`add_config_flags`, `config_from_flags`)."""
-    meta = {"help": help, **metadata}
-    if factory is not None:
-        return dataclasses.field(default_factory=factory, metadata=meta)
-    return dataclasses.field(default=default, metadata=meta)
 
 
 @dataclasses.dataclass
@@ -64,117 +53,51 @@ class TrainConfig:
     """Everything a training run reads; each field is a `cli.py train-bundled` flag (`--unet-steps` for
     unet_steps), its help and bounds in the field's metadata."""
 
-    out_dir: str = _opt("assets/models/shapes-v1", "folder the pipeline is exported to (diffusers format)")
-    work_dir: str = _opt(os.path.expanduser("~/.cache/discolens/train-shapes-v1"),
+    out_dir: str = config_field("assets/models/shapes-v1", "folder the pipeline is exported to (diffusers format)")
+    work_dir: str = config_field(os.path.expanduser("~/.cache/discolens/train-shapes-v1"),
                          "folder of the run's state: data, latents, checkpoints, loss log")
-    seed: int = _opt(0, "seed of the data and the initialisation", ge=0)
-    n_images: int = _opt(60_000, "rendered training scenes", ge=1)
-    exclude_compositional: bool = _opt(True, "leave the compositional split's held-out combinations "
+    seed: int = config_field(0, "seed of the data and the initialisation", ge=0)
+    n_images: int = config_field(60_000, "rendered training scenes", ge=1)
+    exclude_compositional: bool = config_field(True, "leave the compositional split's held-out combinations "
                                        "(models.shapes.world.compositional_holdout) out of the rendered data; the "
                                        "shipped shapes-v1 predates the split and was trained on them")
-    mix: dict = _opt(None, "share of each scene kind in the rendered data, KIND=SHARE items",
+    mix: dict = config_field(None, "share of each scene kind in the rendered data, KIND=SHARE items",
                      factory=lambda: {"single": 0.25, "relation": 0.45, "count": 0.30})
     # batch sampling weight per scene kind over the cached data (missing kinds: 1; None = uniform): changes the
     # training mix without re-rendering or re-caching latents. The shipped model ran count x3 (batches 56 % counts)
     # from step 5 223 to 6 250 (docs/counts.md)
-    kind_weights: dict | None = _opt(None, "batch sampling weight per scene kind over the cached data, KIND=WEIGHT "
+    kind_weights: dict | None = config_field(None, "batch sampling weight per scene kind over the cached data, KIND=WEIGHT "
                                      "items (count=1 = uniform)", factory=lambda: {"count": 3.0},
                                      check=lambda v: v if v is None else check_kind_weights(v))
     # VAE
-    vae_steps: int = _opt(1000, "VAE training steps", ge=0)
-    vae_batch: int = _opt(32, "VAE batch size", ge=1)
-    vae_lr: float = _opt(1e-3, "VAE learning rate", gt=0)
-    vae_channels: tuple = _opt((16, 32, 64), "VAE block widths (a new run only)")
+    vae_steps: int = config_field(1000, "VAE training steps", ge=0)
+    vae_batch: int = config_field(32, "VAE batch size", ge=1)
+    vae_lr: float = config_field(1e-3, "VAE learning rate", gt=0)
+    vae_channels: tuple = config_field((16, 32, 64), "VAE block widths (a new run only)")
     # UNet + text encoder
-    unet_steps: int = _opt(30_000, "total UNet steps; a run stops earlier when interrupted and resumes later", ge=0)
-    batch: int = _opt(64, "UNet batch size", ge=1)
-    lr: float = _opt(1e-3, "peak learning rate of the UNet + text encoder", gt=0)
-    warmup: int = _opt(200, "linear warm-up steps from each (re)start from exported weights", ge=1)
-    ema_decay: float = _opt(0.999, "EMA decay of the exported weights", gt=0, lt=1)
-    caption_dropout: float = _opt(0.1, "share of captions dropped to the empty prompt", ge=0, le=1)
-    token_loss_weight: float = _opt(0.1, "TokenCompose-style token loss on cross-attention (0 = the plain model)",
+    unet_steps: int = config_field(30_000, "total UNet steps; a run stops earlier when interrupted and resumes later", ge=0)
+    batch: int = config_field(64, "UNet batch size", ge=1)
+    lr: float = config_field(1e-3, "peak learning rate of the UNet + text encoder", gt=0)
+    warmup: int = config_field(200, "linear warm-up steps from each (re)start from exported weights", ge=1)
+    ema_decay: float = config_field(0.999, "EMA decay of the exported weights", gt=0, lt=1)
+    caption_dropout: float = config_field(0.1, "share of captions dropped to the empty prompt", ge=0, le=1)
+    token_loss_weight: float = config_field(0.1, "TokenCompose-style token loss on cross-attention (0 = the plain model)",
                                     ge=0)
-    token_loss_layers: str = _opt("all", "layers the grounding losses see: all, or stages joined by ',' (mid,up)",
+    token_loss_layers: str = config_field("all", "layers the grounding losses see: all, or stages joined by ',' (mid,up)",
                                   check=lambda v: loss_stages(v))
-    pixel_loss_weight: float = _opt(0.0, "TokenCompose's pixel-level BCE term (0 = off)", ge=0)
-    text_aux_weight: float = _opt(0.1, "scene-parsing probes on the text encoder's states "
+    pixel_loss_weight: float = config_field(0.0, "TokenCompose's pixel-level BCE term (0 = off)", ge=0)
+    text_aux_weight: float = config_field(0.1, "scene-parsing probes on the text encoder's states "
                                   "(models.training.text_aux; 0 = off)", ge=0)
-    unet_channels: tuple = _opt((64, 128, 128), "UNet block widths (a new run only)")
-    heads: int = _opt(4, "attention heads per UNet layer (a new run only)", ge=1)
-    text_layers: int = _opt(3, "text encoder layers (a new run only)", ge=1)
-    text_hidden: int = _opt(64, "text encoder width (a new run only)", ge=1)
-    grad_clip: float = _opt(1.0, "gradient norm clip", gt=0)
-    checkpoint_every: int = _opt(100, "steps between checkpoints", ge=1)
-    export_every: int = _opt(500, "steps between exports of the pipeline", ge=1)
-    max_minutes: float | None = _opt(None, "stop (checkpoint + export) after this wall time", gt=0)
-    threads: int | None = _opt(None, "CPU threads (default: torch's)", ge=1)
-    device: str | None = _opt(None, "cpu, cuda, ... (default: CUDA when available)")
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def add_config_flags(parser, cls=TrainConfig) -> None:
-    """One argparse flag per field of a config dataclass (`--unet-steps` for unet_steps), with the help from the
-    field's metadata; every flag defaults to None (= keep the dataclass default, shown in the help)."""
-    defaults = cls()
-    for f in dataclasses.fields(cls):
-        base = str(f.type).replace(" | None", "").strip()
-        default = getattr(defaults, f.name)
-        kw: dict = {"dest": f.name, "default": None,
-                    "help": f"{f.metadata.get('help', '')} (default: {default})".strip()}
-        if base == "bool":
-            kw["action"] = argparse.BooleanOptionalAction  # --flag / --no-flag
-        elif base in ("dict", "dict[str, float]"):
-            kw.update(nargs="+", metavar="KEY=VALUE")
-        elif base.startswith("tuple"):
-            kw.update(nargs="+", type=type(default[0]) if default else str)
-        else:
-            kw["type"] = {"int": int, "float": float}.get(base, str)
-        parser.add_argument(_flag(f.name), **kw)
-
-
-def _key_values(flag: str, items: list[str]) -> dict[str, float]:
-    out = {}
-    for it in items:
-        key, sep, val = it.partition("=")
-        try:
-            out[key] = float(val)
-        except ValueError:
-            sep = ""
-        if not sep or not key:
-            raise ValueError(f"{flag} takes KEY=VALUE items (e.g. count=3); got {it!r}")
-    return out
-
-
-def config_from_flags(namespace, cls=TrainConfig):
-    """The config of the flags `add_config_flags` added (flags left out keep their defaults), checked against
-    the fields' bounds; ValueError naming the flag."""
-    cfg = cls()
-    for f in dataclasses.fields(cls):
-        v = getattr(namespace, f.name, None)
-        if v is None:
-            continue
-        if isinstance(getattr(cfg, f.name), dict) or str(f.type).startswith("dict"):
-            v = _key_values(_flag(f.name), v)
-        elif isinstance(v, list):
-            v = tuple(v)
-        setattr(cfg, f.name, v)
-    for f in dataclasses.fields(cls):
-        v, m, flag = getattr(cfg, f.name), f.metadata, _flag(f.name)
-        if v is not None and isinstance(v, (int, float)):
-            bounds = [(op, m[op]) for op in ("ge", "gt", "le", "lt") if op in m]
-            sym = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
-            ok = {"ge": lambda b: v >= b, "gt": lambda b: v > b, "le": lambda b: v <= b, "lt": lambda b: v < b}
-            if not all(ok[op](b) for op, b in bounds) or v != v:
-                raise ValueError(f"{flag} must be " + " and ".join(f"{sym[op]} {b}" for op, b in bounds) + f", got {v}")
-        if "check" in m:
-            try:
-                m["check"](v)
-            except ValueError as e:
-                raise ValueError(f"{flag}: {e}") from None
-    return cfg
+    unet_channels: tuple = config_field((64, 128, 128), "UNet block widths (a new run only)")
+    heads: int = config_field(4, "attention heads per UNet layer (a new run only)", ge=1)
+    text_layers: int = config_field(3, "text encoder layers (a new run only)", ge=1)
+    text_hidden: int = config_field(64, "text encoder width (a new run only)", ge=1)
+    grad_clip: float = config_field(1.0, "gradient norm clip", gt=0)
+    checkpoint_every: int = config_field(100, "steps between checkpoints", ge=1)
+    export_every: int = config_field(500, "steps between exports of the pipeline", ge=1)
+    max_minutes: float | None = config_field(None, "stop (checkpoint + export) after this wall time", gt=0)
+    threads: int | None = config_field(None, "CPU threads (default: torch's)", ge=1)
+    device: str | None = config_field(None, "cpu, cuda, ... (default: CUDA when available)")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -268,33 +191,6 @@ def images_to_tensor(images: np.ndarray) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------
 # Checkpointing
 # ------------------------------------------------------------------------------------------------
-def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-class _StopFlag:
-    def __init__(self) -> None:
-        self.stop = False
-        self._old = {}
-
-    def __enter__(self):
-        for s in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self._old[s] = signal.signal(s, self._handler)
-            except ValueError:  # not in the main thread
-                pass
-        return self
-
-    def _handler(self, *_):
-        self.stop = True
-
-    def __exit__(self, *exc):
-        for s, h in self._old.items():
-            signal.signal(s, h)
-
-
 # ------------------------------------------------------------------------------------------------
 # Stage 2: VAE
 # ------------------------------------------------------------------------------------------------
@@ -318,7 +214,7 @@ def train_vae(cfg: TrainConfig, data: dict, device: torch.device, log) -> "Autoe
         step = st["step"]
     n_train = min(len(data["images"]), 20_000)
     gen = np.random.default_rng(cfg.seed + 1)
-    with _StopFlag() as flag, tqdm(total=cfg.vae_steps, initial=step, desc="vae") as bar:
+    with StopOnSignal() as flag, tqdm(total=cfg.vae_steps, initial=step, desc="vae") as bar:
         while step < cfg.vae_steps:
             idx = gen.integers(n_train, size=cfg.vae_batch)
             x = images_to_tensor(data["images"][idx]).to(device)
@@ -335,7 +231,7 @@ def train_vae(cfg: TrainConfig, data: dict, device: torch.device, log) -> "Autoe
             bar.set_postfix(loss=f"{loss.item():.4f}")
             log("vae", step, {"loss": loss.item(), "mse": F.mse_loss(rec, x).item()})
             if step % 100 == 0 or flag.stop:
-                _atomic_save({"model": vae.state_dict(), "opt": opt.state_dict(), "step": step}, ck)
+                atomic_save({"model": vae.state_dict(), "opt": opt.state_dict(), "step": step}, ck)
             if flag.stop:
                 raise KeyboardInterrupt("stopped during VAE training (checkpoint saved)")
     vae.save_pretrained(final)
@@ -360,7 +256,7 @@ def cache_latents(cfg: TrainConfig, data: dict, vae, device) -> tuple[torch.Tens
         x = images_to_tensor(data["images"][i : i + 256]).to(device)
         out[i : i + 256] = vae.encode(x).latent_dist.mean.cpu()
     sf = float(1.0 / out.std())
-    _atomic_save({"latents": out, "scaling_factor": sf, "data_key": key}, path)
+    atomic_save({"latents": out, "scaling_factor": sf, "data_key": key}, path)
     return out, sf
 
 
@@ -498,24 +394,6 @@ def export_pipeline(cfg: TrainConfig, unet, text_encoder, tokenizer, vae, step: 
     return out
 
 
-class _Logger:
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.new = not path.exists()
-        self.f = open(path, "a", newline="")
-        self.w = csv.writer(self.f)
-        if self.new:
-            self.w.writerow(["stage", "step", "time", "key", "value"])
-
-    def __call__(self, stage: str, step: int, values: dict) -> None:
-        if step % 10 and stage == "vae":
-            return
-        t = f"{time.time():.0f}"
-        for k, v in values.items():
-            self.w.writerow([stage, step, t, k, f"{v:.6g}"])
-        self.f.flush()
-
-
 def training_tokenizer(cfg: TrainConfig):
     """The run's tokenizer, never rebuilt under a run in progress: the work dir's (its cached token ids
     were made with it), else the exported model's being resumed, else a fresh build; kept in the work dir."""
@@ -538,7 +416,7 @@ def train_bundled(cfg: TrainConfig) -> Path:
     exported_log = Path(cfg.out_dir) / "training_log.csv"
     if not (work / "loss_log.csv").exists() and exported_log.exists():  # a new machine: keep the history
         (work / "loss_log.csv").write_text(exported_log.read_text())
-    log = _Logger(work / "loss_log.csv")
+    log = LossLog(work / "loss_log.csv")
     t_start = time.time()
 
     tokenizer = training_tokenizer(cfg)
@@ -622,7 +500,7 @@ def train_bundled(cfg: TrainConfig) -> Path:
         captured.append(probs)
 
     def save_ckpt():
-        _atomic_save({"unet": unet.state_dict(), "text": text.state_dict(), "ema_unet": ema_unet.state_dict(),
+        atomic_save({"unet": unet.state_dict(), "text": text.state_dict(), "ema_unet": ema_unet.state_dict(),
                       "ema_text": ema_text.state_dict(), "opt": opt.state_dict(), "step": step,
                       "warm_start": warm_start}
                      | ({"aux_head": aux_head.state_dict(), "aux_opt": opts[1].state_dict()} if aux_head is not None
@@ -638,7 +516,7 @@ def train_bundled(cfg: TrainConfig) -> Path:
 
     use_tok = cfg.token_loss_weight > 0 or cfg.pixel_loss_weight > 0
     ctx = capture_cross_attention(unet, sink, layers=loss_layers(unet, cfg.token_loss_layers)) if use_tok else _null()
-    with _StopFlag() as flag, ctx, tqdm(total=cfg.unet_steps, initial=step, desc="unet") as bar:
+    with StopOnSignal() as flag, ctx, tqdm(total=cfg.unet_steps, initial=step, desc="unet") as bar:
         while step < cfg.unet_steps:
             g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
             if weights is None:

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
-import os
 import shutil
 import time
 from pathlib import Path
@@ -37,7 +35,6 @@ from models.adapters.dpt import (
     LORA_FILE,
     DPTAdapter,
     DPTConfig,
-    DPTOutput,
     add_lora,
     box_cxcywh_to_xyxy,
     box_iou,
@@ -50,6 +47,7 @@ from models.adapters.dpt import (
 )
 from models.loading import frozen
 from models.shapes import referring, world
+from models.training.common import atomic_save
 from models.unet_pass import native_size, noised_unet_pass
 
 __all__ = ["DPT_SEEDS", "DPTTrainConfig", "text_embeddings", "encode_images", "dpt_features", "features_at",
@@ -365,10 +363,8 @@ def _train_dpt(pipe, cfg: DPTTrainConfig, work_dir: str | Path, progress: bool =
     base_lrs = [g["lr"] for g in opt.param_groups]
 
     def save_state():
-        tmp = work / "state.pt.tmp"
-        torch.save({"adapter": adapter.state_dict(), "opt": opt.state_dict(), "step": step,
-                    "lora": lora_state_dict(pipe.unet) if lora_params else None}, tmp)
-        os.replace(tmp, state_path)
+        atomic_save({"adapter": adapter.state_dict(), "opt": opt.state_dict(), "step": step,
+                     "lora": lora_state_dict(pipe.unet) if lora_params else None}, state_path)
 
     def snapshot():
         adapter.config.trained_steps = step

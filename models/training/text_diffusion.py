@@ -25,7 +25,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from pathlib import Path
@@ -50,7 +49,8 @@ from models.adapters.text_denoiser import (
 )
 from models.loading import load_pipeline
 from models.shapes import world
-from models.training.bundled import _atomic_save, _Logger, _opt, _StopFlag, images_to_tensor, noise_scheduler_kwargs
+from models.training.bundled import images_to_tensor, noise_scheduler_kwargs
+from models.training.common import LossLog, StopOnSignal, atomic_save, config_field
 from models.training.dpt import block_shapes
 from models.unet_pass import noised_unet_pass
 
@@ -69,39 +69,39 @@ _CACHE_CHUNK = 1024
 @dataclasses.dataclass
 class TextDiffusionConfig:
     """Everything a text-diffusion training run reads; each field is a `cli.py train-text-diffusion` flag
-    (`bundled.add_config_flags(parser, TextDiffusionConfig)`, `config_from_flags(ns, TextDiffusionConfig)`)."""
+    (`common.add_config_flags(parser, TextDiffusionConfig)`, `config_from_flags(ns, TextDiffusionConfig)`)."""
 
-    out_dir: str = _opt(DEFAULT_OUT, "folder the adapter is exported to (config.json, vocab.json, safetensors)")
-    work_dir: str = _opt(os.path.expanduser("~/.cache/discolens/text_diffusion"),
+    out_dir: str = config_field(DEFAULT_OUT, "folder the adapter is exported to (config.json, vocab.json, safetensors)")
+    work_dir: str = config_field(os.path.expanduser("~/.cache/discolens/text_diffusion"),
                          "folder of the run's state: feature caches, checkpoint, loss log")
-    model: str | None = _opt(None, "the diffusion model whose UNet is read (default: the bundled shapes-v1)")
-    mode: str = _opt("frozen", "frozen (UNet frozen, cached features) or dual (UNet trained too, L_image + "
+    model: str | None = config_field(None, "the diffusion model whose UNet is read (default: the bundled shapes-v1)")
+    mode: str = config_field("frozen", "frozen (UNet frozen, cached features) or dual (UNet trained too, L_image + "
                      "text_weight * L_text)", check=lambda v: _check_choice(v, ("frozen", "dual")))
-    timestep: int = _opt(0, "discriminative timestep the UNet is read at: 0..999, or 1000 = DiffDis's extra "
+    timestep: int = config_field(0, "discriminative timestep the UNet is read at: 0..999, or 1000 = DiffDis's extra "
                          "timestep (learned embedding, clean latent)", ge=0, le=EXTRA_TIMESTEP)
-    seed: int = _opt(7, "seed of the training scenes and the initialisation", ge=0)
-    n_scenes: int = _opt(10_000, "training scenes (features cached once per timestep in frozen mode)", ge=1)
-    n_val: int = _opt(256, "validation scenes for the validation loss", ge=1)
-    steps: int = _opt(4000, "total optimiser steps; a run stops earlier when interrupted and resumes later", ge=0)
-    batch: int = _opt(64, "rows per step (captions and questions)", ge=1)
-    caption_share: float = _opt(0.5, "share of caption rows in a batch (the rest: questions)", ge=0, le=1)
-    lr: float = _opt(7e-4, "peak learning rate of the text denoiser", gt=0)
-    warmup: int = _opt(100, "linear warm-up steps", ge=1)
-    max_len: int = _opt(12, "text positions L (a new run only)", ge=9)
-    hidden: int = _opt(128, "transformer width (a new run only)", ge=8)
-    layers: int = _opt(4, "transformer layers (a new run only)", ge=1)
-    heads: int = _opt(4, "attention heads (a new run only)", ge=1)
-    text_weight: float = _opt(0.2, "dual mode: weight of L_text beside L_image (D-DiT: 0.2)", ge=0)
-    unet_lr: float = _opt(2e-5, "dual mode: learning rate of the UNet", gt=0)
-    dual_batch: int = _opt(32, "dual mode: scenes per step", ge=1)
-    grad_clip: float = _opt(1.0, "gradient norm clip", gt=0)
-    feature_batch: int = _opt(64, "scenes per UNet call while caching features", ge=1)
-    val_every: int = _opt(100, "steps between validation-loss readings", ge=1)
-    checkpoint_every: int = _opt(100, "steps between checkpoints", ge=1)
-    export_every: int = _opt(500, "steps between exports of the adapter", ge=1)
-    max_minutes: float | None = _opt(None, "stop (checkpoint + export) after this wall time", gt=0)
-    threads: int | None = _opt(None, "CPU threads (default: torch's)", ge=1)
-    device: str | None = _opt(None, "cpu, cuda, ... (default: CUDA when available)")
+    seed: int = config_field(7, "seed of the training scenes and the initialisation", ge=0)
+    n_scenes: int = config_field(10_000, "training scenes (features cached once per timestep in frozen mode)", ge=1)
+    n_val: int = config_field(256, "validation scenes for the validation loss", ge=1)
+    steps: int = config_field(4000, "total optimiser steps; a run stops earlier when interrupted and resumes later", ge=0)
+    batch: int = config_field(64, "rows per step (captions and questions)", ge=1)
+    caption_share: float = config_field(0.5, "share of caption rows in a batch (the rest: questions)", ge=0, le=1)
+    lr: float = config_field(7e-4, "peak learning rate of the text denoiser", gt=0)
+    warmup: int = config_field(100, "linear warm-up steps", ge=1)
+    max_len: int = config_field(12, "text positions L (a new run only)", ge=9)
+    hidden: int = config_field(128, "transformer width (a new run only)", ge=8)
+    layers: int = config_field(4, "transformer layers (a new run only)", ge=1)
+    heads: int = config_field(4, "attention heads (a new run only)", ge=1)
+    text_weight: float = config_field(0.2, "dual mode: weight of L_text beside L_image (D-DiT: 0.2)", ge=0)
+    unet_lr: float = config_field(2e-5, "dual mode: learning rate of the UNet", gt=0)
+    dual_batch: int = config_field(32, "dual mode: scenes per step", ge=1)
+    grad_clip: float = config_field(1.0, "gradient norm clip", gt=0)
+    feature_batch: int = config_field(64, "scenes per UNet call while caching features", ge=1)
+    val_every: int = config_field(100, "steps between validation-loss readings", ge=1)
+    checkpoint_every: int = config_field(100, "steps between checkpoints", ge=1)
+    export_every: int = config_field(500, "steps between exports of the adapter", ge=1)
+    max_minutes: float | None = config_field(None, "stop (checkpoint + export) after this wall time", gt=0)
+    threads: int | None = config_field(None, "CPU threads (default: torch's)", ge=1)
+    device: str | None = config_field(None, "cpu, cuda, ... (default: CUDA when available)")
 
 
 def _check_choice(v, choices):
@@ -255,10 +255,10 @@ def build_feature_cache(pipe, scenes: Sequence[world.Scene], cfg: TextDenoiserCo
             for b, g in zip(cfg.blocks, grids):
                 got[b].append(_pool(feats[b], g).half().cpu())
         feats = {b: torch.cat(v) for b, v in got.items()}
-        _atomic_save({"key": key, "features": feats}, part)
+        atomic_save({"key": key, "features": feats}, part)
         parts.append(feats)
     out = {b: torch.cat([p[b] for p in parts]) for b in cfg.blocks}
-    _atomic_save({"key": key, "features": out}, path)
+    atomic_save({"key": key, "features": out}, path)
     for k in range((len(scenes) + _CACHE_CHUNK - 1) // _CACHE_CHUNK):
         path.with_name(path.name + f".part{k}").unlink(missing_ok=True)
     return out
@@ -360,7 +360,7 @@ def train_text_diffusion(cfg: TextDiffusionConfig, pipe=None) -> Path:
     dcfg = _denoiser_config(cfg, vocab, pipe)
     run = Path(cfg.work_dir) / f"{cfg.mode}_t{cfg.timestep}"
     run.mkdir(parents=True, exist_ok=True)
-    log = _Logger(run / "loss_log.csv")
+    log = LossLog(run / "loss_log.csv")
     t_start = time.time()
 
     torch.manual_seed(cfg.seed)
@@ -424,7 +424,7 @@ def train_text_diffusion(cfg: TextDiffusionConfig, pipe=None) -> Path:
         if unet_opt is not None:
             st["unet"] = unet.state_dict()
             st["unet_opt"] = unet_opt.state_dict()
-        _atomic_save(st, ck)
+        atomic_save(st, ck)
 
     def export():
         model.config.trained_steps = step
@@ -437,7 +437,7 @@ def train_text_diffusion(cfg: TextDiffusionConfig, pipe=None) -> Path:
         if src.exists():
             (Path(cfg.out_dir) / "training_log.csv").write_text(src.read_text())
 
-    with _StopFlag() as flag, tqdm(total=cfg.steps, initial=step, desc=f"text diffusion ({cfg.mode})") as bar:
+    with StopOnSignal() as flag, tqdm(total=cfg.steps, initial=step, desc=f"text diffusion ({cfg.mode})") as bar:
         while step < cfg.steps:
             for group in opt.param_groups:
                 group["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup)
