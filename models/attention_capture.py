@@ -104,8 +104,9 @@ def _stage_order(name: str) -> tuple[int, int, int, int]:
     return ({"down_blocks": 0, "mid_block": 1, "up_blocks": 2}[stage], int(block or 0), int(att), int(tb))
 
 
-def cross_attention_layers(unet: torch.nn.Module) -> list[CrossAttnLayer]:
-    """The UNet's cross-attention layers, in execution order (down, mid, up)."""
+def cross_attention_layers(unet: torch.nn.Module, only: Sequence[str] | None = None) -> list[CrossAttnLayer]:
+    """The UNet's cross-attention layers, in execution order (down, mid, up); `only`: keep those named by module
+    path or alias (ValueError for a name that is neither)."""
     mods = {n: m for n, m in unet.named_modules() if isinstance(m, Attention) and n.endswith("attn2")}
     names = sorted(mods, key=_stage_order)
     multi = any(_stage_order(n)[3] > 0 for n in names)
@@ -114,6 +115,12 @@ def cross_attention_layers(unet: torch.nn.Module) -> list[CrossAttnLayer]:
         o = _stage_order(n)
         out.append(CrossAttnLayer(n, layer_alias(n, 2 if multi else 1), mods[n].heads,
                                   layer_stage(n), o[1]))
+    if only is not None:
+        wanted = set(only)
+        unknown = wanted - {l.name for l in out} - {l.alias for l in out}
+        if unknown:
+            raise ValueError(f"unknown cross-attention layers: {sorted(unknown)}")
+        out = [l for l in out if l.name in wanted or l.alias in wanted]
     return out
 
 
@@ -243,13 +250,7 @@ def capture_cross_attention(unet: torch.nn.Module, sink: Sink, want_logits: bool
     Yields:
         the list of captured layers. Self-attention layers keep their processors.
     """
-    all_layers = cross_attention_layers(unet)
-    if layers is not None:
-        wanted = set(layers)
-        unknown = wanted - {l.name for l in all_layers} - {l.alias for l in all_layers}
-        if unknown:
-            raise ValueError(f"unknown cross-attention layers: {sorted(unknown)}")
-        all_layers = [l for l in all_layers if l.name in wanted or l.alias in wanted]
+    all_layers = cross_attention_layers(unet, layers)
     modules = dict(unet.named_modules())
     originals = {l.name: modules[l.name].processor for l in all_layers}
     try:
@@ -327,13 +328,7 @@ class ProbeSet:
         """Probes for the UNet's cross-attention layers (all, or those named by path or alias); none installed."""
         if source not in ("probs", "logits"):
             raise ValueError(f"unknown source {source!r}; use 'probs' or 'logits'")
-        lays = cross_attention_layers(unet)
-        if layers is not None:
-            wanted = set(layers)
-            unknown = wanted - {l.name for l in lays} - {l.alias for l in lays}
-            if unknown:
-                raise ValueError(f"unknown cross-attention layers: {sorted(unknown)}")
-            lays = [l for l in lays if l.name in wanted or l.alias in wanted]
+        lays = cross_attention_layers(unet, layers)
         return cls(lays, [AttentionProbe(l.name) for l in lays], {}, source)
 
     @property
