@@ -17,6 +17,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -28,7 +29,7 @@ IMAGE = ROOT / "assets" / "benchmarks" / "comvg" / "images" / "0000.png"
 CAPTIONS = "a red square above a blue square\na yellow square above a blue square"
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -53,24 +54,26 @@ def rss_mb(pid: int) -> float:
     return total / 1024
 
 
-def start_server(port: int | None = None, threads: str = "2") -> tuple[subprocess.Popen, str]:
-    """`python app.py` on a free port; (process, url) once GET / answers."""
-    port = port or _free_port()
+def start_server(port: int | None = None, threads: str = "2", timeout: float = 180) -> tuple[subprocess.Popen, str]:
+    """`python app.py` on a free port; (process, url) once GET / answers. The server's stderr goes to a temporary
+    file (a pipe nobody reads could fill and stall it), whose tail the error shows if the app exits early."""
+    port = port or free_port()
     env = dict(os.environ, **ENV, GRADIO_SERVER_PORT=str(port), OMP_NUM_THREADS=threads)
-    proc = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    err = tempfile.TemporaryFile()
+    proc = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err)
     url = f"http://127.0.0.1:{port}/"
-    deadline = time.time() + 180
+    deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"app exited with {proc.returncode}")
+            err.seek(0)
+            raise RuntimeError(f"app exited with {proc.returncode}: {err.read().decode(errors='replace')[-2000:]}")
         try:
             if urllib.request.urlopen(url, timeout=2).status == 200:
                 return proc, url
         except OSError:
             time.sleep(0.5)
     proc.terminate()
-    raise RuntimeError("app did not start")
+    raise RuntimeError(f"app did not start within {timeout:g} s")
 
 
 def _digest(path: str) -> str:

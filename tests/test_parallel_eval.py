@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import _free_port
+from bench.load import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -27,7 +27,7 @@ def _eval(launcher: list[str], model: Path, launches: int = 1) -> list[dict]:
     full-suite run, before the ranks left the gloo group together) is started again on a fresh port, up to
     `launches`."""
     for attempt in range(launches):
-        out = _run([a if a != "{port}" else str(_free_port()) for a in launcher], model)
+        out = _run([a if a != "{port}" else str(free_port()) for a in launcher], model)
         if out.returncode == 0 or "Signal" not in out.stderr or attempt == launches - 1:
             break
     assert out.returncode == 0, out.stderr[:3000] + "\n...\n" + out.stderr[-2000:]
