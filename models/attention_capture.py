@@ -34,7 +34,8 @@ import torch
 from diffusers.models.attention_processor import Attention
 
 __all__ = ["AttentionProbe", "CaptureProcessor", "CrossAttnLayer", "ProbeProcessor", "ProbeSet", "cosine_map",
-           "cross_attention_layers", "capture_cross_attention", "layer_alias", "probed_attention", "select_layer_names"]
+           "cross_attention_layers", "capture_cross_attention", "layer_alias", "probed_attention", "select_layer_names",
+           "stage_order"]
 
 
 class Sink(Protocol):
@@ -91,12 +92,14 @@ STAGES = ("down", "mid", "up")
 def layer_stage(name: str, alias: str = "") -> str:
     """'down' | 'mid' | 'up' from a module path (or, failing that, an alias like 'mid.attn.0'); else 'other'."""
     if _PATH.match(name):
-        return ("down", "mid", "up")[_stage_order(name)[0]]
+        return ("down", "mid", "up")[stage_order(name)[0]]
     head = alias.split(".", 1)[0]
     return head if head in STAGES else "other"
 
 
-def _stage_order(name: str) -> tuple[int, int, int, int]:
+def stage_order(name: str) -> tuple[int, int, int, int]:
+    """(stage, block, attention module, transformer block) of a cross-attention module path; stage 0 / 1 / 2 =
+    down / mid / up (3: not a UNet path). Sorting by it gives execution order."""
     m = _PATH.match(name)
     if not m:
         return (3, 0, 0, 0)
@@ -108,11 +111,11 @@ def cross_attention_layers(unet: torch.nn.Module, only: Sequence[str] | None = N
     """The UNet's cross-attention layers, in execution order (down, mid, up); `only`: keep those named by module
     path or alias (ValueError for a name that is neither)."""
     mods = {n: m for n, m in unet.named_modules() if isinstance(m, Attention) and n.endswith("attn2")}
-    names = sorted(mods, key=_stage_order)
-    multi = any(_stage_order(n)[3] > 0 for n in names)
+    names = sorted(mods, key=stage_order)
+    multi = any(stage_order(n)[3] > 0 for n in names)
     out = []
     for n in names:
-        o = _stage_order(n)
+        o = stage_order(n)
         out.append(CrossAttnLayer(n, layer_alias(n, 2 if multi else 1), mods[n].heads,
                                   layer_stage(n), o[1]))
     if only is not None:

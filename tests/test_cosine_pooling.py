@@ -8,12 +8,11 @@ import pytest
 import torch
 from PIL import Image
 
-from interp.scorers.head_weighted import ProbeProcessor
 from interp.lse import POOLINGS, lse_score, pool
 from interp.tasks.matching import MatchOptions, score_image_captions
 from interp.tasks.matching_eval import compare_scorers, evaluate_matching
 from models.shapes import benchmarks as bm
-from models.attention_capture import capture_cross_attention, cross_attention_layers
+from models.attention_capture import ProbeProcessor, capture_cross_attention, cross_attention_layers
 from models.unet_pass import encode_image, noised_unet_pass
 from models.trace import AttentionTrace, LayerInfo, trace
 

@@ -8,12 +8,13 @@ import pytest
 import torch
 from PIL import Image
 
-from interp.scorers.head_weighted import (AttentionProbe, HeadWeightedScorer, ProbeProcessor, attribute_maps,
-                                          head_weighted_score, matching_objective, probe_gradients, probed_attention)
+from interp.scorers.head_weighted import (HeadWeightedScorer, attribute_maps, head_weighted_score, matching_objective,
+                                          probe_gradients)
 from interp.lse import lse_pool
 from interp.tasks.matching import MatchOptions, score_image_captions
 from interp.lse import SPECIAL
-from models.attention_capture import CaptureProcessor, capture_cross_attention, cross_attention_layers
+from models.attention_capture import (AttentionProbe, CaptureProcessor, ProbeProcessor, capture_cross_attention,
+                                     cross_attention_layers, probed_attention)
 from models.trace import real_token_count
 
 CAPTIONS = ["a red circle", "a blue square on the left"]

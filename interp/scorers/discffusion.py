@@ -34,7 +34,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from models.attention_capture import STAGES, _stage_order  # _stage_order: (stage, block, attention, transformer block) of a path
+from models.attention_capture import STAGES, stage_order
 from models.unet_pass import PassResult
 
 from interp.lse import lse_score
@@ -106,7 +106,7 @@ def discffusion_layers(layers: Sequence) -> list[str]:
     """
     pos: dict[str, tuple[int, int, int, int]] = {}
     for l in layers:
-        o = _stage_order(l.name)
+        o = stage_order(l.name)
         if o[0] > 2:
             raise ValueError(f"{l.name!r} is not a UNet cross-attention module path")
         pos[l.name] = o

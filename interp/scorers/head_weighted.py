@@ -50,7 +50,7 @@ import numpy as np
 import torch
 from captum.attr import LayerGradientXActivation
 
-from models.attention_capture import AttentionProbe, ProbeProcessor, ProbeSet, probed_attention, select_layer_names
+from models.attention_capture import ProbeSet
 from models.limits import validate_captions
 from models.trace import AttentionTrace
 from models.unet_pass import check_pass_args, draw_noise, encode_image, noised_unet_pass
@@ -58,8 +58,7 @@ from models.unet_pass import check_pass_args, draw_noise, encode_image, noised_u
 from interp.lse import layer_step_scores, pool, select_layers, token_columns
 from interp.scorers.base import MatchOptions, ScoreResult, Scorer
 
-__all__ = ["VARIANTS", "AttentionProbe", "ProbeProcessor", "ProbeSet", "probed_attention", "select_layer_names",
-           "token_columns", "trace_objective", "matching_objective", "probe_gradients", "attribute_maps",
+__all__ = ["VARIANTS", "trace_objective", "matching_objective", "probe_gradients", "attribute_maps",
            "head_weighted_score", "HeadWeightedScorer"]
 
 Variant = Literal["eq7", "gxa"]
