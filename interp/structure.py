@@ -50,8 +50,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import math
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-from diffusers import StableDiffusionPipeline
 
 REPO = Path(__file__).resolve().parent.parent
 BUNDLED_NAME = "shapes-v1"
@@ -106,6 +105,10 @@ def _load_cached(path_or_id: str, device: str, dtype: torch.dtype):
         if p == BUNDLED_DIR:
             raise ModelLoadError(f"the bundled model is missing at {p} (train it: python cli.py train-bundled)")
         raise ModelLoadError(f"{path_or_id} is not a diffusers pipeline folder (no model_index.json)")
+    # lazy: diffusers' pipelines module pulls in transformers' processors (~6 s); every `import models.X`
+    # runs this package's __init__, so only a load pays for it
+    from diffusers import StableDiffusionPipeline
+
     try:
         pipe = StableDiffusionPipeline.from_pretrained(path_or_id, dtype=dtype, use_safetensors=True,
                                                        safety_checker=None, requires_safety_checker=False)

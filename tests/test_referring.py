@@ -1,7 +1,6 @@
 """Referring expressions: unambiguous, exact boxes, model words."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from models.shapes import referring, world

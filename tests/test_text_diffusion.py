@@ -2,7 +2,6 @@
 components, CPU)."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 

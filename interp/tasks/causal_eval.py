@@ -53,7 +53,7 @@ from interp.stats import mcnemar, wilson_interval
 from interp.tasks.generation_eval import held_out_prompts
 
 __all__ = ["CAUSAL_SEED", "EditCase", "plan_edits", "judge_edit", "evaluate_interventions", "summarize_cases",
-           "compare_models", "wilson"]
+           "compare_models", "run_causal_maps"]
 
 CAUSAL_SEED = 40_001  # held-out prompts for this test; training uses 0, generation_eval 10_007
 KINDS = ("single", "relation")

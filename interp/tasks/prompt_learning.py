@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
-from torch import nn
 
 from models.adapters.attention_prompt import (FORMAT_VERSION, VARIANTS, AttentionPrompt, PromptLayer, Variant,
                                               apply_prompt, check_compatible, load_prompt, save_prompt)

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from interp.scorers import MatchOptions, get_scorer
 from interp.stats import rate
-from models.adapters.text_denoiser import EXTRA_TIMESTEP, MASK, PAD, TextDenoiser, TextVocab, load_text_denoiser
+from models.adapters.text_denoiser import TextDenoiser, TextVocab, load_text_denoiser
 from models.limits import MAX_CANDIDATES
 from models.loading import load_pipeline
 from models.shapes import world

@@ -44,8 +44,6 @@ from typing import Iterator, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
-from peft import LoraConfig, inject_adapter_in_model
-from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
@@ -280,6 +278,8 @@ def _apply_additive(unet: nn.Module, prompt: AttentionPrompt) -> Iterator[None]:
 @contextlib.contextmanager
 def _apply_lora(unet: nn.Module, prompt: AttentionPrompt) -> Iterator[None]:
     # peft: an optional extra, only for LoRA prompts (imported here so additive prompts work without it)
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.tuners.tuners_utils import BaseTunerLayer
 
     originals: dict[tuple[str, str], nn.Module] = {}
     for l in prompt.layers:

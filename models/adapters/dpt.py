@@ -23,9 +23,6 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-from peft import LoraConfig
-from peft.tuners.tuners_utils import BaseTunerLayer
-from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -383,6 +380,9 @@ def load_adapter(folder: str | Path, device: str | torch.device = "cpu") -> DPTA
 def add_lora(unet: nn.Module, rank: int = 4, alpha: float | None = None, name: str = "dpt") -> list[nn.Parameter]:
     """Add a peft LoRA (rank `rank`) on the UNet's cross-attention projections (`LORA_TARGETS`); the base weights
     are frozen and left untouched. Returns the LoRA parameters (trainable)."""
+    # lazy: peft (~1.4 s to import) is only needed for the LoRA variant, not on every start of the app or CLI
+    from peft import LoraConfig
+
     cfg = LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian", target_modules=list(LORA_TARGETS))
     unet.requires_grad_(False)
     unet.add_adapter(cfg, adapter_name=name)
@@ -399,11 +399,17 @@ def has_lora(unet: nn.Module) -> bool:
 
 def lora_state_dict(unet: nn.Module) -> dict[str, torch.Tensor]:
     """The LoRA weights only (`peft.get_peft_model_state_dict`), on the CPU."""
+    # lazy: peft (~1.4 s to import) is only needed for the LoRA variant, not on every start of the app or CLI
+    from peft.utils import get_peft_model_state_dict
+
     return {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(unet).items()}
 
 
 def load_lora(unet: nn.Module, folder: str | Path, rank: int, name: str = "dpt") -> None:
     """Add a LoRA (as `add_lora`) and load its weights from `folder/lora.safetensors`; inference only."""
+    # lazy: peft (~1.4 s to import) is only needed for the LoRA variant, not on every start of the app or CLI
+    from peft.utils import set_peft_model_state_dict
+
     add_lora(unet, rank, name=name)
     set_peft_model_state_dict(unet, load_file(Path(folder) / LORA_FILE), adapter_name=name)
     unet.requires_grad_(False)
@@ -411,6 +417,9 @@ def load_lora(unet: nn.Module, folder: str | Path, rank: int, name: str = "dpt")
 
 def remove_lora(unet: nn.Module) -> None:
     """Remove every LoRA layer, restoring the original modules (and so the base model's outputs)."""
+    # lazy: peft (~1.4 s to import) is only needed for the LoRA variant, not on every start of the app or CLI
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
     for name, module in list(unet.named_modules()):
         if isinstance(module, BaseTunerLayer):
             parent_name, _, child = name.rpartition(".")

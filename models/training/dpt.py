@@ -25,7 +25,6 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from peft.utils import set_peft_model_state_dict
 from PIL import Image
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
@@ -356,6 +355,9 @@ def _train_dpt(pipe, cfg: DPTTrainConfig, work_dir: str | Path, progress: bool =
         st = torch.load(state_path, map_location="cpu", weights_only=False)
         adapter.load_state_dict(st["adapter"])
         if lora_params and st.get("lora"):
+            # lazy: peft (~1.4 s to import) is only needed for the LoRA variant, not on every start of the app or CLI
+            from peft.utils import set_peft_model_state_dict
+
             set_peft_model_state_dict(pipe.unet, st["lora"], adapter_name="dpt")
         opt.load_state_dict(st["opt"])
         step = int(st["step"])
