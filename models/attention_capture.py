@@ -128,15 +128,16 @@ def cross_attention_layers(unet: torch.nn.Module, only: Sequence[str] | None = N
 
 
 def select_layer_names(layers: Sequence, selection: Sequence[int | str] | str | None) -> list[str]:
-    """Module paths for a layer selection: None (all), "last_per_stage", or indices / aliases / paths.
+    """Module paths for a layer selection: None or "all" (every layer), "last_per_stage", or indices / aliases /
+    paths. ("all" exists for scorers whose None means their own default, e.g. the Discffusion authors' layers.)
 
     `layers`: objects with `.name`, `.alias` and `.stage` in UNet order (CrossAttnLayer, trace LayerInfo).
     """
-    if selection is None:
+    if selection is None or selection == "all":
         return [l.name for l in layers]
     if isinstance(selection, str):
         if selection != "last_per_stage":
-            raise ValueError(f"unknown layer selection {selection!r}; use None, a list, or 'last_per_stage'")
+            raise ValueError(f"unknown layer selection {selection!r}; use None, 'all', a list, or 'last_per_stage'")
         last = {l.stage: l.name for l in layers}  # UNet order: the last seen of a stage is its last layer
         missing = [s for s in STAGES if s not in last]
         if missing:

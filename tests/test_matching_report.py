@@ -66,11 +66,11 @@ class TestRun:
         assert all(r["benchmark"] == "winoground" and r["primary"] == "group_score" for r in rows)
 
     def test_scorer_hooks_and_prompts_run(self, tiny_pipe, wino):
-        """Structure, authors' score, head-weighted and few-shot rows run and report their own costs and prompt losses."""
+        """Structure, routed, head-weighted and few-shot rows run and report their own costs and prompt losses."""
         rows = mr.run_report(tiny_pipe, [str(wino)], ["scorers", "heads", "prompt"], MatchOptions(timesteps=(400,)),
                              limit=1, prompt_steps=2)
         labels = [r["label"] for r in rows]
-        assert len(labels) == 7 + 2 + 3
+        assert len(labels) == 6 + 2 + 3
         norm = next(r for r in rows if "normalised" in r["label"])
         assert norm["unet_evals_per_pair"] == pytest.approx(1.5)  # 2 captions + the "" row per call
         few = [r for r in rows if r["label"].startswith("few-shot")]
@@ -79,6 +79,46 @@ class TestRun:
         again = evaluate_matching(tiny_pipe, wino, MatchOptions(timesteps=(400,)), limit=1, per_item=False)
         zero = next(r for r in rows if r["label"] == "zero-shot")
         assert zero["metrics"] == again["metrics"]
+
+    def test_scorer_rows_share_the_pass_and_equal_their_own_runs(self, tiny_pipe, wino):
+        """Structure and routed rows, scored from the group's one shared pass, equal each scorer's own run."""
+        base = MatchOptions(timesteps=(300, 700))
+        rows = mr.run_report(tiny_pipe, [str(wino)], ["scorers"], base, limit=3)
+        for scorer, label in (("structure", "structure-aware (binding + relation)"),
+                              ("auto", "routed: structure if same content words, else DC")):
+            row = next(r for r in rows if r["label"] == label)
+            own = evaluate_matching(tiny_pipe, wino, base, limit=3, per_item=True, scorer=scorer)
+            assert row["metrics"] == own["metrics"], scorer
+            assert row["outcomes"] == [bool(it["group"]) for it in own["items"]]
+
+    def test_authors_group_varies_the_authors_score(self):
+        """Group "authors": the exact score at the authors' 30 timesteps first, then one change per row."""
+        from interp.scorers.discffusion import authors_timesteps
+        ex = mr.experiments(["authors"], MatchOptions(), schedule=(1,))
+        ats = authors_timesteps()
+        first = ex[0]
+        assert first.options.scorer == "discffusion" and first.options.timesteps == ats and first.scorer_args == ()
+        assert first.options.layers is None and first.options.pooling == "lse" and first.options.source == "logits"
+        alone = [e for e in ex if e.scorer_args == (("bias", False),)]
+        assert len(alone) >= 2 and "attention term alone" in alone[0].label
+        assert {e.options.layers for e in ex} == {None, "all"}
+        singles = sorted(e.options.timesteps for e in ex if len(e.options.timesteps) == 1)
+        assert singles == sorted([(ats[0],), (ats[-1],), (200,), (400,), (600,), (800,)])
+        assert all(e.options.scorer == "discffusion" for e in ex)
+
+    def test_authors_rows_equal_the_scorer_run_alone(self, tiny_pipe, wino):
+        """The authors' rows (one shared padded pass) equal DiscffusionScorer run alone, with and without the
+        denoising term; "all" layers reads every cross-attention layer."""
+        from interp.scorers.discffusion import DiscffusionScorer
+        rows = mr.run_report(tiny_pipe, [str(wino)], ["authors"], limit=2)
+        ex = mr.experiments(["authors"], MatchOptions(), schedule=(1,),
+                            num_train_timesteps=tiny_pipe.scheduler.config.num_train_timesteps)
+        assert [r["label"] for r in rows] == [e.label for e in ex]
+        for i in (0, 1):
+            own = evaluate_matching(tiny_pipe, wino, ex[i].options, limit=2, per_item=True,
+                                    scorer=DiscffusionScorer(bias=not ex[i].scorer_args))
+            assert rows[i]["metrics"] == own["metrics"], rows[i]["label"]
+        assert rows[0]["unet_evals_per_pair"] == pytest.approx(len(ex[0].options.timesteps) * 1.5)
 
     def test_base_must_be_lse(self, tiny_pipe, wino):
         with pytest.raises(ValueError, match="scorer='lse'"):

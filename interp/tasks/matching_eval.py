@@ -273,7 +273,8 @@ def evaluate_matching(pipe, benchmark: Benchmark | str | Path, options: MatchOpt
 
 
 def compare_scorers(pipe, benchmark: Benchmark | str | Path, scorers: Sequence[MatchOptions],
-                    split: str | None = "test", limit: int | None = None, scorer: Scorer | str | None = None,
+                    split: str | None = "test", limit: int | None = None,
+                    scorer: Scorer | str | None | Sequence[Scorer | str | None] = None,
                     per_item: bool = False) -> dict:
     """Several option sets side by side on the same items, timesteps and noise.
 
@@ -282,7 +283,7 @@ def compare_scorers(pipe, benchmark: Benchmark | str | Path, scorers: Sequence[M
     (`Scorer.shares_pass`), each image gets ONE pass serving every option set (logits traced if any reads
     logits, cosine maps if any pools cosine, the "" row added if any needs it), so the options see the very
     same UNet outputs; otherwise each option set's scorer runs on its own. `scorer` (instance or name)
-    replaces every `options.scorer`.
+    replaces every `options.scorer`; a list gives one per option set (None keeps that set's `options.scorer`).
 
     Returns:
         {"benchmark", "split", "n_items", "timesteps", "noise_seed", "labels",
@@ -302,7 +303,12 @@ def compare_scorers(pipe, benchmark: Benchmark | str | Path, scorers: Sequence[M
             raise ValueError("compare_scorers needs the same timesteps and noise_seed in every option set "
                              f"(got {tuple(o.timesteps)}/{o.noise_seed} vs {ts}/{seed}); "
                              "run evaluate_matching separately to compare timesteps")
-    scs = [get_scorer(o.scorer if scorer is None else scorer) for o in options]
+    if isinstance(scorer, (list, tuple)):
+        if len(scorer) != len(options):
+            raise ValueError(f"{len(scorer)} scorers for {len(options)} option sets: give one per option set")
+        scs = [get_scorer(o.scorer if s is None else s) for o, s in zip(options, scorer)]
+    else:
+        scs = [get_scorer(o.scorer if scorer is None else scorer) for o in options]
     b = as_benchmark(benchmark)
     items = _select(b, split, limit)
     labels: list[str] = []

@@ -19,6 +19,11 @@ Groups (paper reference in brackets):
     heads      Eq. 7 gradient-weighted heads (captum) vs the plain head average [Fig. 4]
     prompt     zero-shot vs few-shot attention prompts trained on the benchmark's train split [Table 1]:
                additive p^k / p^v with margin 0.2 (the paper), LoRA with margin 0.1 (the authors' code)
+    authors    the claims above measured on the Discffusion authors' exact score (interp.scorers.discffusion,
+               their 30 timesteps, one padded pass shared by the rows): the score vs its attention term alone
+               (their --bias off), other poolings (with and without the denoising term), probabilities, all
+               layers instead of theirs, the noisiest / least noisy of their timesteps alone, each noise level
+               alone. (Head weighting and few-shot prompts are LSE-only here: groups heads and prompt.)
 
     >>> rows = run_report(pipe, ["winoground", "comvg"], groups=["scorers", "layers"])
     >>> print(report_markdown(rows))
@@ -32,6 +37,8 @@ import time
 from typing import Callable, Iterable, Sequence
 
 from interp.lse import POOLINGS
+from interp.scorers import get_scorer
+from interp.scorers.discffusion import authors_timesteps
 from interp.scorers.structure import StructureScorer
 from interp.stats import mcnemar, wilson_interval
 from interp.structure import StructureConfig
@@ -43,7 +50,7 @@ from interp.tasks.structure_fit import fit_relation_directions
 __all__ = ["GROUPS", "PRIMARY", "Experiment", "experiments", "noise_level_timesteps", "schedule_timesteps",
            "run_report", "add_paired_tests", "report_markdown"]
 
-GROUPS = ("scorers", "pooling", "layers", "noise", "schedule", "heads", "prompt")
+GROUPS = ("scorers", "pooling", "layers", "noise", "schedule", "heads", "prompt", "authors")
 NOISE_LEVELS = (0.2, 0.4, 0.6, 0.8)
 # the headline metric of each benchmark family (all metrics are kept in the rows)
 PRIMARY = {"winoground": "group_score", "comvg": "accuracy", "counting": "accuracy", "refcocog": "top1"}
@@ -57,6 +64,7 @@ class Experiment:
     label: str
     options: MatchOptions
     scorer: str | None = None  # a registered scorer (interp.scorers) replacing options.scorer, e.g. "auto"
+    scorer_args: tuple = ()  # (name, value) pairs for the scorer's constructor, e.g. (("bias", False),)
     prompt: str | None = None  # None (zero-shot) | "additive" | "lora"
     fit: str | None = None  # "relation_directions": the structure scorer with directions learned on the train split
     margin: float = 0.2
@@ -98,9 +106,7 @@ def experiments(groups: Iterable[str], base: MatchOptions, schedule: Sequence[in
                     Experiment(g, "structure-aware (binding + relation)", base, scorer="structure"),
                     Experiment(g, "structure, relation directions learned on the train split", base,
                                scorer="structure", fit="relation_directions"),
-                    Experiment(g, "routed: structure if same content words, else DC", base, scorer="auto"),
-                    Experiment(g, "Discffusion authors' score (exact; 30 timesteps, + denoising term)", base,
-                               scorer="discffusion")]
+                    Experiment(g, "routed: structure if same content words, else DC", base, scorer="auto")]
         elif g == "pooling":
             out += [Experiment(g, f"pooling={p}", rep(base, pooling=p)) for p in POOLINGS]
             other = "probs" if base.source == "logits" else "logits"
@@ -126,6 +132,30 @@ def experiments(groups: Iterable[str], base: MatchOptions, schedule: Sequence[in
             out += [Experiment(g, "zero-shot", base),
                     Experiment(g, "few-shot additive prompt (M=0.2)", base, prompt="additive", margin=0.2),
                     Experiment(g, "few-shot LoRA prompt (M=0.1)", base, prompt="lora", margin=0.1)]
+        elif g == "authors":
+            out += _authors_experiments(base, num_train_timesteps)
+    return out
+
+
+def _authors_experiments(base: MatchOptions, num_train_timesteps: int) -> list[Experiment]:
+    """Group "authors": the paper's claims on the authors' exact score (their timesteps, layers, logits, lam 1)."""
+    rep, g = dataclasses.replace, "authors"
+    ats = authors_timesteps(num_train_timesteps=num_train_timesteps)  # ascending: ats[-1] is the noisiest
+    a = rep(base, scorer="discffusion", timesteps=ats, layers=None, pooling="lse", source="logits", lam=1.0)
+    attn = (("bias", False),)
+    out = [Experiment(g, f"authors' score (exact: padded LSE + denoising term, their layers, {len(ats)} t)", a),
+           Experiment(g, "attention term alone (their --bias off)", a, scorer_args=attn)]
+    for p in POOLINGS:
+        if p not in ("lse", "cosine"):
+            out += [Experiment(g, f"pooling={p} (+ denoising term)", rep(a, pooling=p)),
+                    Experiment(g, f"pooling={p}, attention term alone", rep(a, pooling=p), scorer_args=attn)]
+    out += [Experiment(g, "LSE on probabilities (+ denoising term)", rep(a, source="probs")),
+            Experiment(g, "all cross-attention layers instead of theirs (+ denoising term)", rep(a, layers="all")),
+            Experiment(g, "all cross-attention layers, attention term alone", rep(a, layers="all"), scorer_args=attn),
+            Experiment(g, f"noisiest of their timesteps alone (t={ats[-1]})", rep(a, timesteps=ats[-1:])),
+            Experiment(g, f"least noisy of their timesteps alone (t={ats[0]})", rep(a, timesteps=ats[:1]))]
+    for lv, t in zip(NOISE_LEVELS, noise_level_timesteps(NOISE_LEVELS, num_train_timesteps)):
+        out.append(Experiment(g, f"noise level {lv} alone (t={t})", rep(a, timesteps=(t,))))
     return out
 
 
@@ -214,20 +244,37 @@ def _with_seed(e: Experiment, noise_seed: int) -> Experiment:
 def _run_benchmark(pipe, bench, exps: Sequence[Experiment], split, limit, prompt_steps: int, seed: int,
                    noise_seed: int) -> list[dict]:
     """The rows of one benchmark at one noise seed, in experiment order."""
-    # option sets without another scorer or a prompt that share timesteps + noise: one shared pass
-    shared: dict[tuple, list[Experiment]] = {}
+    # every experiment's scorer (structure with learned directions: fitted here, on the train split)
+    scorers: dict[Experiment, object] = {}
+    extras: dict[Experiment, dict] = {}
     for e in exps:
-        if e.scorer is None and e.prompt is None:
+        if e.prompt is not None:
+            continue
+        if e.fit == "relation_directions":
+            t0 = time.time()
+            dirs = fit_relation_directions(pipe, bench, e.options)
+            scorers[e] = StructureScorer(config=StructureConfig(directions=dirs))
+            extras[e] = {"learned_directions": [[rel, list(d)] for rel, d in dirs],
+                         "fit_seconds": round(time.time() - t0, 1)}
+        else:
+            scorers[e] = get_scorer(e.scorer or e.options.scorer, **dict(e.scorer_args))
+    # experiments whose scorers read one plain pass and share timesteps + noise: ONE shared pass per image
+    shared: dict[tuple, list[Experiment]] = {}
+    for e, sc in scorers.items():
+        if sc.shares_pass:
             shared.setdefault((tuple(e.options.timesteps), e.options.noise_seed), []).append(e)
     done: dict[Experiment, dict] = {}
     for batch in shared.values():
-        uniq = list(dict.fromkeys(b.options for b in batch))
-        t0 = time.time()
-        rep = compare_scorers(pipe, bench, uniq, split=split, limit=limit, per_item=True)
-        dt = (time.time() - t0) / len(uniq)
-        by_opts = dict(zip(uniq, (rep["results"][lab] for lab in rep["labels"])))
+        uniq: dict[tuple, Experiment] = {}
         for e in batch:
-            done[e] = _row(e, by_opts[e.options], bench.name, dt, noise_seed)
+            uniq.setdefault(_key(e), e)
+        t0 = time.time()
+        rep = compare_scorers(pipe, bench, [u.options for u in uniq.values()], split=split, limit=limit,
+                              per_item=True, scorer=[scorers[u] for u in uniq.values()])
+        dt = (time.time() - t0) / len(uniq)
+        by_key = dict(zip(uniq, (rep["results"][lab] for lab in rep["labels"])))
+        for e in batch:
+            done[e] = _row(e, by_key[_key(e)], bench.name, dt, noise_seed, extras.get(e))
     rows = []
     for e in exps:
         if e in done:
@@ -241,16 +288,17 @@ def _run_benchmark(pipe, bench, exps: Sequence[Experiment], split, limit, prompt
             extra = {"prompt_loss": [log[0]["loss"], log[-1]["loss"]], "prompt_steps": prompt_steps}
             with apply_prompt(pipe, prompt):
                 res = evaluate_matching(pipe, bench, e.options, split=split, limit=limit, per_item=True)
-        elif e.fit == "relation_directions":
-            dirs = fit_relation_directions(pipe, bench, e.options)
-            extra = {"learned_directions": [[rel, list(d)] for rel, d in dirs]}
-            res = evaluate_matching(pipe, bench, e.options, split=split, limit=limit, per_item=True,
-                                    scorer=StructureScorer(config=StructureConfig(directions=dirs)))
         else:
             res = evaluate_matching(pipe, bench, e.options, split=split, limit=limit, per_item=True,
-                                    scorer=e.scorer)
+                                    scorer=scorers[e])
+            extra = extras.get(e, {})
         rows.append(_row(e, res, bench.name, time.time() - t0, noise_seed, extra))
     return rows
+
+
+def _key(e: Experiment) -> tuple:
+    """Experiments with equal keys are the same computation (scored once)."""
+    return (e.options, e.scorer, e.scorer_args, e.fit)
 
 
 def _fmt(v) -> str:
