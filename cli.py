@@ -68,7 +68,7 @@ from models.limits import (
     read_image,
     user_message,
 )
-from models.loading import ModelLoadError
+from models.loading import ModelLoadError, model_step
 from models.training.bundled import TrainConfig, train_bundled
 from models.training.common import add_config_flags, config_from_flags
 from models.training.dpt import DPTTrainConfig, train_dpt
@@ -313,20 +313,25 @@ def _cmd_report_matching(a: argparse.Namespace) -> int:
         raise ValueError("the report varies the scorer and prompts itself: leave --scorer and --attn-prompt unset")
     if a.out and os.path.exists(a.out) and not os.path.isdir(a.out):
         raise ValueError(f"--out is a file, not a folder: {a.out}")
+    this = "python cli.py report-matching " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["report-matching"] else None
+    if a.from_json:
+        rows, made, model, step = inputs.report_rows_from_json(a.from_json)
+        commands = made + ([this] if this else [])
+    else:
+        def progress(r):
+            print(f"{r['group']:9s} {r['benchmark']:10s} {r['value']:.3f}  {r['label']}  ({r['seconds']:.0f} s)",
+                  file=sys.stderr, flush=True)
 
-    def progress(r):
-        print(f"{r['group']:9s} {r['benchmark']:10s} {r['value']:.3f}  {r['label']}  ({r['seconds']:.0f} s)",
-              file=sys.stderr, flush=True)
-
-    rows = inputs.report_matching(a.model, a.benchmarks, a.groups, split=a.split, limit=a.limit,
-                                  schedule_steps=a.schedule_steps, prompt_steps=a.prompt_steps, progress=progress,
-                                  noise_seeds=a.noise_seeds, **_match_kwargs(a))
-    command = "python cli.py report-matching " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["report-matching"] else None
-    md = report_markdown(rows, command=command)
+        rows = inputs.report_matching(a.model, a.benchmarks, a.groups, split=a.split, limit=a.limit,
+                                      schedule_steps=a.schedule_steps, prompt_steps=a.prompt_steps, progress=progress,
+                                      noise_seeds=a.noise_seeds, **_match_kwargs(a))
+        commands, model, step = [this] if this else [], a.model or "bundled", model_step(a.model)
+    md = report_markdown(rows, command=commands, model=model, unet_step=step)
     if a.out:
         os.makedirs(a.out, exist_ok=True)
         with open(os.path.join(a.out, "report.json"), "w") as f:
-            json.dump({"command": command, "model": a.model or "bundled", "rows": rows}, f, indent=1)
+            json.dump({"command": commands[-1] if commands else None, "commands": commands, "model": model,
+                       "unet_step": step, "rows": rows}, f, indent=1)
         with open(os.path.join(a.out, "report.md"), "w") as f:
             f.write(md + "\n")
     print(json.dumps({"rows": rows}) if a.json else md)
@@ -523,6 +528,8 @@ def build_parser() -> argparse.ArgumentParser:
     rm.add_argument("--schedule-steps", dest="schedule_steps", default=10, metavar=NUMBER)
     rm.add_argument("--prompt-steps", dest="prompt_steps", default=50, metavar=NUMBER)
     rm.add_argument("--out", default=None, help="folder for report.json + report.md")
+    rm.add_argument("--from-json", dest="from_json", nargs="+", default=None, metavar="REPORT_JSON",
+                    help="run nothing: render the rows of earlier runs' report.json files (one model) as one report")
     _add_match_args(rm, inputs_=False)
 
     tp = command("train-prompt", _cmd_train_prompt)

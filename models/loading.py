@@ -51,6 +51,15 @@ def resolve_model_id(model_id: str | None) -> str:
     return model_id
 
 
+def model_step(model_id: str | None) -> int | None:
+    """The UNet training step of a DiscoLens-trained model folder (its `training_state.json`), else None."""
+    p = Path(resolve_model_id(model_id)) / "training_state.json"
+    if not p.is_file():
+        return None
+    step = json.loads(p.read_text()).get("unet_step")
+    return int(step) if isinstance(step, int) else None
+
+
 def model_defaults(path_or_id: str) -> ModelDefaults:
     """Defaults stored beside a DiscoLens-trained model (`discolens.json`), else diffusers' usual ones."""
     p = Path(path_or_id)

@@ -207,3 +207,74 @@ class TestRigor:
         assert [r["noise_seed"] for r in rows] == [0, 0, 1, 1]
         md = mr.report_markdown(rows)
         assert "2 noise seeds [0, 1]" in md and "–" in md
+
+
+class TestClaims:
+    @staticmethod
+    def _pair(ref, this, expect, seed=0, label="x"):
+        rows = [{"group": "g", "benchmark": "comvg", "label": "ref", "outcomes": ref, "noise_seed": seed,
+                 "value": sum(ref) / len(ref), "expect": None},
+                {"group": "g", "benchmark": "comvg", "label": label, "outcomes": this, "noise_seed": seed,
+                 "value": sum(this) / len(this), "expect": expect}]
+        return mr.add_paired_tests(rows)
+
+    def test_verdict_follows_the_paired_test_and_the_expected_side(self):
+        """12 items only the reference gets right: p < 0.05 -> "holds" when the paper expects the reference to
+        win, "reversed" when it expects this row to; 1 discordant item -> "n.s."; no claim -> None."""
+        ref, worse = [True] * 12 + [False] * 8, [False] * 12 + [False] * 8
+        assert mr.verdict(self._pair(ref, worse, "first")[1]) == "holds"
+        assert mr.verdict(self._pair(ref, worse, "this")[1]) == "reversed"
+        assert mr.verdict(self._pair(worse, ref, "this")[1]) == "holds"
+        one = [True] + [False] * 19
+        assert mr.verdict(self._pair(one, [False] * 20, "first")[1]) == "n.s."
+        assert mr.verdict(self._pair(ref, worse, None)[1]) is None
+        assert mr.verdict(self._pair(ref, worse, "first")[0]) is None  # the reference row has no test
+
+    def test_claims_table_names_each_seed_verdict_and_the_model(self):
+        ref, worse = [True] * 12 + [False] * 8, [False] * 20
+        rows = self._pair(ref, worse, "first") + self._pair(ref, ref, "first", seed=1)
+        for r in rows:
+            r.update(primary="accuracy", metrics={"accuracy": r["value"]}, chance={"accuracy": 0.5},
+                     unet_evals_per_pair=4.0)
+        md = mr.report_markdown(rows, model="bundled", unet_step=6250)
+        assert "UNet step 6250" in md and "## The paper's claims, verdicts" in md
+        line = next(l for l in md.splitlines() if l.startswith("| g | ref vs x"))
+        assert "0.60 vs 0.30" in line and "holds 1/2" in line and "n.s. 1/2" in line and "(first wins)" in line
+        assert mr.claims_markdown([dict(r, expect=None) for r in rows]) == []
+
+
+class TestFromJson:
+    def _run(self, capsys, *argv):
+        code = cli.main([str(a) for a in argv])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    def _write(self, path, rows, model="bundled", step=6250, command="python cli.py report-matching --groups g"):
+        path.write_text(json.dumps({"command": command, "model": model, "unet_step": step, "rows": rows}))
+        return path
+
+    def test_renders_several_runs_as_one_report(self, capsys, tmp_path):
+        rows = TestClaims._pair([True] * 12 + [False] * 8, [False] * 20, "first")
+        for r in rows:
+            r.update(primary="accuracy", metrics={"accuracy": r["value"]}, chance={"accuracy": 0.5},
+                     unet_evals_per_pair=4.0)
+        a = self._write(tmp_path / "a.json", rows[:1])
+        b = self._write(tmp_path / "b.json", rows[1:], command="python cli.py report-matching --groups h")
+        code, out, _ = self._run(capsys, "report-matching", "--from-json", a, b, "--out", tmp_path / "all")
+        assert code == 0
+        saved = json.loads((tmp_path / "all" / "report.json").read_text())
+        assert saved["unet_step"] == 6250 and len(saved["rows"]) == 2
+        assert saved["commands"][:2] == ["python cli.py report-matching --groups g", "python cli.py report-matching --groups h"]
+        md = (tmp_path / "all" / "report.md").read_text()
+        assert "--groups g" in md and "--groups h" in md and "holds" in md
+
+    def test_refuses_bad_files(self, capsys, tmp_path):
+        row = {"group": "g", "label": "x", "benchmark": "comvg", "noise_seed": 0}
+        a = self._write(tmp_path / "a.json", [row])
+        other = self._write(tmp_path / "o.json", [dict(row, label="y")], step=1807)
+        bad = tmp_path / "bad.json"
+        bad.write_text("{not json")
+        for files, match in (([tmp_path / "missing.json"], "no such file"), ([bad], "not a readable JSON"),
+                             ([a, a], "in two files"), ([a, other], "different models")):
+            code, _, err = self._run(capsys, "report-matching", "--from-json", *files)
+            assert code == 2 and match in err and err.count("\n") == 1, (match, err)

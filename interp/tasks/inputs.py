@@ -73,7 +73,7 @@ from models.shapes import world
 from models.shapes.benchmarks import Benchmark, load_benchmark
 from models.training.dpt import find_adapter
 
-__all__ = ["ATLAS_METRICS", "SPLITS", "Generation", "load_model", "generate_image", "traced_generation",
+__all__ = ["report_rows_from_json", "ATLAS_METRICS", "SPLITS", "Generation", "load_model", "generate_image", "traced_generation",
            "edited_generation", "any_word_map", "rank_images", "classify", "caption_word_maps",
            "matching_failures", "generation_failures", "HostedPolicy", "hosted_policy",
            "sample_grid", "evaluate_generation", "word_maps", "make_scorer", "attention_prompt", "match_options",
@@ -319,6 +319,41 @@ def report_matching(model: str | None, benchmarks: Sequence, groups: Sequence[st
     return run_report(pipe, benches, groups, opts, split=split, limit=limit, schedule_steps=schedule_steps,
                       prompt_steps=prompt_steps, progress=progress,
                       noise_seeds=tuple(seeds) if seeds else (opts.noise_seed,))
+
+
+def report_rows_from_json(paths: Sequence[str]) -> tuple[list[dict], list[str], str, int | None]:
+    """Rows of earlier `report-matching --out` runs (their report.json files), to render as one report:
+    (rows, the runs' commands, model, unet_step). Refuses unreadable files, files without rows, runs of
+    different models or steps, and a row (group, label, benchmark, noise seed) that two files both hold."""
+    import json
+
+    rows: list[dict] = []
+    commands: list[str] = []
+    models: set = set()
+    seen: set = set()
+    for p in paths:
+        if not os.path.isfile(p):
+            raise ValueError(f"--from-json: no such file: {p}")
+        try:
+            with open(p) as f:
+                d = json.load(f)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"--from-json: {p} is not a readable JSON file ({e})") from None
+        if not isinstance(d, dict) or not isinstance(d.get("rows"), list) or not d["rows"]:
+            raise ValueError(f"--from-json: {p} holds no report rows (write one with report-matching --out)")
+        models.add((d.get("model"), d.get("unet_step")))
+        for r in d["rows"]:
+            k = (r.get("group"), r.get("label"), r.get("benchmark"), r.get("noise_seed", 0))
+            if k in seen:
+                raise ValueError(f"--from-json: the row {k} is in two files; give each run once")
+            seen.add(k)
+            rows.append(r)
+        commands += d.get("commands") or ([d["command"]] if d.get("command") else [])
+    if len(models) > 1:
+        raise ValueError(f"--from-json: the files measure different models {sorted(models, key=str)}; "
+                         "render one model's runs together")
+    model, step = models.pop()
+    return rows, commands, model or "?", step
 
 
 def train_prompt(model: str | None, bench, *, steps=50, lr: float = 1e-3, margin: float = 0.2,

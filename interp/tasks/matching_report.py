@@ -48,7 +48,7 @@ from interp.tasks.prompt_learning import apply_prompt, train_prompt
 from interp.tasks.structure_fit import fit_relation_directions
 
 __all__ = ["GROUPS", "PRIMARY", "Experiment", "experiments", "noise_level_timesteps", "schedule_timesteps",
-           "run_report", "add_paired_tests", "report_markdown"]
+           "run_report", "add_paired_tests", "verdict", "claims_markdown", "report_markdown"]
 
 GROUPS = ("scorers", "pooling", "layers", "noise", "schedule", "heads", "prompt", "authors")
 NOISE_LEVELS = (0.2, 0.4, 0.6, 0.8)
@@ -68,6 +68,9 @@ class Experiment:
     prompt: str | None = None  # None (zero-shot) | "additive" | "lora"
     fit: str | None = None  # "relation_directions": the structure scorer with directions learned on the train split
     margin: float = 0.2
+    # the paper's expectation against the group's first row: "first" (the first row wins), "this" (this row
+    # wins), None (not a claim of the paper: a decomposition or another method)
+    expect: str | None = None
 
 
 def noise_level_timesteps(levels: Sequence[float], num_train_timesteps: int = 1000) -> tuple[int, ...]:
@@ -101,37 +104,41 @@ def experiments(groups: Iterable[str], base: MatchOptions, schedule: Sequence[in
     for g in groups:
         if g == "scorers":
             out += [Experiment(g, "LSE (Discffusion)", base),
-                    Experiment(g, "Diffusion Classifier (denoising error)", rep(base, scorer="denoise")),
-                    Experiment(g, "Diffusion Classifier, uncond.-normalised", rep(base, scorer="denoise_norm")),
+                    Experiment(g, "Diffusion Classifier (denoising error)", rep(base, scorer="denoise"),
+                               expect="first"),
+                    Experiment(g, "Diffusion Classifier, uncond.-normalised", rep(base, scorer="denoise_norm"),
+                               expect="first"),
                     Experiment(g, "structure-aware (binding + relation)", base, scorer="structure"),
                     Experiment(g, "structure, relation directions learned on the train split", base,
                                scorer="structure", fit="relation_directions"),
                     Experiment(g, "routed: structure if same content words, else DC", base, scorer="auto")]
         elif g == "pooling":
-            out += [Experiment(g, f"pooling={p}", rep(base, pooling=p)) for p in POOLINGS]
+            out += [Experiment(g, f"pooling={p}", rep(base, pooling=p), expect=None if p == base.pooling else "first")
+                    for p in POOLINGS]
             other = "probs" if base.source == "logits" else "logits"
             out.append(Experiment(g, f"LSE on {other}", rep(base, source=other)))
         elif g == "layers":
             out += [Experiment(g, "all layers", rep(base, layers=None)),
-                    Experiment(g, "last layer of each stage", rep(base, layers="last_per_stage"))]
+                    Experiment(g, "last layer of each stage", rep(base, layers="last_per_stage"), expect="first")]
         elif g == "noise":
             ens = noise_level_timesteps(NOISE_LEVELS, num_train_timesteps)
             out.append(Experiment(g, f"ensemble {list(NOISE_LEVELS)} (t={list(ens)})", rep(base, timesteps=ens)))
-            out += [Experiment(g, f"level {lv} alone (t={t})", rep(base, timesteps=(t,)))
+            out += [Experiment(g, f"level {lv} alone (t={t})", rep(base, timesteps=(t,)), expect="first")
                     for lv, t in zip(NOISE_LEVELS, ens)]
         elif g == "schedule":
             ts = tuple(schedule)
             out += [Experiment(g, f"all {len(ts)} schedule steps", rep(base, timesteps=ts)),
-                    Experiment(g, f"first step only (t={ts[0]})", rep(base, timesteps=ts[:1])),
-                    Experiment(g, f"last step only (t={ts[-1]})", rep(base, timesteps=ts[-1:])),
+                    Experiment(g, f"first step only (t={ts[0]})", rep(base, timesteps=ts[:1]), expect="first"),
+                    Experiment(g, f"last step only (t={ts[-1]})", rep(base, timesteps=ts[-1:]), expect="first"),
                     Experiment(g, f"Diffusion Classifier, all {len(ts)} steps", rep(base, scorer="denoise", timesteps=ts))]
         elif g == "heads":
             out += [Experiment(g, "heads averaged", base),
-                    Experiment(g, "heads weighted (Eq. 7, captum)", base, scorer="head_weighted")]
+                    Experiment(g, "heads weighted (Eq. 7, captum)", base, scorer="head_weighted", expect="this")]
         elif g == "prompt":
             out += [Experiment(g, "zero-shot", base),
-                    Experiment(g, "few-shot additive prompt (M=0.2)", base, prompt="additive", margin=0.2),
-                    Experiment(g, "few-shot LoRA prompt (M=0.1)", base, prompt="lora", margin=0.1)]
+                    Experiment(g, "few-shot additive prompt (M=0.2)", base, prompt="additive", margin=0.2,
+                               expect="this"),
+                    Experiment(g, "few-shot LoRA prompt (M=0.1)", base, prompt="lora", margin=0.1, expect="this")]
         elif g == "authors":
             out += _authors_experiments(base, num_train_timesteps)
     return out
@@ -147,15 +154,16 @@ def _authors_experiments(base: MatchOptions, num_train_timesteps: int) -> list[E
            Experiment(g, "attention term alone (their --bias off)", a, scorer_args=attn)]
     for p in POOLINGS:
         if p not in ("lse", "cosine"):
-            out += [Experiment(g, f"pooling={p} (+ denoising term)", rep(a, pooling=p)),
+            out += [Experiment(g, f"pooling={p} (+ denoising term)", rep(a, pooling=p), expect="first"),
                     Experiment(g, f"pooling={p}, attention term alone", rep(a, pooling=p), scorer_args=attn)]
     out += [Experiment(g, "LSE on probabilities (+ denoising term)", rep(a, source="probs")),
-            Experiment(g, "all cross-attention layers instead of theirs (+ denoising term)", rep(a, layers="all")),
+            Experiment(g, "all cross-attention layers instead of theirs (+ denoising term)", rep(a, layers="all"),
+                       expect="this"),  # the paper's Fig. 3 (all layers best); their code uses the last blocks
             Experiment(g, "all cross-attention layers, attention term alone", rep(a, layers="all"), scorer_args=attn),
-            Experiment(g, f"noisiest of their timesteps alone (t={ats[-1]})", rep(a, timesteps=ats[-1:])),
-            Experiment(g, f"least noisy of their timesteps alone (t={ats[0]})", rep(a, timesteps=ats[:1]))]
+            Experiment(g, f"noisiest of their timesteps alone (t={ats[-1]})", rep(a, timesteps=ats[-1:]), expect="first"),
+            Experiment(g, f"least noisy of their timesteps alone (t={ats[0]})", rep(a, timesteps=ats[:1]), expect="first")]
     for lv, t in zip(NOISE_LEVELS, noise_level_timesteps(NOISE_LEVELS, num_train_timesteps)):
-        out.append(Experiment(g, f"noise level {lv} alone (t={t})", rep(a, timesteps=(t,))))
+        out.append(Experiment(g, f"noise level {lv} alone (t={t})", rep(a, timesteps=(t,)), expect="first"))
     return out
 
 
@@ -174,6 +182,7 @@ def _row(e: Experiment, res: dict, bench: str, seconds: float, noise_seed: int, 
             "outcomes": outcomes, "noise_seed": noise_seed, "metrics": m, "chance": res["chance"],
             "by_type": res.get("by_type", {}), "unet_evals_per_pair": res["unet_evals_per_pair"],
             "timesteps": list(e.options.timesteps), "n_items": res["n_items"], "seconds": round(seconds, 1),
+            "expect": e.expect,
             **(extra or {})}
 
 
@@ -306,18 +315,24 @@ def _fmt(v) -> str:
 
 
 def report_markdown(rows: Sequence[dict], title: str = "Discffusion on the shapes benchmarks",
-                    command: str | None = None) -> str:
-    """Markdown tables: per group, experiments x benchmarks (primary metric), chance and UNet evals per pair."""
+                    command: str | Sequence[str] | None = None, model: str | None = None,
+                    unet_step: int | None = None) -> str:
+    """Markdown: the claims' verdicts (`claims_markdown`), then per group experiments x benchmarks (primary metric),
+    chance and UNet evals per pair. `model` / `unet_step` name the model measured (every verdict is about it)."""
     benches = list(dict.fromkeys(r["benchmark"] for r in rows))
     lines = [f"# {title}", ""]
-    if command:
-        lines += [f"Made with: `{command}`", ""]
+    if model or unet_step is not None:
+        lines += [f"Model: {model or '?'}" + (f", UNet step {unet_step}" if unet_step is not None else "") +
+                  " (every number and verdict below is about this model).", ""]
+    for c in ([command] if isinstance(command, str) else list(command or [])):
+        lines += [f"Made with: `{c}`", ""]
     seeds = sorted({r.get("noise_seed", 0) for r in rows})
     lines += ["Primary metric per benchmark: " + ", ".join(f"{b} {PRIMARY.get(b, '?')}" for b in benches) +
               ". Cells: metric [Wilson 95 % interval over the items] (UNet evaluations per image-caption pair); "
               "p: McNemar's exact test against the group's first row on the same items"
               + (f"; with {len(seeds)} noise seeds {seeds}: the mean, the per-seed range and the seeds' p values"
                  if len(seeds) > 1 else "") + ".", ""]
+    lines += claims_markdown(rows)
     for g in dict.fromkeys(r["group"] for r in rows):
         grows = [r for r in rows if r["group"] == g]
         lines += [f"## {g}", "", "| experiment | " + " | ".join(benches) + " |",
@@ -335,6 +350,57 @@ def report_markdown(rows: Sequence[dict], title: str = "Discffusion on the shape
         lines += ["| chance | " + " | ".join(chance) + " |", ""]
         lines += _split_tables(grows, benches) if g == "scorers" else []
     return "\n".join(lines)
+
+
+ALPHA = 0.05  # the level of the paired tests behind a verdict
+
+
+def verdict(row: dict) -> str | None:
+    """A row's verdict on the paper's claim it carries (`expect`), from its paired test against the group's
+    first row: "holds" (the expected side wins, McNemar p < ALPHA), "reversed" (the other side wins, p < ALPHA),
+    "n.s." (no significant difference); None when the row carries no claim or has no paired test."""
+    pr = row.get("paired")
+    if not row.get("expect") or not pr:
+        return None
+    if pr["p"] >= ALPHA or pr["better"] == pr["worse"]:
+        return "n.s."
+    winner = "this" if pr["better"] > pr["worse"] else "first"
+    return "holds" if winner == row["expect"] else "reversed"
+
+
+def claims_markdown(rows: Sequence[dict]) -> list[str]:
+    """The paper's claims, one line per (group, row carrying a claim): per benchmark the first row's value vs this
+    row's, McNemar's p and the verdict (`verdict`); several noise seeds: one verdict per seed, "k/n" when they
+    differ. Empty when no row carries a claim."""
+    benches = list(dict.fromkeys(r["benchmark"] for r in rows))
+    ref = {(r["group"], r["benchmark"], r.get("noise_seed", 0)): r for r in reversed(rows)}  # the group's first row
+    claim_rows = [r for r in rows if r.get("expect") and r.get("paired")]
+    if not claim_rows:
+        return []
+    out = ["## The paper's claims, verdicts", "",
+           f"Each line: the group's first row vs this row on the same items (primary metric), McNemar's exact p, "
+           f"and the verdict on the paper's expectation (which side should win): holds / reversed at p < {ALPHA}, "
+           "n.s. otherwise; with several noise seeds one verdict per seed.", "",
+           "| group | first row vs this row (paper expects) | " + " | ".join(benches) + " |",
+           "|---|---|" + "---|" * len(benches)]
+    for g, lab in dict.fromkeys((r["group"], r["label"]) for r in claim_rows):
+        mine = [r for r in claim_rows if r["group"] == g and r["label"] == lab]
+        first = ref[(g, mine[0]["benchmark"], mine[0].get("noise_seed", 0))]["label"]
+        side = "first" if mine[0]["expect"] == "first" else "this"
+        cells = []
+        for b in benches:
+            hits = [r for r in mine if r["benchmark"] == b]
+            if not hits:
+                cells.append("")
+                continue
+            refs = [ref[(g, b, h.get("noise_seed", 0))]["value"] for h in hits]
+            vals = [h["value"] for h in hits]
+            vs = [verdict(h) for h in hits]
+            vtxt = vs[0] if len(set(vs)) == 1 else ", ".join(f"{v} {vs.count(v)}/{len(vs)}" for v in dict.fromkeys(vs))
+            ps = "/".join(f"{h['paired']['p']:.2g}" for h in hits)
+            cells.append(f"{_fmt(sum(refs) / len(refs))} vs {_fmt(sum(vals) / len(vals))}, p={ps}: **{vtxt}**")
+        out.append(f"| {g} | {first} vs {lab} ({side} wins) | " + " | ".join(cells) + " |")
+    return out + [""]
 
 
 def _cell(hits: Sequence[dict]) -> str:
