@@ -479,7 +479,6 @@ def train_bundled(cfg: TrainConfig) -> Path:
         if aux_opt_state is not None:
             opts[1].load_state_dict(aux_opt_state)
     noise_sched = DDPMScheduler(**noise_scheduler_kwargs())
-    alphas = noise_sched.alphas_cumprod.to(device)
 
     empty_ids = tokenizer([""], padding="max_length", max_length=MODEL_MAX_LENGTH, return_tensors="pt").input_ids[0]
     input_ids = torch.from_numpy(data["input_ids"]).long()
