@@ -313,6 +313,8 @@ def _cmd_report_matching(a: argparse.Namespace) -> int:
         raise ValueError("the report varies the scorer and prompts itself: leave --scorer and --attn-prompt unset")
     if a.out and os.path.exists(a.out) and not os.path.isdir(a.out):
         raise ValueError(f"--out is a file, not a folder: {a.out}")
+    if a.pair and not a.from_json:
+        raise ValueError("--pair works on saved rows: give --from-json REPORT_JSON ... with it")
     this = "python cli.py report-matching " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["report-matching"] else None
     if a.from_json:
         rows, made, model, step = inputs.report_rows_from_json(a.from_json)
@@ -326,7 +328,7 @@ def _cmd_report_matching(a: argparse.Namespace) -> int:
                                       schedule_steps=a.schedule_steps, prompt_steps=a.prompt_steps, progress=progress,
                                       noise_seeds=a.noise_seeds, **_match_kwargs(a))
         commands, model, step = [this] if this else [], a.model or "bundled", model_step(a.model)
-    md = report_markdown(rows, command=commands, model=model, unet_step=step)
+    md = report_markdown(rows, command=commands, model=model, unet_step=step, pairs=[tuple(x) for x in a.pair or []])
     if a.out:
         os.makedirs(a.out, exist_ok=True)
         with open(os.path.join(a.out, "report.json"), "w") as f:
@@ -530,6 +532,8 @@ def build_parser() -> argparse.ArgumentParser:
     rm.add_argument("--out", default=None, help="folder for report.json + report.md")
     rm.add_argument("--from-json", dest="from_json", nargs="+", default=None, metavar="REPORT_JSON",
                     help="run nothing: render the rows of earlier runs' report.json files (one model) as one report")
+    rm.add_argument("--pair", nargs=2, action="append", default=None, metavar=("LABEL_A", "LABEL_B"),
+                    help="add McNemar's test between two rows by label (e.g. across groups); repeatable")
     _add_match_args(rm, inputs_=False)
 
     tp = command("train-prompt", _cmd_train_prompt)

@@ -278,3 +278,29 @@ class TestFromJson:
                              ([a, a], "in two files"), ([a, other], "different models")):
             code, _, err = self._run(capsys, "report-matching", "--from-json", *files)
             assert code == 2 and match in err and err.count("\n") == 1, (match, err)
+
+
+class TestPairs:
+    def test_pairs_across_groups_and_refusals(self, capsys, tmp_path):
+        """--pair tests two rows of different groups on the same items; an unknown label or --pair without
+        --from-json is one line and exit 2."""
+        a = {"group": "g1", "label": "A", "benchmark": "comvg", "noise_seed": 0, "value": 0.6,
+             "outcomes": [True] * 12 + [False] * 8}
+        b = {"group": "g2", "label": "B", "benchmark": "comvg", "noise_seed": 0, "value": 0.0, "outcomes": [False] * 20}
+        lines = mr.pairs_markdown([a, b], [("A", "B")])
+        row = next(l for l in lines if l.startswith("| A vs B"))
+        assert "0.60 vs 0.00, +0/-12, p=0.00049" in row
+        with pytest.raises(ValueError, match="no report row is labelled 'C'"):
+            mr.pairs_markdown([a, b], [("A", "C")])
+        for r in (a, b):
+            r.update(primary="accuracy", metrics={"accuracy": r["value"]}, chance={"accuracy": 0.5},
+                     unet_evals_per_pair=4.0)
+        f = tmp_path / "r.json"
+        f.write_text(json.dumps({"command": "c", "model": "m", "unet_step": 1, "rows": [a, b]}))
+        assert cli.main(["report-matching", "--from-json", str(f), "--pair", "A", "B"]) == 0
+        assert "+0/-12" in capsys.readouterr().out
+        for argv, match in ((["--from-json", str(f), "--pair", "A", "Z"], "labelled 'Z'"),
+                            (["--pair", "A", "B"], "--pair works on saved rows")):
+            assert cli.main(["report-matching", *argv]) == 2
+            err = capsys.readouterr().err
+            assert match in err and err.count("\n") == 1

@@ -48,7 +48,7 @@ from interp.tasks.prompt_learning import apply_prompt, train_prompt
 from interp.tasks.structure_fit import fit_relation_directions
 
 __all__ = ["GROUPS", "PRIMARY", "Experiment", "experiments", "noise_level_timesteps", "schedule_timesteps",
-           "run_report", "add_paired_tests", "verdict", "claims_markdown", "report_markdown"]
+           "run_report", "add_paired_tests", "verdict", "claims_markdown", "pairs_markdown", "report_markdown"]
 
 GROUPS = ("scorers", "pooling", "layers", "noise", "schedule", "heads", "prompt", "authors")
 NOISE_LEVELS = (0.2, 0.4, 0.6, 0.8)
@@ -316,7 +316,7 @@ def _fmt(v) -> str:
 
 def report_markdown(rows: Sequence[dict], title: str = "Discffusion on the shapes benchmarks",
                     command: str | Sequence[str] | None = None, model: str | None = None,
-                    unet_step: int | None = None) -> str:
+                    unet_step: int | None = None, pairs: Sequence[tuple[str, str]] = ()) -> str:
     """Markdown: the claims' verdicts (`claims_markdown`), then per group experiments x benchmarks (primary metric),
     chance and UNet evals per pair. `model` / `unet_step` name the model measured (every verdict is about it)."""
     benches = list(dict.fromkeys(r["benchmark"] for r in rows))
@@ -333,6 +333,7 @@ def report_markdown(rows: Sequence[dict], title: str = "Discffusion on the shape
               + (f"; with {len(seeds)} noise seeds {seeds}: the mean, the per-seed range and the seeds' p values"
                  if len(seeds) > 1 else "") + ".", ""]
     lines += claims_markdown(rows)
+    lines += pairs_markdown(rows, pairs)
     for g in dict.fromkeys(r["group"] for r in rows):
         grows = [r for r in rows if r["group"] == g]
         lines += [f"## {g}", "", "| experiment | " + " | ".join(benches) + " |",
@@ -400,6 +401,37 @@ def claims_markdown(rows: Sequence[dict]) -> list[str]:
             ps = "/".join(f"{h['paired']['p']:.2g}" for h in hits)
             cells.append(f"{_fmt(sum(refs) / len(refs))} vs {_fmt(sum(vals) / len(vals))}, p={ps}: **{vtxt}**")
         out.append(f"| {g} | {first} vs {lab} ({side} wins) | " + " | ".join(cells) + " |")
+    return out + [""]
+
+
+def pairs_markdown(rows: Sequence[dict], pairs: Sequence[tuple[str, str]]) -> list[str]:
+    """McNemar's exact test between any two rows by label (e.g. across groups), per benchmark and noise seed
+    both hold: "a vs b: value a vs value b, b better / worse on k / m items, p". ValueError for a label no row has."""
+    if not pairs:
+        return []
+    labels = {r["label"] for r in rows}
+    for a, b in pairs:
+        for lab in (a, b):
+            if lab not in labels:
+                raise ValueError(f"no report row is labelled {lab!r}")
+    benches = list(dict.fromkeys(r["benchmark"] for r in rows))
+    out = ["## Paired comparisons across groups", "",
+           "Each cell: a vs b on the same items (primary metric), the items only b gets right / only a gets right, "
+           "McNemar's exact p (per noise seed both rows hold).", "",
+           "| a vs b | " + " | ".join(benches) + " |", "|---|" + "---|" * len(benches)]
+    for a, b in pairs:
+        cells = []
+        for bench in benches:
+            got = []
+            for ra in (r for r in rows if r["label"] == a and r["benchmark"] == bench):
+                rb = next((r for r in rows if r["label"] == b and r["benchmark"] == bench
+                           and r.get("noise_seed", 0) == ra.get("noise_seed", 0)), None)
+                if rb is None or len(rb.get("outcomes", [])) != len(ra.get("outcomes", [])) or not ra.get("outcomes"):
+                    continue
+                m = mcnemar(rb["outcomes"], ra["outcomes"])
+                got.append(f"{_fmt(ra['value'])} vs {_fmt(rb['value'])}, +{m['a_only']}/-{m['b_only']}, p={m['p']:.2g}")
+            cells.append("; ".join(got))
+        out.append(f"| {a} vs {b} | " + " | ".join(cells) + " |")
     return out + [""]
 
 
