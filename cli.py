@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 import warnings
 from pathlib import Path
@@ -315,7 +316,7 @@ def _cmd_report_matching(a: argparse.Namespace) -> int:
         raise ValueError(f"--out is a file, not a folder: {a.out}")
     if a.pair and not a.from_json:
         raise ValueError("--pair works on saved rows: give --from-json REPORT_JSON ... with it")
-    this = "python cli.py report-matching " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["report-matching"] else None
+    this = "python cli.py report-matching " + shlex.join(sys.argv[2:]) if sys.argv[1:2] == ["report-matching"] else None
     if a.from_json:
         rows, made, model, step = inputs.report_rows_from_json(a.from_json)
         commands = made + ([this] if this else [])
