@@ -3,8 +3,8 @@
 For each discriminative timestep (DiffDis: 0, 999 and the extra "1000"), train a text denoiser with the same
 recipe and the same number of steps (frozen UNet, cached features; `models.training.text_diffusion`), then
 judge its captions and VQA answers on the validation scenes (`evaluate_text_diffusion(split="validation")`,
-never the test scenes). One JSON line per timestep: the timestep, the steps trained, the rates (with n and
-Wilson intervals) and the paired per-scene outcomes' summary. Runs resume: each timestep has its own work
+never the test scenes). One JSON line per timestep: the timestep, the steps trained and the caption / VQA
+rates (with n and Wilson intervals). Runs resume: each timestep has its own work
 folder under --work; a finished adapter is evaluated again, not retrained.
 
     python -m bench.diffdis_timestep --timesteps 0 999 1000 --steps 1130 --out docs/measurements/text_diffusion/diffdis_timestep_val.jsonl
@@ -60,8 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     pipe = load_pipeline(a.model)
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
+    src = Path(a.reuse_cache)
     for t in a.timesteps:
-        src = Path(a.reuse_cache)
         for f in src.glob(f"*_t{t}_*.pt") if src.is_dir() else []:
             if not (work / f.name).exists():
                 shutil.copy2(f, work / f.name)

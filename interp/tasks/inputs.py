@@ -14,6 +14,7 @@ Quantities only the CLI offers are named by their flag in messages (`--limit`, `
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import sys
 from typing import Callable, Mapping, Sequence
@@ -325,8 +326,6 @@ def report_rows_from_json(paths: Sequence[str]) -> tuple[list[dict], list[str], 
     """Rows of earlier `report-matching --out` runs (their report.json files), to render as one report:
     (rows, the runs' commands, model, unet_step). Refuses unreadable files, files without rows, runs of
     different models or steps, and a row (group, label, benchmark, noise seed) that two files both hold."""
-    import json
-
     rows: list[dict] = []
     commands: list[str] = []
     models: set = set()

@@ -303,12 +303,10 @@ def compare_scorers(pipe, benchmark: Benchmark | str | Path, scorers: Sequence[M
             raise ValueError("compare_scorers needs the same timesteps and noise_seed in every option set "
                              f"(got {tuple(o.timesteps)}/{o.noise_seed} vs {ts}/{seed}); "
                              "run evaluate_matching separately to compare timesteps")
-    if isinstance(scorer, (list, tuple)):
-        if len(scorer) != len(options):
-            raise ValueError(f"{len(scorer)} scorers for {len(options)} option sets: give one per option set")
-        scs = [get_scorer(o.scorer if s is None else s) for o, s in zip(options, scorer)]
-    else:
-        scs = [get_scorer(o.scorer if scorer is None else scorer) for o in options]
+    per = list(scorer) if isinstance(scorer, (list, tuple)) else [scorer] * len(options)
+    if len(per) != len(options):
+        raise ValueError(f"{len(per)} scorers for {len(options)} option sets: give one per option set")
+    scs = [get_scorer(o.scorer if s is None else s) for o, s in zip(options, per)]
     b = as_benchmark(benchmark)
     items = _select(b, split, limit)
     labels: list[str] = []
