@@ -72,7 +72,9 @@ from models.limits import (
 from models.loading import ModelLoadError, model_step
 from models.training.bundled import TrainConfig, train_bundled
 from models.training.common import add_config_flags, config_from_flags
+from models.adapters.dpt import REC_HEADS
 from models.training.dpt import DPTTrainConfig, train_dpt
+from models.training.dpt_rec import RecTrainConfig, train_rec_head
 from models.training.text_diffusion import TextDiffusionConfig, train_text_diffusion
 
 
@@ -198,7 +200,16 @@ def _cmd_ground(a: argparse.Namespace) -> int:
 
 
 def _cmd_train_dpt(a: argparse.Namespace) -> int:
-    stage = check_int(a.stage, "--stage", 1, 2)
+    if str(a.stage).strip().lower() == "rec":
+        return _train_dpt_rec(a)
+    if str(a.stage).strip() not in ("1", "2"):
+        raise ValueError(f"--stage must be 1, 2 or rec, got {a.stage!r}")
+    stage = int(str(a.stage).strip())
+    rec_only = [f for f, d in (("--init-adapter", "init_adapter"), ("--rec-head", "rec_head"),
+                               ("--vl-layers", "vl_layers"), ("--n-rec-train", "n_train"), ("--n-rec-val", "n_val"))
+                if getattr(a, d) is not None]
+    if rec_only:
+        raise ValueError(f"{', '.join(rec_only)}: only with --stage rec")
     cfg = config_from_flags(a, DPTTrainConfig)
     if stage == 2 and not cfg.lora_rank:
         cfg.lora_rank = 4  # the paper's rank
@@ -208,6 +219,23 @@ def _cmd_train_dpt(a: argparse.Namespace) -> int:
     train_dpt(pipe, cfg, a.work_dir)
     print(json.dumps({"work_dir": a.work_dir, "stage": stage, "steps": cfg.steps,
                       "next": "choose a snapshot on validation (python -m bench.dpt_eval), then export_adapter"}))
+    return 0
+
+
+def _train_dpt_rec(a: argparse.Namespace) -> int:
+    """--stage rec: the grounding head of a trained adapter on cached features (models.training.dpt_rec)."""
+    cfg = config_from_flags(a, RecTrainConfig)  # the shared flags (--steps, --batch, --lr, ...) and the rec ones
+    if cfg.rec_head not in REC_HEADS:
+        raise ValueError(f"--rec-head must be one of {', '.join(REC_HEADS)}, got {cfg.rec_head!r}")
+    cfg.vl_layers = check_int(cfg.vl_layers, "--vl-layers", 1, 8)
+    cfg.n_train = check_int(cfg.n_train, "--n-rec-train", 1, 100_000)
+    cfg.n_val = check_int(cfg.n_val, "--n-rec-val", 1, 10_000)
+    if not (Path(cfg.init_adapter) / "adapter.safetensors").exists():
+        raise ValueError(f"--init-adapter: no trained adapter in {cfg.init_adapter} (train one with train-dpt --stage 1)")
+    pipe = inputs.load_model(a.model)
+    train_rec_head(pipe, cfg, a.work_dir)
+    print(json.dumps({"work_dir": a.work_dir, "stage": "rec", "steps": cfg.steps,
+                      "next": "choose a snapshot on validation (val_acc in log.jsonl), then export_adapter"}))
     return 0
 
 
@@ -468,7 +496,19 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(tt, TextDiffusionConfig)
 
     td = command("train-dpt", _cmd_train_dpt)
-    td.add_argument("--stage", default=1, metavar=NUMBER, help="1: adapter on the frozen UNet; 2: + LoRA (rank 4)")
+    td.add_argument("--stage", default=1, metavar="1|2|rec",
+                    help="1: adapter on the frozen UNet; 2: + LoRA (rank 4); rec: only the grounding head of a "
+                         "trained adapter (--init-adapter), on cached features, its matching kept exactly")
+    td.add_argument("--init-adapter", dest="init_adapter", default=None,
+                    help=f"--stage rec: the trained adapter (default: {RecTrainConfig.init_adapter})")
+    td.add_argument("--rec-head", dest="rec_head", default=None, choices=REC_HEADS,
+                    help="--stage rec: regression ([REG] token, default) or queries (the paper's)")
+    td.add_argument("--vl-layers", dest="vl_layers", default=None, type=int,
+                    help=f"--stage rec: layers of the regression head (default: {RecTrainConfig.vl_layers})")
+    td.add_argument("--n-rec-train", dest="n_train", default=None, type=int,
+                    help=f"--stage rec: cached training expressions per kind (default: {RecTrainConfig.n_train})")
+    td.add_argument("--n-rec-val", dest="n_val", default=None, type=int,
+                    help=f"--stage rec: cached validation expressions per kind (default: {RecTrainConfig.n_val})")
     td.add_argument("--work-dir", dest="work_dir", default=os.path.expanduser("~/.cache/discolens/dpt/cli"),
                     help="resumable state and snapshots")
     td.add_argument("--model", default=None)

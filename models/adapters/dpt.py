@@ -28,7 +28,8 @@ from torch import nn
 
 __all__ = ["DPTConfig", "DPTAdapter", "DPTOutput", "ADAPTER_FILE", "CONFIG_FILE", "LORA_FILE",
            "box_cxcywh_to_xyxy", "box_xyxy_to_cxcywh", "box_iou", "generalized_box_iou", "timestep_embedding",
-           "itm_score", "itm_contrastive_loss", "match_queries", "rec_loss", "save_adapter", "load_adapter",
+           "itm_score", "itm_contrastive_loss", "match_queries", "rec_loss", "rec_regression_loss", "REC_HEADS",
+           "save_adapter", "load_adapter",
            "LORA_TARGETS", "add_lora", "lora_state_dict", "load_lora", "remove_lora", "has_lora"]
 
 ADAPTER_FILE = "adapter.safetensors"
@@ -36,6 +37,9 @@ CONFIG_FILE = "config.json"
 LORA_FILE = "lora.safetensors"
 # LoRA on the cross-attention projections (`attn2` is cross-attention in diffusers)
 LORA_TARGETS = ("attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0")
+# the grounding (REC) heads: "queries" = the paper's R grounding queries with a matcher; "regression" = one [REG]
+# token fused with the expression's tokens and the image memory in a small joint encoder (TransVG-style)
+REC_HEADS = ("queries", "regression")
 
 
 @dataclasses.dataclass
@@ -56,6 +60,10 @@ class DPTConfig:
         lora_rank: rank of the stage-2 LoRA shipped beside it (0: none).
         text_memory: the grounding queries also attend to the expression's token states (MDETR-style, appended
             to the decoder's memory; the matching queries are masked from them, so s(z, y) reads the UNet only).
+        rec_head: "queries" (the paper's grounding queries) or "regression" (one [REG] token: a `vl_layers`-layer
+            encoder over [REG ; expression tokens ; image memory] predicts one box, its confidence and semantic
+            vector; the decoder's grounding queries are then unused). See docs/dpt.md, deviation 11.
+        vl_layers: layers of the regression head's joint encoder.
         trained_steps / stage: provenance.
     """
 
@@ -78,6 +86,8 @@ class DPTConfig:
     trained_steps: int = 0
     stage: int = 1
     text_memory: bool = True
+    rec_head: str = "queries"
+    vl_layers: int = 2
 
     def __post_init__(self) -> None:
         self.blocks = tuple(self.blocks)
@@ -87,6 +97,8 @@ class DPTConfig:
             raise ValueError("DPTConfig: one channel count per block, at least one block")
         if not 0 < self.n_match < self.n_queries:
             raise ValueError("DPTConfig: need 0 < n_match < n_queries")
+        if self.rec_head not in REC_HEADS:
+            raise ValueError(f"DPTConfig: rec_head must be one of {', '.join(REC_HEADS)}, got {self.rec_head!r}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -108,6 +120,8 @@ class DPTOutput:
         logits: grounding queries' "this is the referred object" logit              [B, R]
         boxes: grounding queries' boxes (cx, cy, w, h) in [0, 1]                    [B, R, 4]
         sem: grounding queries' semantic vectors, L2-normalised                     [B, R, E]
+            (rec_head "regression": R = 1, the [REG] token, whose logit is the confidence that its box is right,
+            IoU >= 0.5; R = 0 when no expression tokens were given)
         hidden: decoder output of every query                                       [B, N, width]
     """
 
@@ -172,9 +186,14 @@ class DPTAdapter(nn.Module):
         self.box_head = _MLP(c.width, c.width, 4, 3)
         self.sem_head = nn.Linear(c.width, c.sem_dim)
         self.token_proj = nn.Linear(c.text_dim, c.sem_dim)
-        if c.text_memory:
+        if c.text_memory or c.rec_head == "regression":
             self.text_in = nn.Linear(c.text_dim, c.width)
             self.text_type = nn.Parameter(torch.zeros(c.width))
+        if c.rec_head == "regression":
+            self.reg_token = nn.Parameter(torch.randn(c.width) * 0.02)
+            self.vl = nn.TransformerEncoder(
+                nn.TransformerEncoderLayer(c.width, c.heads, c.ff, c.dropout, batch_first=True), c.vl_layers,
+                enable_nested_tensor=False)
 
     def fuse(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
         """Project each block's map to `width`, resize to `feature_size`, sum: `[B, width, h, w]`."""
@@ -204,6 +223,10 @@ class DPTAdapter(nn.Module):
         src = src.flatten(2).transpose(1, 2)  # [B, h*w, width]
         mem = self.encoder(src)
         q = self.queries.weight[None].expand(B, -1, -1)
+        if c.rec_head == "regression":
+            hs = self.decoder(q, mem)  # [B, N, width]: the grounding queries' outputs are not read
+            return DPTOutput(match=self.match_proj(hs[:, : c.n_match]), logit_scale=self.logit_scale.exp(),
+                             **self._regression(mem, tokens, token_mask), hidden=hs)
         if tokens is not None and c.text_memory:
             L, S = tokens.shape[1], mem.shape[1]
             txt = self.text_in(tokens.float()) + self.text_type
@@ -220,6 +243,30 @@ class DPTAdapter(nn.Module):
         return DPTOutput(match=self.match_proj(hm), logit_scale=self.logit_scale.exp(),
                          logits=self.prob_head(hr).squeeze(-1), boxes=self.box_head(hr).sigmoid(),
                          sem=F.normalize(self.sem_head(hr), dim=-1), hidden=hs)
+
+    def _regression(self, mem: torch.Tensor, tokens: torch.Tensor | None, token_mask: torch.Tensor | None
+                    ) -> dict[str, torch.Tensor]:
+        """The [REG] head: `[REG ; text ; image memory]` through `vl` -> logits `[B, 1]`, boxes `[B, 1, 4]`, sem
+        `[B, 1, E]` (R = 0 rows of each when `tokens` is None: matching only)."""
+        B, S, W = mem.shape
+        if tokens is None:
+            return {"logits": mem.new_zeros(B, 0), "boxes": mem.new_zeros(B, 0, 4),
+                    "sem": mem.new_zeros(B, 0, self.config.sem_dim)}
+        L = tokens.shape[1]
+        txt = self.text_in(tokens.float()) + self.text_type
+        x = torch.cat([self.reg_token.expand(B, 1, W), txt, mem], dim=1)  # [B, 1 + L + S, width]
+        kp = torch.zeros(B, 1 + L + S, dtype=torch.bool, device=mem.device)
+        if token_mask is not None:
+            kp[:, 1: 1 + L] = ~token_mask.bool()
+        h = self.vl(x, src_key_padding_mask=kp)[:, :1]  # [B, 1, width]
+        return {"logits": self.prob_head(h).squeeze(-1), "boxes": self.box_head(h).sigmoid(),
+                "sem": F.normalize(self.sem_head(h), dim=-1)}
+
+    def grounding_parameters(self) -> list[nn.Parameter]:
+        """The parameters only grounding reads (matching never depends on them): REC heads, text projection and,
+        for the regression head, [REG] and its encoder. Training these alone keeps s(z, y) bit-identical."""
+        names = ("reg_token", "vl.", "text_in.", "text_type", "prob_head.", "box_head.", "sem_head.", "token_proj.")
+        return [p for n, p in self.named_parameters() if n.startswith(names)]
 
     def project_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """Text-encoder token states `[B, L, D]` -> normalised semantic vectors `[B, L, E]`."""
@@ -350,6 +397,37 @@ def rec_loss(out: DPTOutput, boxes: torch.Tensor, tokens: torch.Tensor | None = 
     l0, l1w, l2w, l3w = weights
     total = l0 * prob + l1w * l1 + l2w * giou + l3w * align
     return {"prob": prob, "l1": l1, "giou": giou, "align": align, "loss": total, "idx": idx}
+
+
+def rec_regression_loss(out: DPTOutput, boxes: torch.Tensor, tokens: torch.Tensor | None = None,
+                        positive: torch.Tensor | None = None, valid: torch.Tensor | None = None,
+                        weights: Sequence[float] = (1.0, 5.0, 2.0, 1.0), temperature: float = 0.07
+                        ) -> dict[str, torch.Tensor]:
+    """REC loss of the regression head (one box a row, no matching): lambda0 conf + lambda1 L1 + lambda2 GIoU +
+    lambda3 align, where conf is the binary cross-entropy of the [REG] logit against "this box has IoU >= 0.5
+    with the true box" (its own box, detached: the score `ground` returns is that probability), and align is the
+    query-to-tokens half of `rec_loss`'s contrastive term (one query: the tokens-to-query half is constant).
+
+    Args: as `rec_loss`, with `out.logits` `[B, 1]`. Returns {"prob", "l1", "giou", "align", "loss", "iou"}.
+    """
+    if out.boxes.shape[1] != 1:
+        raise ValueError("rec_regression_loss needs the regression head's outputs (one box a row)")
+    pb = out.boxes[:, 0]  # [B, 4]
+    pxy, txy = box_cxcywh_to_xyxy(pb), box_cxcywh_to_xyxy(boxes)
+    l1 = (pb - boxes).abs().sum(-1).mean()
+    giou = (1 - torch.diagonal(generalized_box_iou(pxy, txy))).mean()
+    iou = torch.diagonal(box_iou(pxy.detach(), txy)[0])  # [B]
+    prob = F.binary_cross_entropy_with_logits(out.logits[:, 0], (iou >= 0.5).float())
+    align = torch.zeros((), device=pb.device)
+    if tokens is not None and positive is not None:
+        valid = torch.ones_like(positive) if valid is None else valid
+        q = (out.sem[:, 0, None] * tokens).sum(-1) / temperature  # [B, L]
+        q = q.masked_fill(~valid, -1e4)
+        pos = positive & valid
+        align = (-(q * pos).sum(-1) / pos.sum(-1).clamp(min=1) + q.logsumexp(-1)).mean()
+    l0, l1w, l2w, l3w = weights
+    return {"prob": prob, "l1": l1, "giou": giou, "align": align, "iou": iou.mean(),
+            "loss": l0 * prob + l1w * l1 + l2w * giou + l3w * align}
 
 
 # --- saving --------------------------------------------------------------------------------------------

@@ -42,6 +42,7 @@ from models.adapters.dpt import (
     load_adapter,
     lora_state_dict,
     rec_loss,
+    rec_regression_loss,
     save_adapter,
 )
 from models.loading import frozen
@@ -49,9 +50,9 @@ from models.shapes import referring, world
 from models.training.common import atomic_save
 from models.unet_pass import native_size, noised_unet_pass
 
-__all__ = ["DPT_SEEDS", "DPTTrainConfig", "text_embeddings", "encode_images", "dpt_features", "features_at",
-           "block_shapes", "new_adapter", "itm_scores", "itm_scores_at", "ground_boxes", "make_batch", "train_dpt",
-           "evaluate_rec", "evaluate_itm_pairs", "export_adapter"]
+__all__ = ["ADAPTERS_DIR", "DPT_SEEDS", "DPTTrainConfig", "text_embeddings", "encode_images", "dpt_features", "features_at",
+           "block_shapes", "new_adapter", "positive_tokens", "itm_scores", "itm_scores_at", "ground_boxes",
+           "make_batch", "train_dpt", "evaluate_rec", "evaluate_itm_pairs", "export_adapter"]
 
 DPT_SEEDS = {"train": 50_000, "validation": 50_001, "test": 50_002}
 
@@ -261,7 +262,8 @@ def make_batch(rng: np.random.Generator, n: int) -> dict:
     return {"images": imgs, "texts": texts, "captions": caps, "neg": negs, "rand": rands, "ref": refs, "boxes": boxes}
 
 
-def _positive_tokens(refs, L: int, device) -> torch.Tensor:
+def positive_tokens(refs, L: int, device) -> torch.Tensor:
+    """Which of L text-encoder tokens name each expression's referred object `[len(refs), L]` bool."""
     pos = torch.zeros(len(refs), L, dtype=torch.bool, device=device)
     for i, r in enumerate(refs):
         for w in r.positive:
@@ -291,8 +293,9 @@ def _losses(pipe, adapter: DPTAdapter, batch: dict, t: int, noise: torch.Tensor,
     t2i, i2t = itm_contrastive_loss(s_i2t, s_t2i, out.logit_scale)
     sub = adapter([f[ref_rows] for f in feats[: len(blocks)]], torch.full((n,), t, device=dev), tokens[ref_rows],
                   valid[ref_rows])
-    rl = rec_loss(sub, batch["boxes"].to(dev), adapter.project_tokens(tokens[ref_rows]),
-                  _positive_tokens(batch["ref"], tokens.shape[1], dev), valid[ref_rows], weights=cfg.rec_weights)
+    rec = rec_regression_loss if adapter.config.rec_head == "regression" else rec_loss
+    rl = rec(sub, batch["boxes"].to(dev), adapter.project_tokens(tokens[ref_rows]),
+             positive_tokens(batch["ref"], tokens.shape[1], dev), valid[ref_rows], weights=cfg.rec_weights)
     loss = cfg.itm_weight * (t2i + i2t) + rl["loss"]
     res = {"t2i": t2i, "i2t": i2t, "prob": rl["prob"], "l1": rl["l1"], "giou": rl["giou"], "align": rl["align"],
            "itm_acc": (s_i2t.argmax(-1) == 0).float().mean()}
