@@ -205,9 +205,9 @@ def _cmd_train_dpt(a: argparse.Namespace) -> int:
     if str(a.stage).strip() not in ("1", "2"):
         raise ValueError(f"--stage must be 1, 2 or rec, got {a.stage!r}")
     stage = int(str(a.stage).strip())
-    rec_only = [f for f, d in (("--init-adapter", "init_adapter"), ("--rec-head", "rec_head"),
-                               ("--vl-layers", "vl_layers"), ("--n-rec-train", "n_train"), ("--n-rec-val", "n_val"))
-                if getattr(a, d) is not None]
+    rec_flags = (("--init-adapter", "init_adapter"), ("--rec-head", "rec_head"), ("--vl-layers", "vl_layers"),
+                 ("--vl-pool", "vl_pool"), ("--n-rec-train", "n_train"), ("--n-rec-val", "n_val"))
+    rec_only = [f for f, d in rec_flags if getattr(a, d) is not None]
     if rec_only:
         raise ValueError(f"{', '.join(rec_only)}: only with --stage rec")
     cfg = config_from_flags(a, DPTTrainConfig)
@@ -228,10 +228,12 @@ def _train_dpt_rec(a: argparse.Namespace) -> int:
     if cfg.rec_head not in REC_HEADS:
         raise ValueError(f"--rec-head must be one of {', '.join(REC_HEADS)}, got {cfg.rec_head!r}")
     cfg.vl_layers = check_int(cfg.vl_layers, "--vl-layers", 1, 8)
+    cfg.vl_pool = check_int(cfg.vl_pool, "--vl-pool", 1, 8)
     cfg.n_train = check_int(cfg.n_train, "--n-rec-train", 1, 100_000)
     cfg.n_val = check_int(cfg.n_val, "--n-rec-val", 1, 10_000)
     if not (Path(cfg.init_adapter) / "adapter.safetensors").exists():
-        raise ValueError(f"--init-adapter: no trained adapter in {cfg.init_adapter} (train one with train-dpt --stage 1)")
+        raise ValueError(f"--init-adapter: no trained adapter in {cfg.init_adapter} "
+                         "(train one with train-dpt --stage 1)")
     pipe = inputs.load_model(a.model)
     train_rec_head(pipe, cfg, a.work_dir)
     print(json.dumps({"work_dir": a.work_dir, "stage": "rec", "steps": cfg.steps,
@@ -505,6 +507,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="--stage rec: regression ([REG] token, default) or queries (the paper's)")
     td.add_argument("--vl-layers", dest="vl_layers", default=None, type=int,
                     help=f"--stage rec: layers of the regression head (default: {RecTrainConfig.vl_layers})")
+    td.add_argument("--vl-pool", dest="vl_pool", default=None, type=int,
+                    help=f"--stage rec: pooling of the image memory (default: {RecTrainConfig.vl_pool})")
     td.add_argument("--n-rec-train", dest="n_train", default=None, type=int,
                     help=f"--stage rec: cached training expressions per kind (default: {RecTrainConfig.n_train})")
     td.add_argument("--n-rec-val", dest="n_val", default=None, type=int,

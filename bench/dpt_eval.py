@@ -3,7 +3,7 @@ benchmarks), self-correction on count prompts. Writes JSON under docs/measuremen
 
     python -m bench.dpt_eval val --work ~/.cache/discolens/dpt/s1 --ts 100,250,400
     python -m bench.dpt_eval export --snap ~/.cache/discolens/dpt/s1/snap-01200 --t 250
-    python -m bench.dpt_eval test
+    python -m bench.dpt_eval test                       # --parts rec: only the grounding reading
     python -m bench.dpt_eval selfcorr --split validation --n 40 --etas 0.5,2 --best-of 4
 """
 from __future__ import annotations
@@ -76,17 +76,22 @@ def cmd_test(a, pipe) -> None:
     ad = tdpt.find_adapter(pipe)
     out: dict = {"command": " ".join(sys.argv), "seed": tdpt.DPT_SEEDS["test"], "t": ad.config.t,
                  "trained_steps": ad.config.trained_steps}
-    rec = tdpt.evaluate_rec(pipe, ad, referring.referring_dataset(tdpt.DPT_SEEDS["test"], a.n_rec))
-    out["rec"] = rate(rec["overall"])
-    out["rec_by_kind"] = {k: rate(v) for k, v in rec["by_kind"].items()}
-    print("rec", out["rec"], out["rec_by_kind"], flush=True)
-    itm = tdpt.evaluate_itm_pairs(pipe, ad, world.sample_dataset(tdpt.DPT_SEEDS["test"], a.n_itm,
-                                                                 exclude_compositional=False))
-    out["itm_pairs"] = rate(itm["overall"])
-    out["itm_pairs_by_type"] = {k: rate(v) for k, v in itm["by_type"].items()}
-    print("itm", out["itm_pairs"], flush=True)
+    parts = set(a.parts.split(","))
+    if "rec" in parts:
+        rec = tdpt.evaluate_rec(pipe, ad, referring.referring_dataset(tdpt.DPT_SEEDS["test"], a.n_rec))
+        out["rec"] = rate(rec["overall"])
+        out["rec_by_kind"] = {k: rate(v) for k, v in rec["by_kind"].items()}
+        out["rec_mean_iou"] = round(sum(rec["ious"]) / len(rec["ious"]), 4)
+        out["rec_head"] = ad.config.rec_head
+        print("rec", out["rec"], out["rec_by_kind"], flush=True)
+    if "itm" in parts:
+        itm = tdpt.evaluate_itm_pairs(pipe, ad, world.sample_dataset(tdpt.DPT_SEEDS["test"], a.n_itm,
+                                                                     exclude_compositional=False))
+        out["itm_pairs"] = rate(itm["overall"])
+        out["itm_pairs_by_type"] = {k: rate(v) for k, v in itm["by_type"].items()}
+        print("itm", out["itm_pairs"], flush=True)
     out["benchmarks"] = {}
-    for name in a.benchmarks.split(","):
+    for name in (a.benchmarks.split(",") if "benchmarks" in parts else []):
         r = evaluate_matching(pipe, name, MatchOptions(), split="test", scorer=DPTScorer(), per_item=False)
         out["benchmarks"][name] = {k: r[k] for k in ("metrics", "by_type", "n_items", "unet_calls", "unet_evals",
                                                       "pairs", "unet_evals_per_pair")}
@@ -151,6 +156,7 @@ def main() -> None:
     t.add_argument("--n-itm", type=int, default=200)
     t.add_argument("--benchmarks", default="winoground,comvg,counting,refcocog")
     t.add_argument("--out", default="test.json")
+    t.add_argument("--parts", default="rec,itm,benchmarks", help="which readings: rec, itm, benchmarks")
     s = sub.add_parser("selfcorr")
     s.add_argument("--split", default="validation")
     s.add_argument("--n", type=int, default=40)

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from models.adapters.dpt import (
     DPTAdapter,
     DPTConfig,
+    DPTOutput,
     box_cxcywh_to_xyxy,
     box_iou,
     load_adapter,
@@ -52,8 +53,8 @@ class RecTrainConfig:
 
     Attributes:
         init_adapter: the trained adapter whose matching path is kept (frozen).
-        rec_head / vl_layers: the grounding head to train ("regression" default; "queries" retrains the paper's
-            grounding queries on the cache).
+        rec_head / vl_layers / vl_pool: the grounding head to train ("regression" default; "queries" retrains the
+            paper's grounding-query heads on the cache, the shared decoder frozen).
         n_train / n_val: expressions per kind in the training / validation caches (3 kinds).
         steps / batch / lr / warmup / weight_decay / clip: AdamW on the grounding parameters.
         rec_weights: (lambda0, lambda1, lambda2, lambda3), as stage 1.
@@ -64,6 +65,7 @@ class RecTrainConfig:
     init_adapter: str = str(ADAPTERS_DIR / "shapes-v1-dpt")
     rec_head: str = "regression"
     vl_layers: int = 2
+    vl_pool: int = 2
     n_train: int = 4000
     n_val: int = 100
     steps: int = 3000
@@ -109,19 +111,33 @@ def build_rec_cache(pipe, config: DPTConfig, seed: int, n_per_kind: int, path: s
     return cache
 
 
-def rec_adapter_from(trained: DPTAdapter, rec_head: str = "regression", vl_layers: int = 2) -> DPTAdapter:
+def rec_adapter_from(trained: DPTAdapter, rec_head: str = "regression", vl_layers: int = 2, vl_pool: int = 2
+                     ) -> DPTAdapter:
     """A copy of `trained` with the grounding head `rec_head`: every shared weight copied (the matching path
     exactly), the new head freshly initialised."""
-    cfg = DPTConfig.from_dict({**trained.config.to_dict(), "rec_head": rec_head, "vl_layers": vl_layers})
+    cfg = DPTConfig.from_dict({**trained.config.to_dict(), "rec_head": rec_head, "vl_layers": vl_layers,
+                               "vl_pool": vl_pool})
     new = DPTAdapter(cfg).to(next(trained.parameters()).device)
     missing, unexpected = new.load_state_dict(trained.state_dict(), strict=False)
-    if unexpected or any(not n.startswith(("reg_token", "vl.", "text_in.", "text_type")) for n in missing):
+    if unexpected or any(not n.startswith(("reg_token", "vl.", "vl_pos", "text_in.", "text_type")) for n in missing):
         raise ValueError(f"adapter weights do not fit: missing {missing}, unexpected {unexpected}")
     return new
 
 
-def _rows(cache: dict, idx: torch.Tensor, device) -> tuple:
-    feats = [f[idx].float().to(device) for f in cache["feats"]]
+@torch.no_grad()
+def _memory(adapter: DPTAdapter, cache: dict, batch: int = 256) -> torch.Tensor:
+    """The frozen encoder's memory of every cached row, fp16 `[K, h*w, width]` (the regression head's input)."""
+    dev = next(adapter.parameters()).device
+    n = len(cache["kinds"])
+    out = []
+    for i in range(0, n, batch):
+        feats = [f[i: i + batch].float().to(dev) for f in cache["feats"]]
+        out.append(adapter.encode(feats, torch.full((feats[0].shape[0],), cache["t"], device=dev)).half().cpu())
+    return torch.cat(out)
+
+
+def _rows(cache: dict, idx: torch.Tensor, device, with_feats: bool = True) -> tuple:
+    feats = [f[idx].float().to(device) for f in cache["feats"]] if with_feats else []
     return (feats, cache["tokens"][idx].float().to(device), cache["valid"][idx].to(device),
             cache["positive"][idx].to(device), cache["boxes"][idx].to(device))
 
@@ -170,10 +186,10 @@ def train_rec_head(pipe, cfg: RecTrainConfig, work_dir: str | Path, progress: bo
     dev = pipe.unet.device
     base = load_adapter(cfg.init_adapter, dev)
     torch.manual_seed(cfg.seed)
-    adapter = rec_adapter_from(base, cfg.rec_head, cfg.vl_layers)
+    adapter = rec_adapter_from(base, cfg.rec_head, cfg.vl_layers, cfg.vl_pool)
     with frozen(pipe):
-        train = build_rec_cache(pipe, adapter.config, cfg.seed, cfg.n_train, work / f"train_s{cfg.seed}_n{cfg.n_train}.pt",
-                                progress=progress)
+        train = build_rec_cache(pipe, adapter.config, cfg.seed, cfg.n_train,
+                                work / f"train_s{cfg.seed}_n{cfg.n_train}.pt", progress=progress)
         val_seed = DPT_SEEDS["validation"]
         val = build_rec_cache(pipe, adapter.config, val_seed, cfg.n_val, work / f"val_s{val_seed}_n{cfg.n_val}.pt",
                               progress=progress)
@@ -194,16 +210,22 @@ def train_rec_head(pipe, cfg: RecTrainConfig, work_dir: str | Path, progress: bo
     n = len(train["kinds"])
     t0 = time.time()
     adapter.eval()  # the frozen matching path without dropout (its output is the head's input) ...
+    memory = _memory(adapter, train) if cfg.rec_head == "regression" else None  # frozen: computed once
     _grounding_train_mode(adapter)  # ... the trained head with it
     with tqdm(total=cfg.steps, initial=step, desc="dpt rec head", disable=not progress, mininterval=10) as bar, \
             open(work / "log.jsonl", "a") as log:
         while step < cfg.steps:
             g = torch.Generator().manual_seed(cfg.seed * 100_003 + step)
             idx = torch.randint(0, n, (cfg.batch,), generator=g)
-            feats, tokens, valid, positive, boxes = _rows(train, idx, dev)
+            feats, tokens, valid, positive, boxes = _rows(train, idx, dev, with_feats=memory is None)
             for grp in opt.param_groups:
                 grp["lr"] = cfg.lr * min(1.0, (step + 1) / max(cfg.warmup, 1))
-            out = adapter(feats, torch.full((cfg.batch,), train["t"], device=dev), tokens, valid)
+            if memory is not None:
+                head = adapter.regression_head(memory[idx].float().to(dev), tokens, valid)
+                out = DPTOutput(match=tokens.new_zeros(cfg.batch, 0, 1), logit_scale=adapter.logit_scale.exp(),
+                                hidden=tokens.new_zeros(cfg.batch, 0, 1), **head)
+            else:
+                out = adapter(feats, torch.full((cfg.batch,), train["t"], device=dev), tokens, valid)
             res = loss_fn(out, boxes, adapter.project_tokens(tokens), positive, valid, weights=cfg.rec_weights)
             opt.zero_grad(set_to_none=True)
             res["loss"].backward()
