@@ -292,3 +292,11 @@ class TestDualMode:
         assert (tmp_path / "out" / "unet" / "config.json").exists()
         assert load_text_denoiser(cfg.out_dir)[0].config.mode == "dual"
         assert dataclasses.asdict(cfg)["text_weight"] == 0.2
+        # captioning with the dual adapter reads its own UNet, not the pipeline's (which stays as it was)
+        base = build_tiny_pipeline(tmp_path / "p2", seed=1)
+        reading = td.reading_pipe(base, cfg.out_dir)
+        assert reading is not base and reading.unet is not base.unet and reading.vae is base.vae
+        assert all(torch.equal(v, after[k]) for k, v in reading.unet.state_dict().items())
+        assert all(torch.equal(v, before[k]) for k, v in base.unet.state_dict().items())
+        assert td.reading_pipe(base, cfg.out_dir) is reading  # cached
+        assert td.reading_pipe(base, tmp_path / "frozen-has-no-unet") is base

@@ -31,7 +31,7 @@ from interp.scorers import MatchOptions, get_scorer
 from interp.stats import rate
 from models.adapters.text_denoiser import TextDenoiser, TextVocab, load_text_denoiser
 from models.limits import MAX_CANDIDATES
-from models.loading import load_pipeline
+from models.loading import load_pipeline, with_unet
 from models.shapes import world
 from models.training.text_diffusion import (
     DEFAULT_OUT,
@@ -46,7 +46,7 @@ from models.training.text_diffusion import (
 from models.unet_pass import native_size
 
 __all__ = ["DEFAULTS", "SPLITS", "UnmaskStep", "TextSample", "CaptionResult", "AnswerResult", "load_adapter",
-           "sample_text", "caption_image", "answer_question", "judge_caption", "answer_from_caption",
+           "reading_pipe", "sample_text", "caption_image", "answer_question", "judge_caption", "answer_from_caption",
            "ranking_candidates", "rank_caption", "eval_scenes", "evaluate_text_diffusion", "check_question"]
 
 Order = Literal["confidence", "random"]
@@ -314,7 +314,7 @@ def caption_image(image, pipe=None, adapter: str | Path | None = None, length: i
     length = DEFAULTS["caption_length"] if length is None else length
     length, steps, order, seed, temperature = _options(length, steps, order, seed, temperature,
                                                        DEFAULTS["caption_steps"])
-    pipe = pipe if pipe is not None else _default_pipe()
+    pipe = reading_pipe(pipe if pipe is not None else _default_pipe(), adapter)
     feats = image_features(pipe, model, extra, [img])
     s = sample_text(model, vocab, feats, (), min(length, model.config.max_len), steps, order, seed, temperature,
                     record_attention=record_attention)
@@ -345,7 +345,7 @@ def answer_question(image, question: str, pipe=None, adapter: str | Path | None 
     length = len(prefix) + 2 if length is None else length
     length, steps, order, seed, temperature = _options(length, steps, order, seed, temperature,
                                                        DEFAULTS["answer_steps"])
-    pipe = pipe if pipe is not None else _default_pipe()
+    pipe = reading_pipe(pipe if pipe is not None else _default_pipe(), adapter)
     feats = image_features(pipe, model, extra, [img])
     s = sample_text(model, vocab, feats, prefix, length, steps, order, seed, temperature,
                     record_attention=record_attention)
@@ -354,6 +354,13 @@ def answer_question(image, question: str, pipe=None, adapter: str | Path | None 
 
 def _default_pipe():
     return load_pipeline()
+
+
+def reading_pipe(pipe, adapter: str | Path | None = None):
+    """The pipeline whose UNet the adapter reads: `pipe` itself, or, for a dual-mode adapter (its folder holds the
+    UNet fine-tuned with it, `unet/`), `pipe` with that UNet (`models.loading.with_unet`; `pipe` unchanged)."""
+    unet_dir = Path(adapter or DEFAULT_OUT) / "unet"
+    return with_unet(pipe, unet_dir) if (unet_dir / "config.json").exists() else pipe
 
 
 # ------------------------------------------------------------------------------------------------
@@ -499,7 +506,7 @@ def evaluate_text_diffusion(pipe=None, n_scenes: int = 300, split: str = "valida
         {"rate", "k", "n", "ci95"} (`interp.stats.rate`).
     """
 
-    pipe = pipe if pipe is not None else _default_pipe()
+    pipe = reading_pipe(pipe if pipe is not None else _default_pipe(), adapter)
     model, vocab, extra, info = load_adapter(adapter)
     c = model.config
     L = min(DEFAULTS["caption_length"] if caption_length is None else caption_length, c.max_len)
