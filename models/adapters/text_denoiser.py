@@ -86,7 +86,8 @@ class TextVocab:
         return cls(words, tokenizer.pad_token_id, len(tokenizer), extra)
 
     def to_dict(self) -> dict:
-        return {"words": {w: i for w, i in self.word_to_id.items() if w not in self.extra}, "pad_id": self.pad_id,
+        words = sorted((i, w) for w, i in self.word_to_id.items() if w not in self.extra)  # by id: same file each run
+        return {"words": {w: i for i, w in words}, "pad_id": self.pad_id,
                 "base_size": self.base_size, "extra": list(self.extra)}
 
     @classmethod
