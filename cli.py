@@ -57,6 +57,7 @@ from interp.tasks.matching_report import GROUPS, report_markdown
 from interp.tasks.prompt_learning import save_prompt
 from interp.tasks.self_correction import READINGS
 from interp.tasks.text_diffusion import answer_question, caption_image, evaluate_text_diffusion
+from models.adapters.dpt import REC_HEADS
 from models.limits import (
     DEFAULT_CORRECTION_ETA,
     MAX_CORRECTION_ETA,
@@ -72,7 +73,6 @@ from models.limits import (
 from models.loading import ModelLoadError, model_step
 from models.training.bundled import TrainConfig, train_bundled
 from models.training.common import add_config_flags, config_from_flags
-from models.adapters.dpt import REC_HEADS
 from models.training.dpt import DPTTrainConfig, train_dpt
 from models.training.dpt_rec import RecTrainConfig, train_rec_head
 from models.training.text_diffusion import TextDiffusionConfig, train_text_diffusion
@@ -225,8 +225,6 @@ def _cmd_train_dpt(a: argparse.Namespace) -> int:
 def _train_dpt_rec(a: argparse.Namespace) -> int:
     """--stage rec: the grounding head of a trained adapter on cached features (models.training.dpt_rec)."""
     cfg = config_from_flags(a, RecTrainConfig)  # the shared flags (--steps, --batch, --lr, ...) and the rec ones
-    if cfg.rec_head not in REC_HEADS:
-        raise ValueError(f"--rec-head must be one of {', '.join(REC_HEADS)}, got {cfg.rec_head!r}")
     cfg.vl_layers = check_int(cfg.vl_layers, "--vl-layers", 1, 8)
     cfg.vl_pool = check_int(cfg.vl_pool, "--vl-pool", 1, 8)
     cfg.n_train = check_int(cfg.n_train, "--n-rec-train", 1, 100_000)

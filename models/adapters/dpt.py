@@ -29,8 +29,8 @@ from torch import nn
 __all__ = ["DPTConfig", "DPTAdapter", "DPTOutput", "ADAPTER_FILE", "CONFIG_FILE", "LORA_FILE",
            "box_cxcywh_to_xyxy", "box_xyxy_to_cxcywh", "box_iou", "generalized_box_iou", "timestep_embedding",
            "itm_score", "itm_contrastive_loss", "match_queries", "rec_loss", "rec_regression_loss", "REC_HEADS",
-           "save_adapter", "load_adapter",
-           "LORA_TARGETS", "add_lora", "lora_state_dict", "load_lora", "remove_lora", "has_lora"]
+           "save_adapter", "load_adapter", "LORA_TARGETS", "add_lora", "lora_state_dict", "load_lora", "remove_lora",
+           "has_lora"]
 
 ADAPTER_FILE = "adapter.safetensors"
 CONFIG_FILE = "config.json"
@@ -141,6 +141,13 @@ class DPTOutput:
     def probs(self) -> torch.Tensor:
         """Sigmoid of `logits`                                                      [B, R]"""
         return self.logits.sigmoid()
+
+    def best(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's most probable grounding box (cx, cy, w, h) `[B, 4]` and its probability `[B]`."""
+        p = self.probs
+        best = p.argmax(-1)
+        rows = torch.arange(p.shape[0], device=p.device)
+        return self.boxes[rows, best], p[rows, best]
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0) -> torch.Tensor:

@@ -50,9 +50,9 @@ from models.shapes import referring, world
 from models.training.common import atomic_save
 from models.unet_pass import native_size, noised_unet_pass
 
-__all__ = ["ADAPTERS_DIR", "DPT_SEEDS", "DPTTrainConfig", "text_embeddings", "encode_images", "dpt_features", "features_at",
-           "block_shapes", "new_adapter", "positive_tokens", "itm_scores", "itm_scores_at", "ground_boxes",
-           "make_batch", "train_dpt", "evaluate_rec", "evaluate_itm_pairs", "export_adapter"]
+__all__ = ["ADAPTERS_DIR", "DPT_SEEDS", "DPTTrainConfig", "text_embeddings", "encode_images", "dpt_features",
+           "features_at", "block_shapes", "new_adapter", "positive_tokens", "itm_scores", "itm_scores_at",
+           "ground_boxes", "make_batch", "train_dpt", "evaluate_rec", "rec_accuracy", "evaluate_itm_pairs", "export_adapter"]
 
 DPT_SEEDS = {"train": 50_000, "validation": 50_001, "test": 50_002}
 
@@ -177,10 +177,8 @@ def ground_boxes(pipe, adapter: DPTAdapter, latents: torch.Tensor, texts: Sequen
     feats = dpt_features(pipe, latents, texts, t, adapter.config.blocks, noise_seed=noise_seed)
     _, tokens, valid = text_embeddings(pipe, texts)
     out = adapter(feats, torch.full((len(texts),), t, device=feats[0].device), tokens, valid)
-    p = out.probs
-    best = p.argmax(-1)
-    rows = torch.arange(len(texts), device=p.device)
-    return box_cxcywh_to_xyxy(out.boxes[rows, best]).clamp(0, 1).float().cpu(), p[rows, best].float().cpu()
+    boxes, p = out.best()
+    return box_cxcywh_to_xyxy(boxes).clamp(0, 1).float().cpu(), p.float().cpu()
 
 
 # --- training -------------------------------------------------------------------------------------------
@@ -431,13 +429,18 @@ def evaluate_rec(pipe, adapter: DPTAdapter, expressions: Sequence, t: int | None
         boxes, _ = ground_boxes(pipe, adapter, lat, [e.model_text for e in chunk], t)
         true = torch.tensor([[v / world.IMAGE_SIZE for v in e.box] for e in chunk])
         ious += torch.diagonal(box_iou(boxes, true)[0]).tolist()
+    return {**rec_accuracy([e.kind for e in expressions], ious), "ious": ious}
+
+
+def rec_accuracy(kinds: Sequence[str], ious: Sequence[float]) -> dict:
+    """REC hits (IoU >= 0.5) overall and per expression kind: {"overall": {"k", "n"}, "by_kind": {kind: {"k",
+    "n"}}}."""
     by_kind: dict[str, dict] = {}
-    for e, iou in zip(expressions, ious):
-        d = by_kind.setdefault(e.kind, {"k": 0, "n": 0})
+    for kind, iou in zip(kinds, ious):
+        d = by_kind.setdefault(kind, {"k": 0, "n": 0})
         d["k"] += int(iou >= 0.5)
         d["n"] += 1
-    return {"overall": {"k": sum(d["k"] for d in by_kind.values()), "n": len(ious)}, "by_kind": by_kind,
-            "ious": ious}
+    return {"overall": {"k": sum(d["k"] for d in by_kind.values()), "n": len(ious)}, "by_kind": by_kind}
 
 
 def evaluate_itm_pairs(pipe, adapter: DPTAdapter, scenes: Sequence[world.Scene], t: int | None = None) -> dict:

@@ -40,7 +40,15 @@ from models.adapters.dpt import (
 from models.loading import frozen
 from models.shapes import referring
 from models.training.common import atomic_save
-from models.training.dpt import ADAPTERS_DIR, DPT_SEEDS, dpt_features, encode_images, positive_tokens, text_embeddings
+from models.training.dpt import (
+    ADAPTERS_DIR,
+    DPT_SEEDS,
+    dpt_features,
+    encode_images,
+    positive_tokens,
+    rec_accuracy,
+    text_embeddings,
+)
 
 __all__ = ["RecTrainConfig", "build_rec_cache", "rec_adapter_from", "rec_metrics", "train_rec_head"]
 
@@ -154,18 +162,10 @@ def rec_metrics(adapter: DPTAdapter, cache: dict, batch: int = 128) -> dict:
     for i in range(0, n, batch):
         idx = torch.arange(i, min(n, i + batch))
         feats, tokens, valid, _, boxes = _rows(cache, idx, dev)
-        out = adapter(feats, torch.full((len(idx),), cache["t"], device=dev), tokens, valid)
-        best = out.probs.argmax(-1)
-        pb = out.boxes[torch.arange(len(idx), device=dev), best]
+        pb, _ = adapter(feats, torch.full((len(idx),), cache["t"], device=dev), tokens, valid).best()
         ious += torch.diagonal(box_iou(box_cxcywh_to_xyxy(pb), box_cxcywh_to_xyxy(boxes))[0]).tolist()
     adapter.train(was)
-    by: dict[str, dict] = {}
-    for kind, iou in zip(cache["kinds"], ious):
-        d = by.setdefault(kind, {"k": 0, "n": 0})
-        d["k"] += int(iou >= 0.5)
-        d["n"] += 1
-    return {"overall": {"k": sum(d["k"] for d in by.values()), "n": n}, "by_kind": by,
-            "mean_iou": float(np.mean(ious)) if ious else 0.0}
+    return {**rec_accuracy(cache["kinds"], ious), "mean_iou": float(np.mean(ious)) if ious else 0.0}
 
 
 def _grounding_train_mode(adapter: DPTAdapter) -> None:
