@@ -205,7 +205,7 @@ def _cmd_train_dpt(a: argparse.Namespace) -> int:
     if str(a.stage).strip() not in ("1", "2"):
         raise ValueError(f"--stage must be 1, 2 or rec, got {a.stage!r}")
     stage = int(str(a.stage).strip())
-    rec_flags = (("--init-adapter", "init_adapter"), ("--rec-head", "rec_head"), ("--vl-layers", "vl_layers"),
+    rec_flags = (("--rec-head", "rec_head"), ("--vl-layers", "vl_layers"),
                  ("--vl-pool", "vl_pool"), ("--n-rec-train", "n_train"), ("--n-rec-val", "n_val"))
     rec_only = [f for f, d in rec_flags if getattr(a, d) is not None]
     if rec_only:
@@ -215,8 +215,10 @@ def _cmd_train_dpt(a: argparse.Namespace) -> int:
         cfg.lora_rank = 4  # the paper's rank
     if stage == 1:
         cfg.lora_rank = 0
+    if a.init_adapter is not None and not (Path(a.init_adapter) / "adapter.safetensors").exists():
+        raise ValueError(f"--init-adapter: no trained adapter in {a.init_adapter}")
     pipe = inputs.load_model(a.model)
-    train_dpt(pipe, cfg, a.work_dir)
+    train_dpt(pipe, cfg, a.work_dir, init_from=a.init_adapter)
     print(json.dumps({"work_dir": a.work_dir, "stage": stage, "steps": cfg.steps,
                       "next": "choose a snapshot on validation (python -m bench.dpt_eval), then export_adapter"}))
     return 0
@@ -500,7 +502,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="1: adapter on the frozen UNet; 2: + LoRA (rank 4); rec: only the grounding head of a "
                          "trained adapter (--init-adapter), on cached features, its matching kept exactly")
     td.add_argument("--init-adapter", dest="init_adapter", default=None,
-                    help=f"--stage rec: the trained adapter (default: {RecTrainConfig.init_adapter})")
+                    help="the trained adapter a run starts from (its architecture and weights; give it again to resume); "
+                         f"--stage rec default: {RecTrainConfig.init_adapter}")
     td.add_argument("--rec-head", dest="rec_head", default=None, choices=REC_HEADS,
                     help="--stage rec: regression ([REG] token, default) or queries (the paper's)")
     td.add_argument("--vl-layers", dest="vl_layers", default=None, type=int,

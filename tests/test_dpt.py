@@ -155,6 +155,31 @@ class TestTraining:
         assert torch.load(tmp_path / "state.pt", weights_only=False)["step"] == 3
         assert len((tmp_path / "log.jsonl").read_text().splitlines()) == 3
 
+    def test_stage2_from_a_saved_adapter(self, tiny_pipe, adapter_dir, tmp_path):
+        """Stage 2 starts from a saved adapter (its architecture and weights), snapshots the LoRA apart, resumes,
+        and leaves the pipeline's UNet as it came (no LoRA, base weights bit-identical)."""
+        from safetensors.torch import load_file
+
+        base = {k: v.clone() for k, v in tiny_pipe.unet.state_dict().items()}
+        cfg = tdpt.DPTTrainConfig(batch=2, steps=2, checkpoint_every=1, snapshot_every=2, warmup=1, lora_rank=2,
+                                  lora_lr=1e-2)  # the config's own width etc. (128) differ from the saved adapter's
+        a = tdpt.train_dpt(tiny_pipe, cfg, tmp_path, progress=False, init_from=adapter_dir)
+        saved = load_adapter(adapter_dir)
+        assert a.config.width == saved.config.width == SMALL["width"] and a.config.stage == 2
+        snap = tmp_path / "snap-00002"
+        assert load_adapter(snap).config.lora_rank == 2
+        lora = load_file(snap / "lora.safetensors")
+        assert lora and any("lora_B" in k and v.abs().sum() > 0 for k, v in lora.items())
+        assert not has_lora(tiny_pipe.unet)
+        sd = tiny_pipe.unet.state_dict()
+        assert sd.keys() == base.keys() and all(torch.equal(sd[k], base[k]) for k in base)
+        first = torch.load(tmp_path / "state.pt", weights_only=False)
+        assert any(not torch.equal(first["adapter"][k], v) for k, v in saved.state_dict().items())
+        tdpt.train_dpt(tiny_pipe, cfg.__class__(**{**cfg.__dict__, "steps": 3}), tmp_path, progress=False,
+                       init_from=adapter_dir)
+        st = torch.load(tmp_path / "state.pt", weights_only=False)
+        assert st["step"] == 3 and st["lora"].keys() == lora.keys() and not has_lora(tiny_pipe.unet)
+
     def test_adapter_save_load_round_trip(self, adapter, adapter_dir):
         """Saved and loaded adapters give identical outputs."""
         b = load_adapter(adapter_dir)

@@ -2,6 +2,9 @@
 components, CPU)."""
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import pytest
 import torch
 
@@ -214,7 +217,8 @@ class TestTraining:
         add_config_flags(p, tr.TextDiffusionConfig)
         cfg = config_from_flags(p.parse_args(["--steps", "20", "--timestep", "1000"]), tr.TextDiffusionConfig)
         assert (cfg.steps, cfg.timestep, cfg.mode) == (20, 1000, "frozen")
-        for bad, flag in ((["--mode", "x"], "--mode"), (["--timestep", "1001"], "--timestep")):
+        for bad, flag in ((["--mode", "x"], "--mode"), (["--timestep", "1001"], "--timestep"),
+                          (["--img-pos", "rope"], "--img-pos")):
             with pytest.raises(ValueError, match=flag):
                 config_from_flags(p.parse_args(bad), tr.TextDiffusionConfig)
 
@@ -226,6 +230,33 @@ class TestTraining:
         ids = torch.tensor([vocab.encode("a red circle")])
         assert torch.allclose(model(feats, ids).logits, m2(feats, ids).logits)
         assert torch.equal(e2.embedding, extra.embedding) and v2.encode("how ?") == vocab.encode("how ?")
+
+    def test_sincos_position_code(self, vocab, tmp_path, feats):
+        """img_pos "sincos": a fixed 2-D code (not saved) in one frame for both blocks: the mid block's cell (i, j)
+        carries the code of the up grid's cell (2i, 2j); the model saves and loads to the same logits; a config
+        without the field (older adapters) reads as "learned"; an unknown code is a ValueError."""
+        torch.manual_seed(0)
+        cfg = TextDenoiserConfig(vocab_size=vocab.size, max_len=12, block_channels=(32, 32), hidden=32, layers=1,
+                                 heads=2, img_pos="sincos")
+        m = TextDenoiser(cfg).eval()
+        mid, up = m.img_sincos_0, m.img_sincos_1  # [16, 32], [64, 32]
+        assert mid.shape == (16, 32) and up.shape == (64, 32)
+        assert torch.allclose(mid.reshape(4, 4, 32), up.reshape(8, 8, 32)[::2, ::2])
+        assert len({tuple(r.tolist()) for r in up}) == 64  # every cell its own code
+        assert not any("sincos" in k for k in m.state_dict())
+        lm = TextDenoiser(dataclasses.replace(cfg, img_pos="learned")).eval()
+        lm.load_state_dict(m.state_dict())
+        ids = torch.tensor([vocab.encode("a red circle")])
+        assert not torch.allclose(m(feats, ids).logits, lm(feats, ids).logits)  # the code reaches the logits
+        save_text_denoiser(tmp_path, m, vocab)
+        m2, _, _, _ = load_text_denoiser(tmp_path)
+        assert m2.config.img_pos == "sincos" and torch.allclose(m(feats, ids).logits, m2(feats, ids).logits)
+        d = json.loads((tmp_path / "config.json").read_text())
+        d.pop("img_pos")
+        (tmp_path / "config.json").write_text(json.dumps(d))
+        assert load_text_denoiser(tmp_path)[0].config.img_pos == "learned"
+        with pytest.raises(ValueError, match="img_pos"):
+            TextDenoiserConfig(img_pos="rope")
 
     def test_no_adapter_is_a_value_error(self, tmp_path):
         """Loading from a folder without an adapter is a one-line ValueError."""

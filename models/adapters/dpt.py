@@ -503,12 +503,12 @@ def has_lora(unet: nn.Module) -> bool:
     return any("lora_" in n for n, _ in unet.named_parameters())
 
 
-def lora_state_dict(unet: nn.Module) -> dict[str, torch.Tensor]:
-    """The LoRA weights only (`peft.get_peft_model_state_dict`), on the CPU."""
+def lora_state_dict(unet: nn.Module, name: str = "dpt") -> dict[str, torch.Tensor]:
+    """The LoRA weights of adapter `name` only (`peft.get_peft_model_state_dict`), on the CPU."""
     # lazy: peft (~1.4 s to import) is only needed for the LoRA variant, not on every start of the app or CLI
     from peft.utils import get_peft_model_state_dict
 
-    return {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(unet).items()}
+    return {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(unet, adapter_name=name).items()}
 
 
 def load_lora(unet: nn.Module, folder: str | Path, rank: int, name: str = "dpt") -> None:

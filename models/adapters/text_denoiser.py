@@ -31,9 +31,10 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
+from diffusers.models.embeddings import get_2d_sincos_pos_embed
 from transformers import BertConfig, BertModel
 
-__all__ = ["CONFIG_FILE", "WEIGHTS_FILE", "VOCAB_FILE", "MASK", "PAD", "QUESTION_WORDS", "EXTRA_TIMESTEP",
+__all__ = ["CONFIG_FILE", "WEIGHTS_FILE", "VOCAB_FILE", "MASK", "PAD", "QUESTION_WORDS", "EXTRA_TIMESTEP", "IMG_POS",
            "TextVocab", "TextDenoiserConfig", "TextDenoiser", "DenoiserOutput", "ExtraTimestep",
            "override_time_embedding", "masked_diffusion_loss", "save_text_denoiser", "load_text_denoiser"]
 
@@ -45,6 +46,7 @@ PAD = "<|endoftext|>"  # the bundled tokenizer's EOS = pad token: the end of a c
 # words the question templates need beyond the captions' (the bundled tokenizer splits them into characters)
 QUESTION_WORDS: tuple[str, ...] = ("how", "many", "what", "color", "shape", "is", "the", "object", "where", "?",
                                    "one")
+IMG_POS = ("learned", "sincos")  # the image tokens' position code (TextDenoiserConfig.img_pos)
 EXTRA_TIMESTEP = 1000  # DiffDis: discrimination's own timestep, outside the generation range 0-999
 
 
@@ -126,6 +128,9 @@ class TextDenoiserConfig:
         timestep: the discriminative timestep the UNet is read at: 0..999, or 1000 (`EXTRA_TIMESTEP`, DiffDis).
         image_prompt: the text the UNet's cross-attention sees while its features are read.
         hidden / layers / heads / dropout: the BERT encoder.
+        img_pos: position code of the image tokens: "learned" (a learned embedding per token of each block) or
+            "sincos" (the fixed 2-D sine-cosine code of MAE / DiT, `diffusers.models.embeddings.
+            get_2d_sincos_pos_embed`, in one coordinate frame for all blocks, plus the learned one).
         trained_steps / mode: provenance ("frozen" or "dual").
     """
 
@@ -143,6 +148,7 @@ class TextDenoiserConfig:
     dropout: float = 0.0
     trained_steps: int = 0
     mode: str = "frozen"
+    img_pos: str = "learned"
 
     def __post_init__(self) -> None:
         self.blocks = tuple(self.blocks)
@@ -153,6 +159,8 @@ class TextDenoiserConfig:
             raise ValueError("blocks, block_channels, block_sizes and pool must have one entry per block")
         if not 0 <= int(self.timestep) <= EXTRA_TIMESTEP:
             raise ValueError(f"timestep must be in 0..{EXTRA_TIMESTEP}, got {self.timestep}")
+        if self.img_pos not in IMG_POS:
+            raise ValueError(f"img_pos must be one of {', '.join(IMG_POS)}, got {self.img_pos!r}")
 
     @property
     def n_image_tokens(self) -> int:
@@ -188,6 +196,11 @@ class TextDenoiser(nn.Module):
         self.proj = nn.ModuleList(nn.Linear(c, D) for c in config.block_channels)
         self.grid = [(h // p, w // p) for (h, w), p in zip(config.block_sizes, config.pool)]
         self.img_pos = nn.ParameterList(nn.Parameter(torch.randn(gh * gw, D) * 0.02) for gh, gw in self.grid)
+        if config.img_pos == "sincos":  # fixed, so not saved: one frame, the finest grid's cells as units
+            base = max(max(g) for g in self.grid)
+            for i, (gh, gw) in enumerate(self.grid):
+                code = get_2d_sincos_pos_embed(D, (gh, gw), base_size=base, output_type="pt").float()
+                self.register_buffer(f"img_sincos_{i}", code, persistent=False)  # [gh*gw, D]
         self.tok = nn.Embedding(config.vocab_size, D)
         bert = BertConfig(vocab_size=8, hidden_size=D, num_hidden_layers=config.layers,
                           num_attention_heads=config.heads, intermediate_size=4 * D,
@@ -205,10 +218,12 @@ class TextDenoiser(nn.Module):
                 raise ValueError(f"missing UNet block features {missing}")
             feats = [feats[b] for b in self.config.blocks]
         out = []
-        for f, proj, pos, p, (gh, gw) in zip(feats, self.proj, self.img_pos, self.config.pool, self.grid):
+        for i, (f, proj, pos, (gh, gw)) in enumerate(zip(feats, self.proj, self.img_pos, self.grid)):
             f = f.float()
             if tuple(f.shape[-2:]) != (gh, gw):  # raw block output: pool to the grid (cached features are pooled)
                 f = F.adaptive_avg_pool2d(f, (gh, gw))
+            if self.config.img_pos == "sincos":
+                pos = pos + getattr(self, f"img_sincos_{i}")
             out.append(proj(f.flatten(2).transpose(1, 2)) + pos)  # [B, gh*gw, D]
         return torch.cat(out, 1)
 

@@ -39,10 +39,12 @@ from models.adapters.dpt import (
     box_iou,
     itm_contrastive_loss,
     itm_score,
+    has_lora,
     load_adapter,
     lora_state_dict,
     rec_loss,
     rec_regression_loss,
+    remove_lora,
     save_adapter,
 )
 from models.loading import frozen
@@ -314,9 +316,15 @@ def _losses(pipe, adapter: DPTAdapter, batch: dict, t: int, noise: torch.Tensor,
 def train_dpt(pipe, cfg: DPTTrainConfig, work_dir: str | Path, progress: bool = True,
               stop_after_s: float | None = None, init_from: str | Path | None = None) -> DPTAdapter:
     """Train (or resume) a DPT adapter (`_train_dpt`) with the pipeline's models frozen; their requires_grad flags
-    and train / eval modes are restored afterwards (`models.loading.frozen`)."""
-    with frozen(pipe):
-        return _train_dpt(pipe, cfg, work_dir, progress, stop_after_s, init_from)
+    and train / eval modes are restored afterwards (`models.loading.frozen`), and a stage-2 LoRA is removed from the
+    UNet on exit (it lives in `state.pt` and the snapshots), so the pipeline is left as it came."""
+    had_lora = has_lora(pipe.unet)
+    try:
+        with frozen(pipe):
+            return _train_dpt(pipe, cfg, work_dir, progress, stop_after_s, init_from)
+    finally:
+        if cfg.lora_rank and not had_lora and has_lora(pipe.unet):
+            remove_lora(pipe.unet)
 
 
 def _train_dpt(pipe, cfg: DPTTrainConfig, work_dir: str | Path, progress: bool = True,
@@ -331,16 +339,23 @@ def _train_dpt(pipe, cfg: DPTTrainConfig, work_dir: str | Path, progress: bool =
     Files in `work_dir`: `state.pt` (adapter, LoRA, optimizer, step; resumable), `log.jsonl` (losses per step),
     `snap-<step>/` (adapter.safetensors + config.json [+ lora.safetensors]) every `snapshot_every` steps.
 
-    `init_from`: a `state.pt` whose adapter weights start a fresh run (matching names only; a fresh optimizer).
+    `init_from`: a `state.pt` whose adapter weights start a fresh run (matching names only; a fresh optimizer), or
+    a saved adapter folder (`save_adapter`): the run takes its architecture (grounding head included) and, on a
+    fresh start, its weights (stage 2 from a shipped stage-1 adapter); give it again to resume.
 
     Returns: the adapter (train mode off).
     """
     work = Path(work_dir).expanduser()
     work.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
-    adapter = new_adapter(pipe, cfg.blocks, width=cfg.width, heads=cfg.heads, ff=cfg.ff, n_queries=cfg.n_queries,
-                          n_match=cfg.n_match, sem_dim=cfg.sem_dim, t=cfg.t, lora_rank=cfg.lora_rank,
-                          stage=2 if cfg.lora_rank else 1)
+    init_dir = Path(init_from).expanduser() if init_from is not None else None
+    if init_dir is not None and init_dir.is_dir():  # a saved adapter: its architecture (always) and weights
+        adapter = load_adapter(init_dir, device=pipe.unet.device)
+        adapter.config.lora_rank, adapter.config.stage = cfg.lora_rank, 2 if cfg.lora_rank else 1
+    else:
+        adapter = new_adapter(pipe, cfg.blocks, width=cfg.width, heads=cfg.heads, ff=cfg.ff, n_queries=cfg.n_queries,
+                              n_match=cfg.n_match, sem_dim=cfg.sem_dim, t=cfg.t, lora_rank=cfg.lora_rank,
+                              stage=2 if cfg.lora_rank else 1)
     lora_params = add_lora(pipe.unet, cfg.lora_rank) if cfg.lora_rank else []
     groups = [{"params": list(adapter.parameters()), "lr": cfg.lr}]
     if lora_params:
@@ -348,7 +363,7 @@ def _train_dpt(pipe, cfg: DPTTrainConfig, work_dir: str | Path, progress: bool =
     opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
     step = 0
     state_path = work / "state.pt"
-    if init_from is not None and not state_path.exists():
+    if init_dir is not None and not init_dir.is_dir() and not state_path.exists():
         st = torch.load(Path(init_from).expanduser(), map_location="cpu", weights_only=False)
         missing, unexpected = adapter.load_state_dict(st["adapter"], strict=False)
         print(f"warm start from {init_from}: new {missing}, dropped {unexpected}")
@@ -371,7 +386,8 @@ def _train_dpt(pipe, cfg: DPTTrainConfig, work_dir: str | Path, progress: bool =
 
     def snapshot():
         adapter.config.trained_steps = step
-        d = save_adapter(adapter, work / f"snap-{step:05d}", extra={"train": dataclasses.asdict(cfg)})
+        d = save_adapter(adapter, work / f"snap-{step:05d}",
+                         extra={"train": dataclasses.asdict(cfg), "init_from": str(init_from or "")})
         if lora_params:
             save_file(lora_state_dict(pipe.unet), d / LORA_FILE)
 

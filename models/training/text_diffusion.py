@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 
 from models.adapters.text_denoiser import (
     EXTRA_TIMESTEP,
+    IMG_POS,
     ExtraTimestep,
     TextDenoiser,
     TextDenoiserConfig,
@@ -91,6 +92,8 @@ class TextDiffusionConfig:
     hidden: int = config_field(128, "transformer width (a new run only)", ge=8)
     layers: int = config_field(4, "transformer layers (a new run only)", ge=1)
     heads: int = config_field(4, "attention heads (a new run only)", ge=1)
+    img_pos: str = config_field("learned", "position code of the image tokens: learned, or sincos (fixed 2-D "
+                        "sine-cosine + learned; a new run only)", check=lambda v: _check_choice(v, IMG_POS))
     text_weight: float = config_field(0.2, "dual mode: weight of L_text beside L_image (D-DiT: 0.2)", ge=0)
     unet_lr: float = config_field(2e-5, "dual mode: learning rate of the UNet", gt=0)
     dual_batch: int = config_field(32, "dual mode: scenes per step", ge=1)
@@ -337,7 +340,8 @@ def _denoiser_config(cfg: TextDiffusionConfig, vocab: TextVocab, pipe) -> TextDe
     return TextDenoiserConfig(vocab_size=vocab.size, max_len=cfg.max_len, blocks=blocks,
                               block_channels=tuple(c for c, _, _ in shapes),
                               block_sizes=tuple((h, w) for _, h, w in shapes), pool=pool, timestep=cfg.timestep,
-                              hidden=cfg.hidden, layers=cfg.layers, heads=cfg.heads, mode=cfg.mode)
+                              hidden=cfg.hidden, layers=cfg.layers, heads=cfg.heads, mode=cfg.mode,
+                              img_pos=cfg.img_pos)
 
 
 def train_text_diffusion(cfg: TextDiffusionConfig, pipe=None) -> Path:
