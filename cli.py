@@ -133,23 +133,26 @@ def _cmd_generate(a: argparse.Namespace) -> int:
         if a.trajectory_out:
             _check_out_dir(a.trajectory_out)  # its parent folder must exist; the folder is made
         image, traj = inputs.self_corrected_generation(a.model, a.prompt, seed=a.seed, steps=a.steps,
-                                                       guidance=a.guidance, eta=a.eta, reading=a.reading)
+                                                       guidance=a.guidance, eta=a.eta, reading=a.reading,
+                                                       lora=a.lora)
         image.save(a.out)
         if a.trajectory_out:
             traj.save(a.trajectory_out)
         if a.json:
             nan_free = lambda xs: [None if x != x else float(x) for x in xs]  # NaN outside the step range
             print(json.dumps({"out": a.out, "prompt": a.prompt, "seed": int(a.seed), "eta": float(a.eta),
-                              "reading": a.reading, "model": a.model or "bundled", "size": list(image.size),
+                              "reading": a.reading, "model": a.model or "bundled", "lora": a.lora,
+                              "size": list(image.size),
                               "trajectory": {"score": nan_free(traj.s_before), "score_after": nan_free(traj.s_after),
                                              "grad_norm": nan_free(traj.grad_norm),
                                              "latent_change": nan_free(traj.latent_change)}}))
         return 0
-    gen = inputs.generate_image(a.model, a.prompt, seed=a.seed, steps=a.steps, guidance=a.guidance)
+    gen = inputs.generate_image(a.model, a.prompt, seed=a.seed, steps=a.steps, guidance=a.guidance, lora=a.lora)
     gen.image.save(a.out)
     if a.json:
         print(json.dumps({"out": a.out, "prompt": gen.prompt, "seed": gen.seed, "steps": gen.steps,
-                          "guidance": gen.guidance, "model": a.model or "bundled", "size": list(gen.image.size)}))
+                          "guidance": gen.guidance, "model": a.model or "bundled", "lora": a.lora,
+                          "size": list(gen.image.size)}))
     return 0
 
 
@@ -465,6 +468,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--reading", default="noise_only", choices=READINGS,
                    help="noise_only: the corrected latent feeds the noise prediction only (the authors' code); "
                         "latent: the DDIM step starts from it too (Eq. 9 literally)")
+    g.add_argument("--lora", action="store_true",
+                   help="generate with the DPT-tuned model (stage 2: its LoRA on a copy of the UNet; with "
+                        "--self-correct, steered by its own stage-2 adapter)")
     g.add_argument("--trajectory-out", dest="trajectory_out", default=None,
                    help="folder for the whole trajectory (maps, previews; Trajectory.load reads it)")
 

@@ -132,12 +132,25 @@ def _load_cached(path_or_id: str, device: str, dtype: torch.dtype):
 _WITH_UNET: dict[tuple[int, str, float], tuple[object, object]] = {}
 
 
+def pipe_with_unet(pipe, unet: torch.nn.Module):
+    """A pipeline sharing `pipe`'s components (and its generation defaults) except its UNet, which is `unet`."""
+    # lazy: as in _load_cached (diffusers' pipelines module is slow to import)
+    from diffusers import StableDiffusionPipeline
+
+    new = StableDiffusionPipeline(**{**pipe.components, "unet": unet}, requires_safety_checker=False)
+    new.set_progress_bar_config(disable=True)
+    new.register_to_config(_name_or_path=pipe.name_or_path)  # the same model name (its shipped adapters)
+    if hasattr(pipe, "discolens_defaults"):
+        new.discolens_defaults = pipe.discolens_defaults
+    return new
+
+
 def with_unet(pipe, unet_dir: str | Path):
     """A pipeline sharing `pipe`'s components except its UNet, loaded from `unet_dir` (a diffusers
     `UNet2DConditionModel` folder, e.g. the one D-DiT's dual mode exports), on the same device and dtype; cached
     per pipe, folder and file time (at most 4). `pipe` itself is not changed."""
     # lazy: as in _load_cached (diffusers' pipelines module is slow to import)
-    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
 
     d = Path(unet_dir)
     if not (d / "config.json").exists():
@@ -145,10 +158,7 @@ def with_unet(pipe, unet_dir: str | Path):
     key = (id(pipe), str(d.resolve()), max(f.stat().st_mtime for f in d.iterdir()))
     if key not in _WITH_UNET:
         unet = UNet2DConditionModel.from_pretrained(d, dtype=pipe.unet.dtype).to(pipe.unet.device).eval()
-        new = StableDiffusionPipeline(**{**pipe.components, "unet": unet}, requires_safety_checker=False)
-        new.set_progress_bar_config(disable=True)
-        if hasattr(pipe, "discolens_defaults"):
-            new.discolens_defaults = pipe.discolens_defaults
+        new = pipe_with_unet(pipe, unet)
         while len(_WITH_UNET) >= 4:
             _WITH_UNET.pop(next(iter(_WITH_UNET)))
         _WITH_UNET[key] = (pipe, new)  # holding `pipe` keeps its id from being reused while cached

@@ -76,3 +76,18 @@ def test_app_and_cli_say_the_same(case, face, over, message, tiny_pipe_dir, png,
     assert err.value.message == message
     code = cli.main(argv)
     assert (code, capsys.readouterr().err) == (2, message + "\n")
+
+
+def test_tuned_model_missing_says_how_to_train(tiny_pipe_dir, tmp_path, capsys):
+    """A model without a DPT stage-2 LoRA: the app's Self-correction with "DPT-tuned model" and `cli.py generate
+    --lora` (plain and --self-correct) say the same line, with the command that trains one."""
+    model = str(tiny_pipe_dir)
+    with pytest.raises(gr.Error) as err:
+        app.self_correction("a red circle", model, 0, 2, 3.0, 1.0, "noise_only", True)
+    message = err.value.message
+    assert message.startswith("no DPT stage-2 LoRA in ") and "train-dpt --stage 2" in message
+    capsys.readouterr()  # the app's model loading may have written progress bars
+    for extra in ([], ["--self-correct"]):
+        code = cli.main(["generate", "--prompt", "a red circle", "--steps", "2", "--model", model,
+                         "--out", str(tmp_path / "x.png"), "--lora", *extra])
+        assert (code, capsys.readouterr().err) == (2, message + "\n")

@@ -26,8 +26,30 @@ def dpt_dir(tiny_pipe, tmp_path_factory):
     return save_adapter(adapter, tmp_path_factory.mktemp("dpt") / "tiny-dpt")
 
 
-def _scorer(name: str, dpt_dir):
-    return get_scorer(name, adapter_dir=dpt_dir) if name == "dpt" else get_scorer(name)
+@pytest.fixture(scope="module")
+def dpt_lora_dir(tiny_pipe, dpt_dir, tmp_path_factory):
+    """The same adapter as a stage-2 one: with a rank-2 LoRA (non-zero B) saved beside it."""
+    import copy
+
+    from safetensors.torch import save_file
+
+    from models.adapters.dpt import add_lora, load_adapter, lora_state_dict
+
+    torch.manual_seed(1)
+    unet = copy.deepcopy(tiny_pipe.unet)
+    for p in add_lora(unet, rank=2):
+        p.data.normal_(0, 0.2)
+    adapter = load_adapter(dpt_dir)
+    adapter.config.lora_rank, adapter.config.stage = 2, 2
+    d = save_adapter(adapter, tmp_path_factory.mktemp("dpt") / "tiny-dpt-lora")
+    save_file(lora_state_dict(unet), d / "lora.safetensors")
+    return d
+
+
+def _scorer(name: str, dpt_dir, dpt_lora_dir=None):
+    if name in ("dpt", "dpt_lora"):
+        return get_scorer(name, adapter_dir=dpt_dir if name == "dpt" else dpt_lora_dir)
+    return get_scorer(name)
 
 
 @pytest.fixture(scope="module")
@@ -59,16 +81,33 @@ class TestRegistry:
 
 
 @pytest.mark.parametrize("name", scorer_names())
-def test_scorer_runs_and_ranks_by_its_scores(name, tiny_pipe, image, dpt_dir):
+def test_scorer_runs_and_ranks_by_its_scores(name, tiny_pipe, image, dpt_dir, dpt_lora_dir):
     """Each registered scorer returns one finite score per caption, a ranking sorted by them, and its cost."""
-    res = _scorer(name, dpt_dir).score(tiny_pipe, image, CAPTIONS, OPTS)
+    res = _scorer(name, dpt_dir, dpt_lora_dir).score(tiny_pipe, image, CAPTIONS, OPTS)
     assert isinstance(res, ScoreResult) and res.scorer == name
     assert res.captions == CAPTIONS and len(res.scores) == 3 and all(math.isfinite(v) for v in res.scores)
     ranked = res.ranking()
     assert sorted(c for c, _ in ranked) == sorted(CAPTIONS)
     assert [v for _, v in ranked] == sorted(res.scores, reverse=True)
-    calls = 1 if name == "dpt" else len(OPTS.timesteps)  # dpt reads the UNet once, at its adapter's t
+    calls = 1 if name.startswith("dpt") else len(OPTS.timesteps)  # dpt reads the UNet once, at its adapter's t
     assert res.unet_calls == calls and res.unet_evals >= res.unet_calls * len(CAPTIONS)
+
+
+def test_dpt_lora_reads_the_tuned_copy(tiny_pipe, image, dpt_dir, dpt_lora_dir, tmp_path):
+    """dpt_lora reads the UNet through its LoRA (same adapter weights, other scores than dpt), on a copy: the
+    pipeline's own UNet keeps no LoRA and its weights; a folder without a LoRA says how to train one."""
+    from models.adapters.dpt import has_lora
+
+    base = {k: v.clone() for k, v in tiny_pipe.unet.state_dict().items()}
+    plain = get_scorer("dpt", adapter_dir=dpt_dir).score(tiny_pipe, image, CAPTIONS, OPTS).scores
+    tuned = get_scorer("dpt_lora", adapter_dir=dpt_lora_dir).score(tiny_pipe, image, CAPTIONS, OPTS).scores
+    assert not np.allclose(plain, tuned, atol=1e-6)
+    assert not has_lora(tiny_pipe.unet)
+    sd = tiny_pipe.unet.state_dict()
+    assert sd.keys() == base.keys() and all(torch.equal(sd[k], base[k]) for k in base)
+    assert get_scorer("dpt", adapter_dir=dpt_dir).score(tiny_pipe, image, CAPTIONS, OPTS).scores == plain
+    with pytest.raises(ValueError, match="train-dpt --stage 2"):
+        get_scorer("dpt_lora", adapter_dir=dpt_dir).score(tiny_pipe, image, CAPTIONS, OPTS)
 
 
 @pytest.mark.parametrize("name", [n for n in scorer_names() if get_scorer(n).shares_pass])

@@ -12,7 +12,7 @@ from __future__ import annotations
 from interp.scorers.base import DEFAULT_TIMESTEPS, MatchOptions, PassSpec, ScoreResult, Scorer
 from interp.scorers.denoise import DenoiseNormScorer, DenoiseScorer
 from interp.scorers.discffusion import DiscffusionScorer
-from interp.scorers.dpt import DPTScorer
+from interp.scorers.dpt import DPTScorer, DPTTunedScorer
 from interp.scorers.head_weighted import HeadWeightedScorer
 from interp.scorers.pooled import PooledAttentionScorer
 from interp.scorers.routed import RoutedScorer
@@ -25,6 +25,7 @@ __all__ = ["DEFAULT_SCORER", "DEFAULT_TIMESTEPS", "MatchOptions", "PassSpec", "S
 _REGISTRY = {
     "auto": RoutedScorer,
     "dpt": DPTScorer,  # needs a trained adapter (assets/adapters/<model>-dpt; docs/dpt.md)
+    "dpt_lora": DPTTunedScorer,  # stage 2: adapter + LoRA (assets/adapters/<model>-dpt-lora; docs/dpt.md)
     "structure": StructureScorer,
     "denoise": DenoiseScorer,
     "denoise_norm": DenoiseNormScorer,

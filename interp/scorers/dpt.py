@@ -11,12 +11,12 @@ from pathlib import Path
 from typing import Sequence
 
 from models.limits import validate_captions
-from models.training.dpt import find_adapter, itm_scores
+from models.training.dpt import find_adapter, find_tuned, itm_scores
 from models.unet_pass import encode_image
 
 from interp.scorers.base import MatchOptions, ScoreResult, Scorer
 
-__all__ = ["DPTScorer"]
+__all__ = ["DPTScorer", "DPTTunedScorer"]
 
 
 class DPTScorer(Scorer):
@@ -46,8 +46,26 @@ class DPTScorer(Scorer):
             ValueError: bad captions; no adapter for the pipe's model (the message says how to train one).
         """
         caps = validate_captions(captions, min_count=1)
-        adapter = find_adapter(pipe, self.adapter_dir)
+        pipe, adapter = self._reader(pipe)
         t = adapter.config.t if self.t is None else int(self.t)
         s = itm_scores(pipe, adapter, encode_image(pipe, image), caps, t, noise_seed=options.noise_seed)
         return ScoreResult(self.name, caps, [float(v) for v in s], unet_calls=1, unet_evals=len(caps),
                            extra={"t": t, "adapter": str(self.adapter_dir or "shipped")})
+
+    def _reader(self, pipe):
+        """(the pipeline whose UNet is read, the adapter)."""
+        return pipe, find_adapter(pipe, self.adapter_dir)
+
+
+class DPTTunedScorer(DPTScorer):
+    """DPT after stage 2: the stage-2 adapter reading the UNet with its discriminatively tuned LoRA
+    (assets/adapters/<model>-dpt-lora; the base weights untouched: the LoRA sits on a copy of the UNet)."""
+
+    name = "dpt_lora"
+    label = "dpt_lora — DPT adapter + its LoRA-tuned UNet (stage 2)"
+    description = ("DPT's stage 2: the adapter trained together with a rank-4 LoRA on the UNet's cross-attention "
+                   "(and the denoising loss). One UNet call per image, through the tuned copy; needs a stage-2 "
+                   "adapter (`train-dpt --stage 2`).")
+
+    def _reader(self, pipe):
+        return find_tuned(pipe, self.adapter_dir)

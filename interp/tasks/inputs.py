@@ -72,7 +72,7 @@ from models.loading import bundled_models, load_pipeline
 from models.sampling import generate_images
 from models.shapes import world
 from models.shapes.benchmarks import Benchmark, load_benchmark
-from models.training.dpt import find_adapter
+from models.training.dpt import find_adapter, find_tuned, tuned_dir_for
 
 __all__ = ["report_rows_from_json", "ATLAS_METRICS", "SPLITS", "Generation", "load_model", "generate_image", "traced_generation",
            "edited_generation", "any_word_map", "rank_images", "classify", "caption_word_maps",
@@ -142,9 +142,13 @@ def _generation_inputs(model, prompt, seed, steps, guidance):
     return pipe, prompt, seed, steps, guidance
 
 
-def generate_image(model: str | None, prompt: str, seed=0, steps=None, guidance=None) -> Generation:
-    """One image from one prompt (CLI `generate`); steps / guidance None: the model's defaults."""
+def generate_image(model: str | None, prompt: str, seed=0, steps=None, guidance=None, lora: bool = False
+                   ) -> Generation:
+    """One image from one prompt (CLI `generate`); steps / guidance None: the model's defaults; `lora`: from the
+    DPT-tuned model (its stage-2 LoRA on a copy of the UNet; ValueError when the model has none)."""
     pipe, prompt, seed, steps, guidance = _generation_inputs(model, prompt, seed, steps, guidance)
+    if lora:
+        pipe = find_tuned(pipe)[0]
     d = pipe.discolens_defaults
     steps, guidance = steps or d.steps, d.guidance if guidance is None else guidance
     [img] = generate_images(pipe, [prompt], [seed], steps=steps, guidance=guidance)
@@ -562,15 +566,18 @@ def ground_expression(model: str | None, image, expression: str, noise_seed=0) -
 
 
 def self_corrected_generation(model: str | None, prompt: str, seed=0, steps=None, guidance=None,
-                              eta=DEFAULT_CORRECTION_ETA, reading: str = "noise_only", progress=None):
+                              eta=DEFAULT_CORRECTION_ETA, reading: str = "noise_only", progress=None,
+                              lora: bool = False):
     """One image with DPT self-correction (Eq. 9) and its trajectory (CLI `generate --self-correct`, app's
-    Self-correction view): (PIL image, Trajectory)."""
+    Self-correction view): (PIL image, Trajectory). `lora`: the DPT-tuned model (stage 2) steered by its own
+    stage-2 adapter."""
     eta = check_correction_eta(eta)
     reading = check_choice(reading, READINGS, "reading")
     pipe, prompt, seed, steps, guidance = _generation_inputs(model, prompt, seed, steps, guidance)
-    find_adapter(pipe)  # no adapter: the message says how to train one, before any sampling
+    # no adapter: the message says how to train one, before any sampling
+    pipe, adapter = find_tuned(pipe) if lora else (pipe, find_adapter(pipe))
     return generate_self_corrected(pipe, prompt, seed=seed, eta=eta, steps=steps, guidance=guidance,
-                                   reading=reading, callback=progress)
+                                   reading=reading, adapter=adapter, callback=progress)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -617,7 +624,7 @@ def _trajectory_figure(traj):
 
 def self_correction_view(model: str | None, prompt: str, seed=0, steps=None, guidance=None,
                          eta=DEFAULT_CORRECTION_ETA, reading: str = "noise_only", side: int = 256,
-                         progress=None) -> SelfCorrectionView:
+                         progress=None, lora: bool = False) -> SelfCorrectionView:
     """The app's Self-correction tab: the self-corrected image beside the plain one (same seed), the trajectory's
     curves, gradient maps and previews, the adapter's ITM score of the prompt and a box per noun phrase.
 
@@ -626,11 +633,13 @@ def self_correction_view(model: str | None, prompt: str, seed=0, steps=None, gui
         >>> v.figure                          # plotly: s before / after, grad norm, latent change per step
     """
     img, traj = self_corrected_generation(model, prompt, seed=seed, steps=steps, guidance=guidance, eta=eta,
-                                          reading=reading, progress=progress)
+                                          reading=reading, progress=progress, lora=lora)
     prompt = check_prompt(prompt)
-    plain = generate_image(model, prompt, seed=seed, steps=traj.steps, guidance=traj.guidance).image
+    plain = generate_image(model, prompt, seed=seed, steps=traj.steps, guidance=traj.guidance, lora=lora).image
     pipe = load_model(model)
-    itm = get_scorer("dpt").score(pipe, img, [prompt]).scores[0]
+    itm = get_scorer("dpt_lora" if lora else "dpt").score(pipe, img, [prompt]).scores[0]
+    if lora:
+        pipe = find_tuned(pipe)[0]
     rows = [["ITM score (prompt)", prompt, round(float(itm), 4)]]
     boxed = _upscaled(img, side).convert("RGB")
     draw = ImageDraw.Draw(boxed)
@@ -643,7 +652,7 @@ def self_correction_view(model: str | None, prompt: str, seed=0, steps=None, gui
     for i, ph in enumerate(phrases):
         expr = "the " + " ".join(w for w in (ph.size, ph.color, ph.shape) if w)
         try:
-            g = ground(pipe, img, expr)
+            g = ground(pipe, img, expr, adapter_dir=tuned_dir_for(pipe) if lora else None)
         except ValueError as e:
             rows.append([f"box: {expr}", user_message(e), None])
             continue

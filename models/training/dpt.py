@@ -15,6 +15,7 @@ and a random image; and one referring expression (`models.shapes.referring`) on 
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import shutil
@@ -41,20 +42,22 @@ from models.adapters.dpt import (
     itm_score,
     has_lora,
     load_adapter,
+    load_lora,
     lora_state_dict,
     rec_loss,
     rec_regression_loss,
     remove_lora,
     save_adapter,
 )
-from models.loading import frozen
+from models.loading import frozen, pipe_with_unet
 from models.shapes import referring, world
 from models.training.common import atomic_save
 from models.unet_pass import native_size, noised_unet_pass
 
 __all__ = ["ADAPTERS_DIR", "DPT_SEEDS", "DPTTrainConfig", "text_embeddings", "encode_images", "dpt_features",
            "features_at", "block_shapes", "new_adapter", "positive_tokens", "itm_scores", "itm_scores_at",
-           "ground_boxes", "make_batch", "train_dpt", "evaluate_rec", "rec_accuracy", "evaluate_itm_pairs", "export_adapter"]
+           "ground_boxes", "make_batch", "train_dpt", "evaluate_rec", "rec_accuracy", "evaluate_itm_pairs", "export_adapter",
+           "adapter_dir_for", "tuned_dir_for", "find_adapter", "tuned_pipe", "find_tuned"]
 
 DPT_SEEDS = {"train": 50_000, "validation": 50_001, "test": 50_002}
 
@@ -505,7 +508,13 @@ def adapter_dir_for(pipe) -> Path:
     return ADAPTERS_DIR / f"{model_name(pipe)}-dpt"
 
 
+def tuned_dir_for(pipe) -> Path:
+    """Where the stage-2 adapter and its LoRA of the pipe's model are shipped: assets/adapters/<model>-dpt-lora."""
+    return ADAPTERS_DIR / f"{model_name(pipe)}-dpt-lora"
+
+
 _LOADED: dict[tuple[str, float], DPTAdapter] = {}
+_TUNED: dict[tuple, object] = {}
 
 
 def find_adapter(pipe, folder: str | Path | None = None) -> DPTAdapter:
@@ -525,3 +534,38 @@ def find_adapter(pipe, folder: str | Path | None = None) -> DPTAdapter:
     if key not in _LOADED:
         _LOADED[key] = load_adapter(d)
     return _LOADED[key].to(pipe.unet.device)
+
+
+def tuned_pipe(pipe, folder: str | Path):
+    """The DPT-tuned model: a pipeline sharing `pipe`'s components except its UNet, a copy carrying the stage-2
+    LoRA saved in `folder` (`lora.safetensors`, rank from the adapter's config); cached per pipe, folder and file
+    time (at most 2). `pipe` itself is not changed.
+
+    Raises:
+        ValueError: `folder` holds no stage-2 LoRA.
+    """
+    d = Path(folder)
+    f = d / LORA_FILE
+    if not f.exists() or not (d / "adapter.safetensors").exists():
+        raise ValueError(f"no DPT stage-2 LoRA in {d}; train one with `python cli.py train-dpt --stage 2 "
+                         f"--init-adapter {adapter_dir_for(pipe)}`")
+    key = (id(pipe), str(f.resolve()), f.stat().st_mtime)
+    if key not in _TUNED:
+        rank = int(find_adapter(pipe, d).config.lora_rank)
+        unet = copy.deepcopy(pipe.unet)
+        load_lora(unet, d, rank)
+        while len(_TUNED) >= 2:
+            _TUNED.pop(next(iter(_TUNED)))
+        _TUNED[key] = (pipe, pipe_with_unet(pipe, unet.eval()))  # holding `pipe` keeps its id from being reused
+    return _TUNED[key][1]
+
+
+def find_tuned(pipe, folder: str | Path | None = None) -> tuple[object, DPTAdapter]:
+    """(the tuned pipeline, its stage-2 adapter) of the pipe's model (default folder: `tuned_dir_for(pipe)`).
+
+    Raises:
+        ValueError: no stage-2 adapter / LoRA there, with the command that trains one.
+    """
+    d = Path(folder) if folder is not None else tuned_dir_for(pipe)
+    tuned = tuned_pipe(pipe, d)
+    return tuned, find_adapter(tuned, d)
