@@ -43,10 +43,11 @@ def cmd_val(a, pipe) -> None:
     rows = []
     for s in snaps:
         ad = load_adapter(s)
+        p = tdpt.tuned_pipe(pipe, s) if (s / "lora.safetensors").exists() else pipe  # stage 2: its tuned UNet
         for t in [int(v) for v in a.ts.split(",")]:
             t0 = time.time()
-            rec = tdpt.evaluate_rec(pipe, ad, rec_set, t)
-            itm = tdpt.evaluate_itm_pairs(pipe, ad, itm_set, t)
+            rec = tdpt.evaluate_rec(p, ad, rec_set, t)
+            itm = tdpt.evaluate_itm_pairs(p, ad, itm_set, t)
             row = {"snapshot": s.name, "t": t, "rec": rate(rec["overall"]),
                    "rec_by_kind": {k: rate(v) for k, v in rec["by_kind"].items()}, "itm": rate(itm["overall"]),
                    "itm_by_type": {k: rate(v) for k, v in itm["by_type"].items()}, "seconds": round(time.time() - t0)}
@@ -61,7 +62,9 @@ def cmd_val(a, pipe) -> None:
 
 
 def cmd_export(a, pipe) -> None:
-    d = tdpt.export_adapter(a.snap, tdpt.adapter_dir_for(pipe), extra={"chosen_on": "validation seed 50001"})
+    stage2 = (Path(a.snap) / "lora.safetensors").exists()
+    d = tdpt.export_adapter(a.snap, tdpt.tuned_dir_for(pipe) if stage2 else tdpt.adapter_dir_for(pipe),
+                            extra={"chosen_on": "validation seed 50001"})
     cfg = json.loads((d / "config.json").read_text())
     cfg["t"] = a.t
     (d / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
@@ -70,12 +73,16 @@ def cmd_export(a, pipe) -> None:
 
 def cmd_test(a, pipe) -> None:
     from interp.scorers.base import MatchOptions
-    from interp.scorers.dpt import DPTScorer
+    from interp.scorers.dpt import DPTScorer, DPTTunedScorer
     from interp.tasks.matching_eval import evaluate_matching
 
-    ad = tdpt.find_adapter(pipe)
+    base = pipe
+    if a.tuned:  # stage 2: the tuned model and its adapter
+        pipe, ad = tdpt.find_tuned(pipe)
+    else:
+        ad = tdpt.find_adapter(pipe)
     out: dict = {"command": " ".join(sys.argv), "seed": tdpt.DPT_SEEDS["test"], "t": ad.config.t,
-                 "trained_steps": ad.config.trained_steps}
+                 "trained_steps": ad.config.trained_steps, "stage": ad.config.stage}
     parts = set(a.parts.split(","))
     if "rec" in parts:
         rec = tdpt.evaluate_rec(pipe, ad, referring.referring_dataset(tdpt.DPT_SEEDS["test"], a.n_rec))
@@ -92,7 +99,8 @@ def cmd_test(a, pipe) -> None:
         print("itm", out["itm_pairs"], flush=True)
     out["benchmarks"] = {}
     for name in (a.benchmarks.split(",") if "benchmarks" in parts else []):
-        r = evaluate_matching(pipe, name, MatchOptions(), split="test", scorer=DPTScorer(), per_item=False)
+        scorer = DPTTunedScorer() if a.tuned else DPTScorer()
+        r = evaluate_matching(base, name, MatchOptions(), split=a.split, scorer=scorer, per_item=False)
         out["benchmarks"][name] = {k: r[k] for k in ("metrics", "by_type", "n_items", "unet_calls", "unet_evals",
                                                       "pairs", "unet_evals_per_pair")}
         print(name, r["metrics"], r["unet_evals_per_pair"], flush=True)
@@ -108,9 +116,10 @@ def cmd_selfcorr(a, pipe) -> None:
 
     prompts = [c for k, c in eval_prompts(a.split, a.n) if k in a.kinds.split(",")]
     seeds = [NOISE_SEEDS[a.split] + i for i in range(len(prompts))]
-    ad = tdpt.find_adapter(pipe)
+    pipe, ad = tdpt.find_tuned(pipe) if a.tuned else (pipe, tdpt.find_adapter(pipe))  # stage 2: all rows tuned
     steps = pipe.discolens_defaults.steps
-    res: dict = {"command": " ".join(sys.argv), "split": a.split, "n": len(prompts), "steps": steps, "settings": {}}
+    res: dict = {"command": " ".join(sys.argv), "split": a.split, "n": len(prompts), "steps": steps,
+                 "model": "dpt-tuned (stage 2)" if a.tuned else "base", "settings": {}}
 
     def record(name, imgs, calls, backwards=0):
         ok = [bool(check(im, c)["correct"]) for im, c in zip(imgs, prompts)]
@@ -157,6 +166,8 @@ def main() -> None:
     t.add_argument("--benchmarks", default="winoground,comvg,counting,refcocog")
     t.add_argument("--out", default="test.json")
     t.add_argument("--parts", default="rec,itm,benchmarks", help="which readings: rec, itm, benchmarks")
+    t.add_argument("--tuned", action="store_true", help="the stage-2 model (assets/adapters/<model>-dpt-lora)")
+    t.add_argument("--split", default="test", choices=["test", "train"], help="the benchmarks' split")
     s = sub.add_parser("selfcorr")
     s.add_argument("--split", default="validation")
     s.add_argument("--n", type=int, default=40)
@@ -165,6 +176,7 @@ def main() -> None:
     s.add_argument("--readings", default="noise_only")
     s.add_argument("--start", type=int, default=0)
     s.add_argument("--best-of", type=int, default=4)
+    s.add_argument("--tuned", action="store_true", help="every row from the stage-2 model and its adapter")
     s.add_argument("--out", default="selfcorr_validation.json")
     a = ap.parse_args()
     torch.set_num_threads(1)
