@@ -255,7 +255,7 @@ def _cmd_sample_grid(a: argparse.Namespace) -> int:
 
 def _cmd_eval_generation(a: argparse.Namespace) -> int:
     res = inputs.evaluate_generation(a.model, a.n_per_kind, steps=a.steps, guidance=a.guidance, seed=a.seed,
-                                     split=a.split)
+                                     split=a.split, lora=a.lora)
     if a.json:
         print(json.dumps(res))
     else:
@@ -536,6 +536,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--n-per-kind", dest="n_per_kind", default=100, metavar=NUMBER)
     e.add_argument("--split", default="test", choices=SPLITS,
                    help="prompt set (docs/protocol.md): test (read once), validation (for choices), compositional")
+    e.add_argument("--lora", action="store_true", help="the DPT-tuned model (stage-2 LoRA on a copy of the UNet)")
     _add_sampling_args(e, seed=None)
     e.add_argument("--json", action="store_true")
 

@@ -201,16 +201,18 @@ def sample_grid(model: str | None, n_per_kind=6, cols=6, steps=None, guidance=No
 
 
 def evaluate_generation(model: str | None, n_per_kind=100, steps=None, guidance=None, seed=None,
-                        split: str = "test") -> dict:
+                        split: str = "test", lora: bool = False) -> dict:
     """The scene checker's verdicts on a split's generations (`interp.tasks.generation_eval`; seed None: the
-    split's own noise seeds)."""
+    split's own noise seeds); `lora`: of the DPT-tuned model (stage 2)."""
     n = check_int(n_per_kind, "--n-per-kind", 1, MAX_PER_KIND)
     steps = None if steps is None else check_steps(steps)
     guidance = check_guidance(guidance)
     seed = None if seed is None else check_seed(seed)
     split = check_choice(split, GENERATION_SPLITS, "split")
-    return _evaluate_generation(load_model(model), n_per_kind=n, steps=steps, guidance=guidance, seed=seed,
-                                split=split)
+    pipe = load_model(model)
+    res = _evaluate_generation(find_tuned(pipe)[0] if lora else pipe, n_per_kind=n, steps=steps, guidance=guidance,
+                               seed=seed, split=split)
+    return {**res, "lora": bool(lora)}
 
 
 # ----------------------------------------------------------------------------------------------
