@@ -258,6 +258,19 @@ class TestTraining:
         with pytest.raises(ValueError, match="img_pos"):
             TextDenoiserConfig(img_pos="rope")
 
+    def test_feature_norm_makes_the_reading_scale_free(self, vocab, feats):
+        """feature_norm: each block's channels are layer-normed before projection, so scaling the UNet's features
+        leaves the logits unchanged (without it they change); its parameters are saved with the model."""
+        torch.manual_seed(0)
+        base = dict(vocab_size=vocab.size, max_len=12, block_channels=(32, 32), hidden=32, layers=1, heads=2)
+        ids = torch.tensor([vocab.encode("a red circle")])
+        big = {k: 30 * v for k, v in feats.items()}
+        m = TextDenoiser(TextDenoiserConfig(**base, feature_norm=True)).eval()
+        assert torch.allclose(m(feats, ids).logits, m(big, ids).logits, atol=1e-4)
+        assert any(k.startswith("feature_norm.") for k in m.state_dict())
+        plain = TextDenoiser(TextDenoiserConfig(**base)).eval()
+        assert not torch.allclose(plain(feats, ids).logits, plain(big, ids).logits, atol=1e-2)
+
     def test_no_adapter_is_a_value_error(self, tmp_path):
         """Loading from a folder without an adapter is a one-line ValueError."""
         with pytest.raises(ValueError, match="no text denoiser"):

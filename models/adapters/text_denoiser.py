@@ -131,6 +131,9 @@ class TextDenoiserConfig:
         img_pos: position code of the image tokens: "learned" (a learned embedding per token of each block) or
             "sincos" (the fixed 2-D sine-cosine code of MAE / DiT, `diffusers.models.embeddings.
             get_2d_sincos_pos_embed`, in one coordinate frame for all blocks, plus the learned one).
+        feature_norm: LayerNorm over each block's channels before its projection. The UNet's block outputs are
+            large (projected, ~30 per token against ~0.6-0.9 for the learned position code of a trained model), so
+            without it the image tokens' positions are a few per cent of what the encoder sees.
         trained_steps / mode: provenance ("frozen" or "dual").
     """
 
@@ -149,6 +152,7 @@ class TextDenoiserConfig:
     trained_steps: int = 0
     mode: str = "frozen"
     img_pos: str = "learned"
+    feature_norm: bool = False
 
     def __post_init__(self) -> None:
         self.blocks = tuple(self.blocks)
@@ -194,6 +198,8 @@ class TextDenoiser(nn.Module):
         self.config = config
         D = config.hidden
         self.proj = nn.ModuleList(nn.Linear(c, D) for c in config.block_channels)
+        self.feature_norm = nn.ModuleList(nn.LayerNorm(c) for c in config.block_channels) \
+            if config.feature_norm else None
         self.grid = [(h // p, w // p) for (h, w), p in zip(config.block_sizes, config.pool)]
         self.img_pos = nn.ParameterList(nn.Parameter(torch.randn(gh * gw, D) * 0.02) for gh, gw in self.grid)
         if config.img_pos == "sincos":  # fixed, so not saved: one frame, the finest grid's cells as units
@@ -224,7 +230,10 @@ class TextDenoiser(nn.Module):
                 f = F.adaptive_avg_pool2d(f, (gh, gw))
             if self.config.img_pos == "sincos":
                 pos = pos + getattr(self, f"img_sincos_{i}")
-            out.append(proj(f.flatten(2).transpose(1, 2)) + pos)  # [B, gh*gw, D]
+            f = f.flatten(2).transpose(1, 2)  # [B, gh*gw, C]
+            if self.feature_norm is not None:
+                f = self.feature_norm[i](f)
+            out.append(proj(f) + pos)  # [B, gh*gw, D]
         return torch.cat(out, 1)
 
     def forward(self, feats, ids: torch.Tensor, output_attentions: bool = False,

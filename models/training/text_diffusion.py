@@ -94,6 +94,8 @@ class TextDiffusionConfig:
     heads: int = config_field(4, "attention heads (a new run only)", ge=1)
     img_pos: str = config_field("learned", "position code of the image tokens: learned, or sincos (fixed 2-D "
                         "sine-cosine + learned; a new run only)", check=lambda v: _check_choice(v, IMG_POS))
+    feature_norm: bool = config_field(False, "LayerNorm over each UNet block's channels before the projection (a new "
+                              "run only)")
     text_weight: float = config_field(0.2, "dual mode: weight of L_text beside L_image (D-DiT: 0.2)", ge=0)
     unet_lr: float = config_field(2e-5, "dual mode: learning rate of the UNet", gt=0)
     dual_batch: int = config_field(32, "dual mode: scenes per step", ge=1)
@@ -341,7 +343,7 @@ def _denoiser_config(cfg: TextDiffusionConfig, vocab: TextVocab, pipe) -> TextDe
                               block_channels=tuple(c for c, _, _ in shapes),
                               block_sizes=tuple((h, w) for _, h, w in shapes), pool=pool, timestep=cfg.timestep,
                               hidden=cfg.hidden, layers=cfg.layers, heads=cfg.heads, mode=cfg.mode,
-                              img_pos=cfg.img_pos)
+                              img_pos=cfg.img_pos, feature_norm=cfg.feature_norm)
 
 
 def train_text_diffusion(cfg: TextDiffusionConfig, pipe=None) -> Path:
