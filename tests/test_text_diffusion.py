@@ -218,7 +218,7 @@ class TestTraining:
         cfg = config_from_flags(p.parse_args(["--steps", "20", "--timestep", "1000"]), tr.TextDiffusionConfig)
         assert (cfg.steps, cfg.timestep, cfg.mode) == (20, 1000, "frozen")
         for bad, flag in ((["--mode", "x"], "--mode"), (["--timestep", "1001"], "--timestep"),
-                          (["--img-pos", "rope"], "--img-pos")):
+                          (["--img-pos", "rope"], "--img-pos"), (["--question-tasks", "why"], "--question-tasks")):
             with pytest.raises(ValueError, match=flag):
                 config_from_flags(p.parse_args(bad), tr.TextDiffusionConfig)
 
@@ -230,6 +230,15 @@ class TestTraining:
         ids = torch.tensor([vocab.encode("a red circle")])
         assert torch.allclose(model(feats, ids).logits, m2(feats, ids).logits)
         assert torch.equal(e2.embedding, extra.embedding) and v2.encode("how ?") == vocab.encode("how ?")
+
+    def test_question_tasks_filter_the_rows(self, vocab):
+        """question_tasks keeps only those templates' rows (captions unchanged): "where" alone on relation scenes."""
+        scenes = world.sample_dataset(3, 40)
+        full = tr._scene_tables(scenes, vocab, 12)
+        where = tr._scene_tables(scenes, vocab, 12, ("where",))
+        n_where = sum(t == "where" for s in scenes for t, _, _ in tr.scene_questions(s))
+        assert torch.equal(full["cap_ids"], where["cap_ids"]) and 0 < n_where == len(where["q_ids"]) < len(full["q_ids"])
+        assert all(vocab.decode(r.tolist())[0] == "where" for r in where["q_ids"])
 
     def test_sincos_position_code(self, vocab, tmp_path, feats):
         """img_pos "sincos": a fixed 2-D code (not saved) in one frame for both blocks: the mid block's cell (i, j)

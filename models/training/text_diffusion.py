@@ -86,6 +86,9 @@ class TextDiffusionConfig:
     steps: int = config_field(4000, "total optimiser steps; a run stops earlier when interrupted and resumes later", ge=0)
     batch: int = config_field(64, "rows per step (captions and questions)", ge=1)
     caption_share: float = config_field(0.5, "share of caption rows in a batch (the rest: questions)", ge=0, le=1)
+    question_tasks: tuple[str, ...] = config_field(QUESTION_TASKS, "the question templates trained on (a subset of "
+                                           + ", ".join(QUESTION_TASKS) + "; e.g. where alone, to diagnose it)",
+                                           check=lambda v: _check_tasks(v))
     lr: float = config_field(7e-4, "peak learning rate of the text denoiser", gt=0)
     warmup: int = config_field(100, "linear warm-up steps", ge=1)
     max_len: int = config_field(12, "text positions L (a new run only)", ge=9)
@@ -107,6 +110,13 @@ class TextDiffusionConfig:
     max_minutes: float | None = config_field(None, "stop (checkpoint + export) after this wall time", gt=0)
     threads: int | None = config_field(None, "CPU threads (default: torch's)", ge=1)
     device: str | None = config_field(None, "cpu, cuda, ... (default: CUDA when available)")
+
+
+def _check_tasks(v):
+    v = tuple(v)
+    if not v or any(t not in QUESTION_TASKS for t in v):
+        raise ValueError(f"expected one or more of {', '.join(QUESTION_TASKS)}, got {' '.join(map(str, v))}")
+    return v
 
 
 def _check_choice(v, choices):
@@ -168,12 +178,15 @@ def encode_examples(vocab: TextVocab, prefix: str, target: str, max_len: int) ->
     return ids, [0] * len(p) + [1] * (max_len - len(p))
 
 
-def _scene_tables(scenes: Sequence[world.Scene], vocab: TextVocab, max_len: int) -> dict[str, torch.Tensor]:
-    """Caption rows (one per scene) and question rows (all of each scene) as tensors."""
+def _scene_tables(scenes: Sequence[world.Scene], vocab: TextVocab, max_len: int,
+                  tasks: Sequence[str] = QUESTION_TASKS) -> dict[str, torch.Tensor]:
+    """Caption rows (one per scene) and question rows (those of `tasks`, all of each scene) as tensors."""
     cap_ids, q_ids, q_gen, q_scene = [], [], [], []
     for i, s in enumerate(scenes):
         cap_ids.append(encode_examples(vocab, "", s.caption, max_len)[0])
-        for _, q, a in scene_questions(s):
+        for task, q, a in scene_questions(s):
+            if task not in tasks:
+                continue
             ids, gen = encode_examples(vocab, q, a, max_len)
             q_ids.append(ids)
             q_gen.append(gen)
@@ -398,8 +411,8 @@ def train_text_diffusion(cfg: TextDiffusionConfig, pipe=None) -> Path:
 
     scenes = world.sample_dataset(cfg.seed, cfg.n_scenes, exclude_compositional=True)
     val_scenes = world.sample_dataset(VAL_SEED, cfg.n_val, exclude_compositional=True)
-    tables = _scene_tables(scenes, vocab, cfg.max_len)
-    val_tables = _scene_tables(val_scenes, vocab, cfg.max_len)
+    tables = _scene_tables(scenes, vocab, cfg.max_len, cfg.question_tasks)
+    val_tables = _scene_tables(val_scenes, vocab, cfg.max_len, cfg.question_tasks)
 
     unet = pipe.unet
     unet_opt = None
