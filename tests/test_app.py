@@ -503,6 +503,20 @@ class TestSelfCorrectionTab:
         assert rows[0][0].startswith("ITM") and sum(r[0].startswith("box: the") for r in rows) == 2
         assert "η = 100" in note
 
+    def test_tuned_model_box(self):
+        """"DPT-tuned model" (the shipped stage-2 LoRA and adapter): both images from the tuned copy (the plain one
+        differs from the base model's at the same seed), ITM from dpt_lora; the base pipeline keeps no LoRA."""
+        from interp.tasks import inputs
+        from models.adapters.dpt import has_lora
+
+        args = ("a red circle left of a blue square", "shapes-v1", 0, 3, 3.0, 100.0, "noise_only")
+        img, plain, boxed, fig, strip, table, note = app.self_correction(*args, True)
+        base = app.self_correction(*args, False)
+        assert img.size == plain.size == (256, 256) and "DPT-tuned" in note and "DPT-tuned" not in base[-1]
+        assert np.asarray(plain).tolist() != np.asarray(base[1]).tolist()
+        assert table["data"][0][0].startswith("ITM") and table["data"][0][2] != base[5]["data"][0][2]
+        assert not has_lora(inputs.load_model(None).unet)
+
     @pytest.mark.parametrize("eta", [-1.0, float("nan")])
     def test_bad_eta_is_a_gr_error(self, eta):
         """A negative or NaN η is refused with the limits' message, before any sampling."""
