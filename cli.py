@@ -202,6 +202,12 @@ def _cmd_ground(a: argparse.Namespace) -> int:
     return 0
 
 
+def _check_init_adapter(folder: str) -> None:
+    """--init-adapter must name a folder holding a trained DPT adapter."""
+    if not (Path(folder) / "adapter.safetensors").exists():
+        raise ValueError(f"--init-adapter: no trained adapter in {folder} (train one with train-dpt --stage 1)")
+
+
 def _cmd_train_dpt(a: argparse.Namespace) -> int:
     if str(a.stage).strip().lower() == "rec":
         return _train_dpt_rec(a)
@@ -218,8 +224,8 @@ def _cmd_train_dpt(a: argparse.Namespace) -> int:
         cfg.lora_rank = 4  # the paper's rank
     if stage == 1:
         cfg.lora_rank = 0
-    if a.init_adapter is not None and not (Path(a.init_adapter) / "adapter.safetensors").exists():
-        raise ValueError(f"--init-adapter: no trained adapter in {a.init_adapter}")
+    if a.init_adapter is not None:
+        _check_init_adapter(a.init_adapter)
     pipe = inputs.load_model(a.model)
     train_dpt(pipe, cfg, a.work_dir, init_from=a.init_adapter)
     print(json.dumps({"work_dir": a.work_dir, "stage": stage, "steps": cfg.steps,
@@ -234,9 +240,7 @@ def _train_dpt_rec(a: argparse.Namespace) -> int:
     cfg.vl_pool = check_int(cfg.vl_pool, "--vl-pool", 1, 8)
     cfg.n_train = check_int(cfg.n_train, "--n-rec-train", 1, 100_000)
     cfg.n_val = check_int(cfg.n_val, "--n-rec-val", 1, 10_000)
-    if not (Path(cfg.init_adapter) / "adapter.safetensors").exists():
-        raise ValueError(f"--init-adapter: no trained adapter in {cfg.init_adapter} "
-                         "(train one with train-dpt --stage 1)")
+    _check_init_adapter(cfg.init_adapter)
     pipe = inputs.load_model(a.model)
     train_rec_head(pipe, cfg, a.work_dir)
     print(json.dumps({"work_dir": a.work_dir, "stage": "rec", "steps": cfg.steps,

@@ -100,7 +100,7 @@ def cmd_test(a, pipe) -> None:
     out["benchmarks"] = {}
     for name in (a.benchmarks.split(",") if "benchmarks" in parts else []):
         scorer = DPTTunedScorer() if a.tuned else DPTScorer()
-        r = evaluate_matching(base, name, MatchOptions(), split=a.split, scorer=scorer, per_item=False)
+        r = evaluate_matching(base, name, MatchOptions(), split="test", scorer=scorer, per_item=False)
         out["benchmarks"][name] = {k: r[k] for k in ("metrics", "by_type", "n_items", "unet_calls", "unet_evals",
                                                       "pairs", "unet_evals_per_pair")}
         print(name, r["metrics"], r["unet_evals_per_pair"], flush=True)
@@ -167,7 +167,6 @@ def main() -> None:
     t.add_argument("--out", default="test.json")
     t.add_argument("--parts", default="rec,itm,benchmarks", help="which readings: rec, itm, benchmarks")
     t.add_argument("--tuned", action="store_true", help="the stage-2 model (assets/adapters/<model>-dpt-lora)")
-    t.add_argument("--split", default="test", choices=["test", "train"], help="the benchmarks' split")
     s = sub.add_parser("selfcorr")
     s.add_argument("--split", default="validation")
     s.add_argument("--n", type=int, default=40)
