@@ -10,7 +10,7 @@ import torch
 
 from interp.figures_text import candidates_plotly, timeline_plotly, token_attention_map
 from interp.tasks import text_diffusion as td
-from models.adapters.text_denoiser import (MASK, ExtraTimestep, TextDenoiser, TextDenoiserConfig, TextVocab,
+from models.adapters.text_denoiser import (MASK, WORD_MAPS, ExtraTimestep, TextDenoiser, TextDenoiserConfig, TextVocab,
                                            load_text_denoiser, masked_diffusion_loss, override_time_embedding,
                                            save_text_denoiser)
 from models.shapes import world
@@ -218,7 +218,8 @@ class TestTraining:
         cfg = config_from_flags(p.parse_args(["--steps", "20", "--timestep", "1000"]), tr.TextDiffusionConfig)
         assert (cfg.steps, cfg.timestep, cfg.mode) == (20, 1000, "frozen")
         for bad, flag in ((["--mode", "x"], "--mode"), (["--timestep", "1001"], "--timestep"),
-                          (["--img-pos", "rope"], "--img-pos"), (["--question-tasks", "why"], "--question-tasks")):
+                          (["--img-pos", "rope"], "--img-pos"), (["--question-tasks", "why"], "--question-tasks"),
+                          (["--word-maps", "red", " "], "--word-maps")):
             with pytest.raises(ValueError, match=flag):
                 config_from_flags(p.parse_args(bad), tr.TextDiffusionConfig)
 
@@ -280,6 +281,40 @@ class TestTraining:
         plain = TextDenoiser(TextDenoiserConfig(**base)).eval()
         assert not torch.allclose(plain(feats, ids).logits, plain(big, ids).logits, atol=1e-4)
 
+    def test_word_maps_are_added_to_the_last_block(self, vocab, tmp_path, feats):
+        """word_maps: one channel per prompt word, projected onto the last block's tokens (no new tokens); the maps
+        reach the logits; missing or mis-shaped maps are ValueErrors; saved and loaded to the same logits; a config
+        without the field (older adapters) has none."""
+        torch.manual_seed(0)
+        cfg = TextDenoiserConfig(vocab_size=vocab.size, max_len=12, block_channels=(32, 32), hidden=32, layers=1,
+                                 heads=2, word_maps=("red green", "circle"))
+        m = TextDenoiser(cfg).eval()
+        assert cfg.map_words == ["red", "green", "circle"] and m.map_proj.in_features == 3
+        maps = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+        f = dict(feats, **{WORD_MAPS: maps})
+        plain = TextDenoiser(dataclasses.replace(cfg, word_maps=())).eval()
+        assert m.image_tokens(f).shape == plain.image_tokens(feats).shape == (1, 16 + 64, 32)
+        ids = torch.tensor([vocab.encode("a red circle")])
+        other = dict(f, **{WORD_MAPS: maps.flip(-1)})
+        assert not torch.allclose(m(f, ids).logits, m(other, ids).logits)
+        tok, tok2 = m.image_tokens(f), m.image_tokens(other)
+        assert torch.equal(tok[:, :16], tok2[:, :16])  # the mid block's tokens do not see them
+        with pytest.raises(ValueError, match="missing"):
+            m(feats, ids)
+        with pytest.raises(ValueError, match="word maps must be"):
+            m(dict(feats, **{WORD_MAPS: maps[:, :2]}), ids)
+        save_text_denoiser(tmp_path, m, vocab)
+        m2 = load_text_denoiser(tmp_path)[0]
+        assert m2.config.word_maps == ("red green", "circle") and torch.allclose(m(f, ids).logits, m2(f, ids).logits)
+        d = json.loads((tmp_path / "config.json").read_text())
+        d.pop("word_maps")
+        (tmp_path / "config.json").write_text(json.dumps(d))
+        with pytest.raises(RuntimeError):  # older config, newer weights: map_proj has nowhere to go
+            load_text_denoiser(tmp_path)
+        assert TextDenoiserConfig(**{k: v for k, v in d.items() if k != "info"}).word_maps == ()
+        with pytest.raises(ValueError, match="non-empty"):
+            TextDenoiserConfig(word_maps=("red", ""))
+
     def test_no_adapter_is_a_value_error(self, tmp_path):
         """Loading from a folder without an adapter is a one-line ValueError."""
         with pytest.raises(ValueError, match="no text denoiser"):
@@ -299,6 +334,26 @@ class TestUNetReading:
             with override_time_embedding(unet, ExtraTimestep.from_unet(unet)):
                 raise RuntimeError("boom")
         assert not unet.time_embedding._forward_hooks
+
+
+    def test_word_maps_reading(self, tiny_pipe):
+        """unet_word_maps: [B, K, gh, gw], each map averaging 1; a prompt's maps do not depend on the other prompts
+        read beside it; a word split into several tokens is a ValueError; image_reading adds them under WORD_MAPS
+        with the blocks read as unet_text_features reads them."""
+        z = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+        both = tr.unet_word_maps(tiny_pipe, z, 250, ["red green", "a circle"], (8, 8), noise_seed=3)
+        assert both.shape == (2, 4, 8, 8)
+        assert torch.allclose(both.mean((-2, -1)), torch.ones(2, 4), atol=1e-5)
+        alone = tr.unet_word_maps(tiny_pipe, z, 250, ["a circle"], (8, 8), noise_seed=3)
+        assert torch.allclose(both[:, 2:], alone, atol=1e-5)
+        assert not torch.allclose(both[0], both[1])  # each image its own maps
+        with pytest.raises(ValueError, match="one token per word"):
+            tr.unet_word_maps(tiny_pipe, z, 250, ["a dog"], (8, 8))
+        cfg = TextDenoiserConfig(block_channels=(32, 32), word_maps=("red green",))
+        cfg = dataclasses.replace(cfg, block_channels=tuple(tiny_pipe.unet.config.block_out_channels[-1:] * 2))
+        read = tr.image_reading(tiny_pipe, z, cfg, noise_seed=3)
+        blocks = tr.unet_text_features(tiny_pipe, z, 0, cfg.blocks, noise_seed=3)
+        assert torch.allclose(read["mid_block"], blocks["mid_block"]) and read[WORD_MAPS].shape == (2, 2, 8, 8)
 
 
 class TestEntryPoints:
@@ -326,6 +381,32 @@ class TestEntryPoints:
                                          n_ranking=1, progress=False)
         assert out["caption"]["overall"]["n"] == 3 and "count" in out["vqa"]["by_task"]
         assert out["ranking"]["n_scenes"] == 1 and out["cost"]["unet_evals_per_image"]["ranking"] > 0
+
+
+class TestWordMapsRun:
+    def test_trains_with_word_maps_reusing_the_blocks_cache(self, trained, tiny_pipe, tmp_path):
+        """A run with word maps reuses the blocks' cache of a run without (same file, untouched), adds its own maps
+        cache, trains, exports an adapter whose config keeps the prompts, and captions / answers through it."""
+        import shutil
+
+        work = tmp_path / "work"
+        shutil.copytree(trained.work_dir, work)
+        blocks_cache = next(work.glob("train_s*_mid_block-up_blocks.1.pt"))
+        stamp = blocks_cache.stat().st_mtime_ns
+        cfg = dataclasses.replace(trained, out_dir=str(tmp_path / "out"), work_dir=str(work), steps=2,
+                                  word_maps=("red green blue", "circle square"))
+        with pytest.raises(ValueError, match="another denoiser"):  # the copied run's checkpoint has no map layer
+            tr.train_text_diffusion(cfg, tiny_pipe)
+        shutil.rmtree(work / "frozen_t0")
+        tr.train_text_diffusion(cfg, tiny_pipe)
+        assert blocks_cache.stat().st_mtime_ns == stamp
+        maps = torch.load(next(work.glob("train_s*_maps-*.pt")), weights_only=False)["features"][WORD_MAPS]
+        assert maps.shape == (trained.n_scenes, 5, 8, 8)
+        m = load_text_denoiser(cfg.out_dir)[0]
+        assert m.config.word_maps == ("red green blue", "circle square") and m.config.trained_steps == 2
+        img = world.render(world.sample_dataset(3, 1)[0])
+        a = td.answer_question(img, "how many circles ?", pipe=tiny_pipe, adapter=cfg.out_dir).to_json()
+        assert a["steps"][0][:4] == ["how", "many", "circles", "?"]
 
 
 class TestDualMode:

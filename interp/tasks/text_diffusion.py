@@ -39,9 +39,9 @@ from models.training.text_diffusion import (
     TEST_SEED,
     VAL_SEED,
     encode_latents,
+    image_reading,
     scene_questions,
     size_group,
-    unet_text_features,
 )
 from models.unet_pass import native_size
 
@@ -121,7 +121,7 @@ def sample_text(model: TextDenoiser, vocab: TextVocab, feats: dict[str, torch.Te
 
     Args:
         model / vocab: the text denoiser and its vocabulary.
-        feats: the image's UNet block outputs, per block `[1, C, h, w]` (`unet_text_features`).
+        feats: the image's UNet reading, per block `[1, C, h, w]` (+ word maps; `image_reading`).
         prefix: ids kept unmasked at the start (a question), P of them.
         length: L, all positions (default the model's max_len); must leave at least one generated position.
         steps: K >= 1 reverse steps.
@@ -215,12 +215,12 @@ def load_adapter(folder: str | Path | None = None):
 
 def image_features(pipe, model: TextDenoiser, extra, images: Sequence, noise_seed: int = 0
                    ) -> dict[str, torch.Tensor]:
-    """The denoiser's UNet reading of PIL images (native size, RGB): per block `[B, C, h, w]`."""
+    """The denoiser's UNet reading of PIL images (native size, RGB): per block `[B, C, h, w]` (+ the word maps of a
+    denoiser trained with them, `image_reading`)."""
     h, w = native_size(pipe)
     arr = np.stack([np.asarray(im.convert("RGB").resize((w, h))) for im in images])
     z = encode_latents(pipe, arr)
-    c = model.config
-    return unet_text_features(pipe, z, c.timestep, c.blocks, c.image_prompt, noise_seed=noise_seed, extra=extra)
+    return image_reading(pipe, z, model.config, noise_seed=noise_seed, extra=extra)
 
 
 def _open_image(image):

@@ -35,6 +35,7 @@ from diffusers.models.embeddings import get_2d_sincos_pos_embed
 from transformers import BertConfig, BertModel
 
 __all__ = ["CONFIG_FILE", "WEIGHTS_FILE", "VOCAB_FILE", "MASK", "PAD", "QUESTION_WORDS", "EXTRA_TIMESTEP", "IMG_POS",
+           "WORD_MAPS",
            "TextVocab", "TextDenoiserConfig", "TextDenoiser", "DenoiserOutput", "ExtraTimestep",
            "override_time_embedding", "masked_diffusion_loss", "save_text_denoiser", "load_text_denoiser"]
 
@@ -48,6 +49,7 @@ QUESTION_WORDS: tuple[str, ...] = ("how", "many", "what", "color", "shape", "is"
                                    "one")
 IMG_POS = ("learned", "sincos")  # the image tokens' position code (TextDenoiserConfig.img_pos)
 EXTRA_TIMESTEP = 1000  # DiffDis: discrimination's own timestep, outside the generation range 0-999
+WORD_MAPS = "word_maps"  # the features' key of the word maps (TextDenoiserConfig.word_maps), beside the block names
 
 
 class TextVocab:
@@ -134,6 +136,10 @@ class TextDenoiserConfig:
         feature_norm: LayerNorm over each block's channels before its projection. The UNet's block outputs are
             large (projected, ~30 per token against ~0.6-0.9 for the learned position code of a trained model), so
             without it the image tokens' positions are a few per cent of what the encoder sees.
+        word_maps: prompts whose words' cross-attention maps (one traced UNet row per prompt, read with the
+            blocks) are added to the image tokens of the last block: every word of every prompt is one map channel
+            (`map_words`), each map averaged over layers and heads, resized to that block's token grid and divided by
+            its spatial mean; projected by a linear layer onto those tokens (no new tokens). Empty: none.
         trained_steps / mode: provenance ("frozen" or "dual").
     """
 
@@ -153,8 +159,12 @@ class TextDenoiserConfig:
     mode: str = "frozen"
     img_pos: str = "learned"
     feature_norm: bool = False
+    word_maps: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        self.word_maps = tuple(str(p) for p in self.word_maps)
+        if any(not p.split() for p in self.word_maps):
+            raise ValueError("word_maps prompts must be non-empty")
         self.blocks = tuple(self.blocks)
         self.block_channels = tuple(int(c) for c in self.block_channels)
         self.block_sizes = tuple(tuple(int(v) for v in s) for s in self.block_sizes)
@@ -165,6 +175,11 @@ class TextDenoiserConfig:
             raise ValueError(f"timestep must be in 0..{EXTRA_TIMESTEP}, got {self.timestep}")
         if self.img_pos not in IMG_POS:
             raise ValueError(f"img_pos must be one of {', '.join(IMG_POS)}, got {self.img_pos!r}")
+
+    @property
+    def map_words(self) -> list[str]:
+        """The word-map channels, in order: every word of every `word_maps` prompt."""
+        return [w for p in self.word_maps for w in p.split()]
 
     @property
     def n_image_tokens(self) -> int:
@@ -207,6 +222,7 @@ class TextDenoiser(nn.Module):
             for i, (gh, gw) in enumerate(self.grid):
                 code = get_2d_sincos_pos_embed(D, (gh, gw), base_size=base, output_type="pt").float()
                 self.register_buffer(f"img_sincos_{i}", code, persistent=False)  # [gh*gw, D]
+        self.map_proj = nn.Linear(len(config.map_words), D) if config.word_maps else None
         self.tok = nn.Embedding(config.vocab_size, D)
         bert = BertConfig(vocab_size=8, hidden_size=D, num_hidden_layers=config.layers,
                           num_attention_heads=config.heads, intermediate_size=4 * D,
@@ -217,12 +233,18 @@ class TextDenoiser(nn.Module):
         self.head = nn.Sequential(nn.Linear(D, D), nn.GELU(), nn.LayerNorm(D), nn.Linear(D, config.vocab_size))
 
     def image_tokens(self, feats: dict[str, torch.Tensor] | Sequence[torch.Tensor]) -> torch.Tensor:
-        """Project each block's output `[B, C, h, w]` (pooled) to `[B, h*w, D]` and concatenate: `[B, N, D]`."""
+        """Project each block's output `[B, C, h, w]` (pooled) to `[B, h*w, D]` and concatenate: `[B, N, D]`.
+
+        With `config.word_maps`, `feats[WORD_MAPS]` (`[B, K, gh, gw]` on the last block's grid; in a list, the entry
+        after the blocks) is projected and added to the last block's tokens."""
+        keys = list(self.config.blocks) + ([WORD_MAPS] if self.map_proj is not None else [])
         if isinstance(feats, dict):
-            missing = [b for b in self.config.blocks if b not in feats]
+            missing = [b for b in keys if b not in feats]
             if missing:
                 raise ValueError(f"missing UNet block features {missing}")
-            feats = [feats[b] for b in self.config.blocks]
+            feats = [feats[b] for b in keys]
+        feats = list(feats)
+        maps = feats.pop(len(self.config.blocks)) if self.map_proj is not None else None
         out = []
         for i, (f, proj, pos, (gh, gw)) in enumerate(zip(feats, self.proj, self.img_pos, self.grid)):
             f = f.float()
@@ -234,6 +256,12 @@ class TextDenoiser(nn.Module):
             if self.feature_norm is not None:
                 f = self.feature_norm[i](f)
             out.append(proj(f) + pos)  # [B, gh*gw, D]
+        if maps is not None:
+            gh, gw = self.grid[-1]
+            if tuple(maps.shape[1:]) != (len(self.config.map_words), gh, gw):
+                raise ValueError(f"word maps must be [B, {len(self.config.map_words)}, {gh}, {gw}], "
+                                 f"got {tuple(maps.shape)}")
+            out[-1] = out[-1] + self.map_proj(maps.float().flatten(2).transpose(1, 2))  # [B, gh*gw, D]
         return torch.cat(out, 1)
 
     def forward(self, feats, ids: torch.Tensor, output_attentions: bool = False,

@@ -25,6 +25,8 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import os
 import time
 from pathlib import Path
@@ -39,6 +41,7 @@ from tqdm.auto import tqdm
 from models.adapters.text_denoiser import (
     EXTRA_TIMESTEP,
     IMG_POS,
+    WORD_MAPS,
     ExtraTimestep,
     TextDenoiser,
     TextDenoiserConfig,
@@ -57,6 +60,7 @@ from models.unet_pass import noised_unet_pass
 
 __all__ = ["TextDiffusionConfig", "VAL_SEED", "TEST_SEED", "DEFAULT_OUT", "NUMBER_WORDS", "QUESTION_TASKS",
            "scene_questions", "size_group", "encode_examples", "encode_latents", "unet_text_features",
+           "unet_word_maps", "image_reading",
            "build_feature_cache", "train_text_diffusion", "load_or_none"]
 
 VAL_SEED = 60_001  # validation scenes: every choice (length, steps, order, timestep) is made on these
@@ -97,6 +101,10 @@ class TextDiffusionConfig:
     heads: int = config_field(4, "attention heads (a new run only)", ge=1)
     img_pos: str = config_field("learned", "position code of the image tokens: learned, or sincos (fixed 2-D "
                         "sine-cosine + learned; a new run only)", check=lambda v: _check_choice(v, IMG_POS))
+    word_maps: tuple[str, ...] = config_field((), "prompts whose words' cross-attention maps are added to the image "
+                                      "tokens (one traced UNet row per prompt and image; a new run only), e.g. "
+                                      "'red green blue yellow purple orange' 'circle square triangle'",
+                                      check=lambda v: _check_prompts(v))
     feature_norm: bool = config_field(False, "LayerNorm over each UNet block's channels before the projection (a new "
                               "run only)")
     text_weight: float = config_field(0.2, "dual mode: weight of L_text beside L_image (D-DiT: 0.2)", ge=0)
@@ -116,6 +124,13 @@ def _check_tasks(v):
     v = tuple(v)
     if not v or any(t not in QUESTION_TASKS for t in v):
         raise ValueError(f"expected one or more of {', '.join(QUESTION_TASKS)}, got {' '.join(map(str, v))}")
+    return v
+
+
+def _check_prompts(v):
+    v = tuple(str(p) for p in v)
+    if any(not p.split() for p in v):
+        raise ValueError("expected non-empty prompts")
     return v
 
 
@@ -207,6 +222,20 @@ def encode_latents(pipe, images: np.ndarray) -> torch.Tensor:
     return (vae.encode(x).latent_dist.mean * vae.config.scaling_factor).float().to(pipe.unet.device)
 
 
+def _read_pass(pipe, latents: torch.Tensor, prompts: Sequence[str], timestep: int, noise_seed: int,
+               extra: ExtraTimestep | None, grad: bool, **kw):
+    """`noised_unet_pass` on clean latents `[B, C, h, w]` (row b with `prompts[b]`) at a discriminative timestep:
+    0..999 noised with the seeded noise shared by the rows; 1000 (DiffDis) the clean latent with the time embedding
+    replaced by `extra` (`ExtraTimestep.from_unet(unet)` when None: the sinusoid of t = 1000, untrained)."""
+    if int(timestep) < EXTRA_TIMESTEP:
+        return noised_unet_pass(pipe, latents, list(prompts), [int(timestep)], noise_seed=noise_seed, grad=grad, **kw)
+    extra = extra if extra is not None else ExtraTimestep.from_unet(pipe.unet)
+    abar0 = pipe.scheduler.alphas_cumprod[0].to(latents.device, torch.float32)
+    zero = torch.zeros(1, *latents.shape[1:], device=latents.device)
+    with override_time_embedding(pipe.unet, extra):  # x_t = sqrt(abar_0) * (z / sqrt(abar_0)) = z exactly
+        return noised_unet_pass(pipe, latents / abar0.sqrt(), list(prompts), [0], noise=zero, grad=grad, **kw)
+
+
 def unet_text_features(pipe, latents: torch.Tensor, timestep: int, blocks: Sequence[str], prompt: str = "a",
                        noise_seed: int = 0, extra: ExtraTimestep | None = None, grad: bool = False
                        ) -> dict[str, torch.Tensor]:
@@ -220,19 +249,56 @@ def unet_text_features(pipe, latents: torch.Tensor, timestep: int, blocks: Seque
     Returns:
         per block, `[B, C_b, h_b, w_b]` float32 (on the UNet's device with `grad`, else the CPU).
     """
-    B = latents.shape[0]
-    caps = [prompt] * B
-    if int(timestep) < EXTRA_TIMESTEP:
-        res = noised_unet_pass(pipe, latents, caps, [int(timestep)], noise_seed=noise_seed, traced=False,
-                               features=list(blocks), grad=grad)
-    else:
-        extra = extra if extra is not None else ExtraTimestep.from_unet(pipe.unet)
-        abar0 = pipe.scheduler.alphas_cumprod[0].to(latents.device, torch.float32)
-        zero = torch.zeros(1, *latents.shape[1:], device=latents.device)
-        with override_time_embedding(pipe.unet, extra):  # x_t = sqrt(abar_0) * (z / sqrt(abar_0)) = z exactly
-            res = noised_unet_pass(pipe, latents / abar0.sqrt(), caps, [0], traced=False, features=list(blocks),
-                                   noise=zero, grad=grad)
+    res = _read_pass(pipe, latents, [prompt] * latents.shape[0], timestep, noise_seed, extra, grad,
+                     traced=False, features=list(blocks))
     return {b: res.features[b][:, 0] for b in blocks}
+
+
+def unet_word_maps(pipe, latents: torch.Tensor, timestep: int, prompts: Sequence[str], grid: tuple[int, int],
+                   noise_seed: int = 0, extra: ExtraTimestep | None = None, grad: bool = False) -> torch.Tensor:
+    """Cross-attention maps of every word of `prompts` over each latent, read as `unet_text_features` reads the
+    blocks (same timestep, noise and extra timestep; one traced row per image and prompt, one UNet call).
+
+    Each word's map: attention probabilities averaged over heads, resized (bilinear) to `grid` per layer, averaged
+    over layers, divided by its spatial mean (a map averages 1: where the word attends, not how much).
+
+    Returns:
+        `[B, K, gh, gw]` float32, K = the prompts' words in order (on the UNet's device with `grad`, else the CPU).
+    Raises:
+        ValueError: a word the tokenizer splits into several tokens.
+    """
+    B, P = latents.shape[0], len(prompts)
+    res = _read_pass(pipe, latents.repeat_interleave(P, 0), list(prompts) * B, timestep, noise_seed, extra, grad,
+                     traced=True, logits=False)
+    rows = []
+    for tr, prompt in zip(res.traces, list(prompts) * B):
+        words = prompt.split()
+        if tr.tokens[1: 1 + len(words)] != words:
+            raise ValueError(f"word maps need one token per word; {prompt!r} is tokenized as {tr.tokens[1:-1]}")
+        per_layer = []
+        for p in tr.probs.values():  # [steps, heads, h, w, tokens]
+            m = p[0].float().mean(0)[..., 1: 1 + len(words)].permute(2, 0, 1)  # [words, h, w]
+            per_layer.append(F.interpolate(m[None], size=tuple(grid), mode="bilinear", align_corners=False)[0])
+        rows.append(torch.stack(per_layer).mean(0))  # [words, gh, gw]
+    maps = torch.stack([torch.cat(rows[b * P: (b + 1) * P]) for b in range(B)])  # [B, K, gh, gw]
+    return maps / maps.mean((-2, -1), keepdim=True).clamp_min(1e-8)
+
+
+def image_reading(pipe, latents: torch.Tensor, cfg: TextDenoiserConfig, noise_seed: int = 0,
+                  extra: ExtraTimestep | None = None, grad: bool = False) -> dict[str, torch.Tensor]:
+    """Everything the denoiser of `cfg` reads from latents `[B, C, h, w]`: per block its output `[B, C_b, h_b, w_b]`
+    (`unet_text_features`), and with `cfg.word_maps` the word maps `[B, K, gh, gw]` (`unet_word_maps`, on the last
+    block's token grid) under `WORD_MAPS`."""
+    out = unet_text_features(pipe, latents, cfg.timestep, cfg.blocks, cfg.image_prompt, noise_seed=noise_seed,
+                             extra=extra, grad=grad)
+    if cfg.word_maps:
+        out[WORD_MAPS] = unet_word_maps(pipe, latents, cfg.timestep, cfg.word_maps, _grids(cfg)[-1],
+                                        noise_seed=noise_seed, extra=extra, grad=grad)
+    return out
+
+
+def _grids(cfg: TextDenoiserConfig) -> list[tuple[int, int]]:
+    return [(h // p, w // p) for (h, w), p in zip(cfg.block_sizes, cfg.pool)]
 
 
 def _pool(f: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
@@ -242,40 +308,55 @@ def _pool(f: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
 @torch.no_grad()
 def build_feature_cache(pipe, scenes: Sequence[world.Scene], cfg: TextDenoiserConfig, path: str | Path,
                         feature_batch: int = 64, noise_seed: int = 0, desc: str = "features",
-                        extra: ExtraTimestep | None = None) -> dict[str, torch.Tensor]:
-    """Render, encode and read the UNet once for every scene; the pooled block outputs (fp16) are saved to
-    `path` (chunk files `path.partK` while running, so an interrupted build resumes) and returned
-    (`{block: [n, C_b, gh, gw]}`). A cache of the same scenes and reading is reused."""
+                        extra: ExtraTimestep | None = None, part: str = "blocks") -> dict[str, torch.Tensor]:
+    """Render, encode and read the UNet once for every scene; the reading (fp16) is saved to `path` (chunk files
+    `path.partK` while running, so an interrupted build resumes) and returned. A cache of the same scenes and
+    reading is reused.
+
+    part: "blocks" — the pooled block outputs (`{block: [n, C_b, gh, gw]}`); "word_maps" — the word maps of
+    `cfg.word_maps` (`{WORD_MAPS: [n, K, gh, gw]}`, `unet_word_maps`), read with the same noise as the blocks, so
+    a run with word maps reuses the blocks' cache of a run without.
+    """
     path = Path(path)
     key = {"n": len(scenes), "first": scenes[0].caption if scenes else "", "timestep": int(cfg.timestep),
            "blocks": list(cfg.blocks), "pool": list(cfg.pool), "prompt": cfg.image_prompt, "noise_seed": noise_seed}
+    if part == WORD_MAPS:
+        key |= {"word_maps": list(cfg.word_maps), "grid": list(_grids(cfg)[-1])}
+    elif part != "blocks":
+        raise ValueError(f"part must be 'blocks' or {WORD_MAPS!r}, got {part!r}")
     if path.exists():
         st = torch.load(path, weights_only=False)
         if st.get("key") == key:
             return st["features"]
     path.parent.mkdir(parents=True, exist_ok=True)
-    grids = [(h // p, w // p) for (h, w), p in zip(cfg.block_sizes, cfg.pool)]
+    grids = _grids(cfg)
     parts = []
     for c0 in tqdm(range(0, len(scenes), _CACHE_CHUNK), desc=desc):
-        part = path.with_name(path.name + f".part{c0 // _CACHE_CHUNK}")
-        if part.exists():
-            st = torch.load(part, weights_only=False)
+        chunk_file = path.with_name(path.name + f".part{c0 // _CACHE_CHUNK}")
+        if chunk_file.exists():
+            st = torch.load(chunk_file, weights_only=False)
             if st.get("key") == key:
                 parts.append(st["features"])
                 continue
         chunk = scenes[c0: c0 + _CACHE_CHUNK]
-        got: dict[str, list[torch.Tensor]] = {b: [] for b in cfg.blocks}
+        got: dict[str, list[torch.Tensor]] = {}
         for b0 in range(0, len(chunk), feature_batch):
             imgs = np.stack([np.asarray(world.render(s)) for s in chunk[b0: b0 + feature_batch]])
             z = encode_latents(pipe, imgs)
-            feats = unet_text_features(pipe, z, cfg.timestep, cfg.blocks, cfg.image_prompt,
-                                       noise_seed=noise_seed + c0 + b0, extra=extra)
-            for b, g in zip(cfg.blocks, grids):
-                got[b].append(_pool(feats[b], g).half().cpu())
-        feats = {b: torch.cat(v) for b, v in got.items()}
-        atomic_save({"key": key, "features": feats}, part)
+            seed = noise_seed + c0 + b0
+            if part == WORD_MAPS:
+                read = {WORD_MAPS: unet_word_maps(pipe, z, cfg.timestep, cfg.word_maps, grids[-1], noise_seed=seed,
+                                                  extra=extra)}
+            else:
+                feats = unet_text_features(pipe, z, cfg.timestep, cfg.blocks, cfg.image_prompt, noise_seed=seed,
+                                           extra=extra)
+                read = {b: _pool(feats[b], g) for b, g in zip(cfg.blocks, grids)}
+            for k, v in read.items():
+                got.setdefault(k, []).append(v.half().cpu())
+        feats = {k: torch.cat(v) for k, v in got.items()}
+        atomic_save({"key": key, "features": feats}, chunk_file)
         parts.append(feats)
-    out = {b: torch.cat([p[b] for p in parts]) for b in cfg.blocks}
+    out = {k: torch.cat([p[k] for p in parts]) for k in parts[0]} if parts else {}
     atomic_save({"key": key, "features": out}, path)
     for k in range((len(scenes) + _CACHE_CHUNK - 1) // _CACHE_CHUNK):
         path.with_name(path.name + f".part{k}").unlink(missing_ok=True)
@@ -356,7 +437,7 @@ def _denoiser_config(cfg: TextDiffusionConfig, vocab: TextVocab, pipe) -> TextDe
                               block_channels=tuple(c for c, _, _ in shapes),
                               block_sizes=tuple((h, w) for _, h, w in shapes), pool=pool, timestep=cfg.timestep,
                               hidden=cfg.hidden, layers=cfg.layers, heads=cfg.heads, mode=cfg.mode,
-                              img_pos=cfg.img_pos, feature_norm=cfg.feature_norm)
+                              img_pos=cfg.img_pos, feature_norm=cfg.feature_norm, word_maps=cfg.word_maps)
 
 
 def train_text_diffusion(cfg: TextDiffusionConfig, pipe=None) -> Path:
@@ -390,7 +471,11 @@ def train_text_diffusion(cfg: TextDiffusionConfig, pipe=None) -> Path:
     opt_state = unet_state = unet_opt_state = None
     if ck.exists():
         st = torch.load(ck, map_location="cpu", weights_only=False)
-        model.load_state_dict(st["model"])
+        try:
+            model.load_state_dict(st["model"])
+        except RuntimeError:
+            raise ValueError(f"{ck} holds a run of another denoiser (its flags: {st.get('config', {})}); resume it "
+                             "with its own flags or start this one in another --work-dir") from None
         if extra is not None and "extra" in st:
             extra.load_state_dict(st["extra"])
         opt_state, step = st["opt"], st["step"]
@@ -423,6 +508,14 @@ def train_text_diffusion(cfg: TextDiffusionConfig, pipe=None) -> Path:
                                     extra=extra)
         val_feats = build_feature_cache(pipe, val_scenes, dcfg, Path(cfg.work_dir) / f"val_n{cfg.n_val}_{tag}.pt",
                                         cfg.feature_batch, noise_seed=0, desc="val features", extra=extra)
+        if dcfg.word_maps:  # a cache of their own: the blocks' cache of a run without maps is reused
+            mtag = f"{tag}_maps-{hashlib.sha1(json.dumps(dcfg.word_maps).encode()).hexdigest()[:8]}"
+            feats |= build_feature_cache(pipe, scenes, dcfg, Path(cfg.work_dir) / f"train_s{cfg.seed}_n{cfg.n_scenes}_"
+                                         f"{mtag}.pt", cfg.feature_batch, noise_seed=cfg.seed * 1_000_003,
+                                         desc="train word maps", extra=extra, part=WORD_MAPS)
+            val_feats |= build_feature_cache(pipe, val_scenes, dcfg, Path(cfg.work_dir) / f"val_n{cfg.n_val}_{mtag}.pt",
+                                             cfg.feature_batch, noise_seed=0, desc="val word maps", extra=extra,
+                                             part=WORD_MAPS)
         if extra is not None:
             extra.embedding.requires_grad_(False)  # the cache was read with it: it cannot change here
     else:
@@ -485,8 +578,7 @@ def train_text_diffusion(cfg: TextDiffusionConfig, pipe=None) -> Path:
                 pred = unet(noise_sched.add_noise(z, noise, tt), tt, encoder_hidden_states=emb).sample
                 l_img = F.mse_loss(pred.float(), noise_sched.get_velocity(z, noise, tt).float())
                 # L_text on the same scenes: features with their graph at the discriminative timestep
-                f = unet_text_features(pipe, z, cfg.timestep, dcfg.blocks, dcfg.image_prompt,
-                                       noise_seed=cfg.seed * 1_000_003 + step, extra=extra, grad=True)
+                f = image_reading(pipe, z, dcfg, noise_seed=cfg.seed * 1_000_003 + step, extra=extra, grad=True)
                 rows = [tables["cap_ids"][i] for i in idx.tolist()]
                 ids = torch.stack(rows)
                 l_txt = text_loss_step(model, f, ids, torch.ones_like(ids), vocab.mask_id, g)
