@@ -4,7 +4,7 @@ benchmarks), self-correction on count prompts. Writes JSON under docs/measuremen
     python -m bench.dpt_eval val --work ~/.cache/discolens/dpt/s1 --ts 100,250,400
     python -m bench.dpt_eval export --snap ~/.cache/discolens/dpt/s1/snap-01200 --t 250
     python -m bench.dpt_eval test                       # --parts rec: only the grounding reading
-    python -m bench.dpt_eval selfcorr --split validation --n 40 --etas 0.5,2 --best-of 4
+    python -m bench.dpt_eval selfcorr --split validation --n 40 --etas 0.5,2 --best-of 4 [--objectives score,contrast]
 """
 from __future__ import annotations
 
@@ -128,14 +128,19 @@ def cmd_selfcorr(a, pipe) -> None:
         print(name, res["settings"][name]["rate"], res["settings"][name]["ci95"], calls, flush=True)
 
     record("base", generate_images(pipe, prompts, seeds), steps)
-    for reading in a.readings.split(","):
-        for eta in [float(v) for v in a.etas.split(",")]:
-            imgs, trs = [], []
-            for p, s in zip(prompts, seeds):
-                im, tr = generate_self_corrected(pipe, p, s, eta=eta, reading=reading, adapter=ad,
-                                                 step_range=(a.start, None), record_after=False, previews=False)
-                imgs.append(im), trs.append(tr)
-            record(f"eta={eta:g},{reading}", imgs, trs[0].unet_calls, trs[0].unet_backwards)
+    for objective in a.objectives.split(","):
+        for reading in a.readings.split(","):
+            for eta in [float(v) for v in a.etas.split(",")]:
+                imgs, trs = [], []
+                for p, s in zip(prompts, seeds):
+                    im, tr = generate_self_corrected(pipe, p, s, eta=eta, reading=reading, adapter=ad,
+                                                     step_range=(a.start, None), record_after=False, previews=False,
+                                                     objective=objective)
+                    imgs.append(im), trs.append(tr)
+                name = f"eta={eta:g},{reading}" + ("" if objective == "score" else f",{objective}")
+                rows = 1 + len(trs[0].negatives)  # UNet rows per correction call
+                record(name, imgs, trs[0].unet_calls, trs[0].unet_backwards)
+                res["settings"][name]["correction_rows"] = rows
     if a.best_of:
         imgs = []
         for i, p in enumerate(prompts):
@@ -173,6 +178,7 @@ def main() -> None:
     s.add_argument("--kinds", default="count")
     s.add_argument("--etas", default="0.5,2")
     s.add_argument("--readings", default="noise_only")
+    s.add_argument("--objectives", default="score", help="score (Eq. 9) and / or contrast (against the negatives)")
     s.add_argument("--start", type=int, default=0)
     s.add_argument("--best-of", type=int, default=4)
     s.add_argument("--tuned", action="store_true", help="every row from the stage-2 model and its adapter")

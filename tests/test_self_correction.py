@@ -64,3 +64,36 @@ def test_trajectory_round_trip(tiny_pipe, adapter, tmp_path):
 def test_bad_reading(tiny_pipe, adapter):
     with pytest.raises(ValueError, match="unknown reading"):
         generate_self_corrected(tiny_pipe, "a red circle", eta=0.1, steps=2, reading="both", adapter=adapter)
+
+
+def test_contrast_objective_is_the_log_softmax_and_rises(tiny_pipe, adapter):
+    """objective "contrast": the recorded value is log p(y | z_t) among y and the world's negatives (the
+    log-softmax of the adapter's scores at its temperature, checked against itm_scores_at); a small step raises it;
+    the trajectory keeps the negatives and saves them."""
+    kw = dict(seed=1, steps=2, guidance=3.0, adapter=adapter, reading="latent", step_range=(1, None),
+              objective="contrast")
+    _, probe = generate_self_corrected(tiny_pipe, "two red circles", eta=1e-6, **kw)
+    assert probe.negatives == ["three red circles", "two orange circles", "two red triangles"]
+    assert probe.objective == "contrast" and probe.s_before[1] < 0  # a log-probability
+    eta = 1e-2 / probe.grad_norm[1]
+    _, tr = generate_self_corrected(tiny_pipe, "two red circles", eta=eta, **kw)
+    assert tr.s_after[1] > tr.s_before[1]
+    # the same value by hand on a latent: log_softmax(scale * s)[0]
+    z = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        s = tdpt.itm_scores_at(tiny_pipe, adapter, z, ["two red circles", *probe.negatives], 300)
+        lp, s0 = tdpt.itm_contrast_at(tiny_pipe, adapter, z, "two red circles", probe.negatives, 300)
+    want = torch.log_softmax(s * adapter.logit_scale.exp(), 0)[0]
+    assert float(lp) == pytest.approx(float(want), abs=1e-5) and float(s0) == pytest.approx(float(s[0]), abs=1e-6)
+
+
+def test_contrast_needs_negatives_and_a_known_objective(tiny_pipe, adapter):
+    """A prompt outside the world's grammar needs explicit negatives (given ones are used); unknown objective."""
+    with pytest.raises(ValueError, match="not a shapes-world caption"):
+        generate_self_corrected(tiny_pipe, "a photo of a dog", eta=0.1, steps=2, adapter=adapter,
+                                objective="contrast")
+    _, tr = generate_self_corrected(tiny_pipe, "a red circle", eta=0.1, steps=2, adapter=adapter,
+                                    objective="contrast", negatives=["a blue circle"], previews=False)
+    assert tr.negatives == ["a blue circle"] and not np.isnan(tr.s_before[0])
+    with pytest.raises(ValueError, match="unknown objective"):
+        generate_self_corrected(tiny_pipe, "a red circle", eta=0.1, steps=2, adapter=adapter, objective="clip")

@@ -9,6 +9,13 @@ Two readings of Eq. 9 (`reading`):
 The default follows the published code because that is what produced the paper's numbers; "latent" is the
 literal reading of the equation. With eta = 0 both are exactly the plain sampler (`models.sampling`).
 
+Two objectives (`objective`):
+    "score" (default, Eq. 9): s(z_t, y), the adapter's matching score of the prompt (one UNet row a step).
+    "contrast" (this project's variant): log p(y | z_t) among y and its hard negatives (`world.negatives` of a
+        shapes-world prompt, e.g. "three red circles" for "two red circles", or given): the log-softmax of the
+        adapter's scores at its learned temperature, i.e. the objective it was trained with; pushes the latent away
+        from what the negatives describe (1 + negatives rows a step, one UNet call).
+
     >>> img, traj = generate_self_corrected(pipe, "two red circles", seed=0, eta=0.5)
     >>> traj.s_before[-1], traj.s_after[-1], traj.grad_norm
     >>> traj.save("/tmp/traj"); Trajectory.load("/tmp/traj") == traj      # identical round trip
@@ -28,13 +35,15 @@ from safetensors.numpy import load_file, save_file
 
 from models.limits import check_guidance, check_prompt, check_seed, check_steps
 from models.sampling import _defaults, generate_images
-from models.training.dpt import DPTAdapter, find_adapter, itm_scores, itm_scores_at
+from models.shapes import world
+from models.training.dpt import DPTAdapter, find_adapter, itm_contrast_at, itm_scores, itm_scores_at
 from models.unet_pass import encode_image
 
-__all__ = ["READINGS", "Trajectory", "generate_self_corrected", "best_of_n"]
+__all__ = ["READINGS", "OBJECTIVES", "Trajectory", "generate_self_corrected", "best_of_n", "prompt_negatives"]
 
 READINGS: tuple[str, ...] = ("noise_only", "latent")
 Reading = Literal["noise_only", "latent"]
+OBJECTIVES: tuple[str, ...] = ("score", "contrast")
 
 
 @dataclasses.dataclass
@@ -48,13 +57,16 @@ class Trajectory:
         prompt, seed, steps, guidance, eta, reading, step_range ([start, stop) step indices), t (the adapter's
             timestep is the sampler's own t at each step)
         timesteps: the sampler's timesteps                                           [steps]
-        s_before / s_after: s(z_t, y) before / after the correction                  [steps]
-        grad_norm: L2 norm of d s / d z_t                                            [steps]
+        s_before / s_after: the objective before / after the correction: s(z_t, y) ("score") or
+            log p(y | z_t) among y and `negatives` ("contrast")                      [steps]
+        grad_norm: L2 norm of d objective / d z_t                                    [steps]
         latent_change: L2 norm of the applied change eta * grad                      [steps]
         grad_map: per-latent-pixel gradient magnitude (L2 over channels), float32   [steps, h, w]
         previews: the predicted x0 of each step, decoded, uint8                      [steps, H, W, 3]
         image: the final image, uint8                                                [H, W, 3]
         unet_calls: UNet forward calls (CFG step = 1, correction = 1, s_after = 1); unet_backwards: backward passes
+        objective: "score" or "contrast"; negatives: the captions contrasted against (contrast; each correction
+            call has 1 + len(negatives) rows)
     """
 
     prompt: str
@@ -74,6 +86,8 @@ class Trajectory:
     image: np.ndarray
     unet_calls: int = 0
     unet_backwards: int = 0
+    objective: str = "score"
+    negatives: list[str] = dataclasses.field(default_factory=list)
 
     _ARRAYS = ("grad_map", "previews", "image")
 
@@ -136,10 +150,22 @@ def _x0(pipe, z: torch.Tensor, model_out: torch.Tensor, t: int) -> torch.Tensor:
     return model_out
 
 
+def prompt_negatives(prompt: str) -> list[str]:
+    """The hard negatives of a shapes-world prompt (`world.negatives`: count, color, shape, role and relation
+    changes), in a fixed order; ValueError (one line) for a prompt outside the world's grammar."""
+    try:
+        scene = world.scene_from_caption(prompt, np.random.default_rng(0))
+    except (ValueError, KeyError, IndexError, RuntimeError):
+        raise ValueError(f"the contrast objective needs negatives: {prompt!r} is not a shapes-world caption, so give "
+                         "them (negatives=[...])") from None
+    return list(world.negatives(scene, np.random.default_rng(0)).values())
+
+
 def generate_self_corrected(pipe, prompt: str, seed: int = 0, eta: float = 0.5, steps: int | None = None,
                             guidance: float | None = None, reading: Reading = "noise_only",
                             step_range: Sequence[int | None] = (0, None), adapter: DPTAdapter | None = None,
-                            record_after: bool = True, previews: bool = True, callback=None
+                            record_after: bool = True, previews: bool = True, callback=None,
+                            objective: str = "score", negatives: Sequence[str] | None = None
                             ) -> tuple[Image.Image, Trajectory]:
     """Generate one image with DPT self-correction; with eta = 0 (or an empty range) exactly `generate_images`.
 
@@ -152,10 +178,13 @@ def generate_self_corrected(pipe, prompt: str, seed: int = 0, eta: float = 0.5, 
         record_after: also read s after the correction (one more UNet call per corrected step).
         previews: decode each step's predicted x0 (VAE decodes only, no UNet call).
         callback: called with (step index, steps) after each step.
+        objective: "score" (Eq. 9) or "contrast" (log p(y | z_t) among y and `negatives`; see the module docstring).
+        negatives: the captions "contrast" pushes away from (default: `prompt_negatives(prompt)`).
     Returns:
         (the image, its Trajectory).
     Raises:
-        ValueError: a bad prompt / seed / steps / guidance / reading / eta < 0; no adapter for the model.
+        ValueError: a bad prompt / seed / steps / guidance / reading / objective / eta < 0; no negatives for
+            "contrast"; no adapter for the model.
     """
     prompt = check_prompt(prompt, "prompt")
     seed = check_seed(seed)
@@ -164,6 +193,13 @@ def generate_self_corrected(pipe, prompt: str, seed: int = 0, eta: float = 0.5, 
     eta = float(eta)
     if not np.isfinite(eta) or eta < 0:
         raise ValueError(f"eta must be a number >= 0, got {eta}")
+    if objective not in OBJECTIVES:
+        raise ValueError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
+    negs: list[str] = []
+    if objective == "contrast":
+        negs = [check_prompt(n, "negative") for n in negatives] if negatives is not None else prompt_negatives(prompt)
+        if not negs:
+            raise ValueError("the contrast objective needs at least one negative caption")
     d = _defaults(pipe)
     steps = check_steps(steps or d.steps)
     guidance = check_guidance(d.guidance if guidance is None else guidance)
@@ -196,8 +232,8 @@ def generate_self_corrected(pipe, prompt: str, seed: int = 0, eta: float = 0.5, 
             ti = int(t)
             with torch.enable_grad():
                 z = latents.detach().float().requires_grad_(True)
-                s = itm_scores_at(pipe, adapter, z, prompt, ti)
-                g = torch.autograd.grad(s.sum(), z)[0]
+                s = _objective(pipe, adapter, z, prompt, negs, ti)
+                g = torch.autograd.grad(s, z)[0]
             unet_calls += 1
             unet_backwards += 1
             delta = eta * g
@@ -206,7 +242,7 @@ def generate_self_corrected(pipe, prompt: str, seed: int = 0, eta: float = 0.5, 
             gmap[i] = g[0].norm(dim=0).cpu().numpy()
             if record_after:
                 with torch.no_grad():
-                    s_a[i] = float(itm_scores_at(pipe, adapter, z_in.float(), prompt, ti))
+                    s_a[i] = float(_objective(pipe, adapter, z_in.float(), prompt, negs, ti))
                 unet_calls += 1
             if reading == "latent":
                 latents = z_in
@@ -233,8 +269,17 @@ def generate_self_corrected(pipe, prompt: str, seed: int = 0, eta: float = 0.5, 
                       step_range=[start, stop], timesteps=[int(t) for t in timesteps], s_before=s_b, s_after=s_a,
                       grad_norm=gn, latent_change=ch, grad_map=gmap,
                       previews=np.stack(prev) if prev else np.zeros((0, H, W, 3), np.uint8),
-                      image=np.asarray(pil, np.uint8).copy(), unet_calls=unet_calls, unet_backwards=unet_backwards)
+                      image=np.asarray(pil, np.uint8).copy(), unet_calls=unet_calls, unet_backwards=unet_backwards,
+                      objective=objective, negatives=negs)
     return pil, traj
+
+
+def _objective(pipe, adapter: DPTAdapter, z: torch.Tensor, prompt: str, negatives: Sequence[str], t: int
+               ) -> torch.Tensor:
+    """The scalar self-correction ascends: s(z_t, y), or log p(y | z_t) among y and `negatives` when given."""
+    if negatives:
+        return itm_contrast_at(pipe, adapter, z, prompt, negatives, t)[0]
+    return itm_scores_at(pipe, adapter, z, prompt, t)[0]
 
 
 def best_of_n(pipe, prompt: str, seeds: Sequence[int], steps: int | None = None, guidance: float | None = None,

@@ -56,6 +56,7 @@ from models.unet_pass import native_size, noised_unet_pass
 
 __all__ = ["ADAPTERS_DIR", "DPT_SEEDS", "DPTTrainConfig", "text_embeddings", "encode_images", "dpt_features",
            "features_at", "block_shapes", "new_adapter", "positive_tokens", "itm_scores", "itm_scores_at",
+           "itm_contrast_at",
            "ground_boxes", "make_batch", "train_dpt", "evaluate_rec", "rec_accuracy", "evaluate_itm_pairs", "export_adapter",
            "adapter_dir_for", "tuned_dir_for", "find_adapter", "tuned_pipe", "find_tuned"]
 
@@ -162,12 +163,24 @@ def itm_scores(pipe, adapter: DPTAdapter, latent: torch.Tensor, captions: Sequen
         return itm_score(out.match, pooled).float().cpu()
 
 
-def itm_scores_at(pipe, adapter: DPTAdapter, z_t: torch.Tensor, caption: str, t: int) -> torch.Tensor:
-    """s(z_t, y) for a sampler's noised latent `[1, C, h, w]` at timestep t, differentiable w.r.t. z_t: `[1]`."""
-    feats = features_at(pipe, z_t, [caption], t, adapter.config.blocks, grad=torch.is_grad_enabled())
-    out = adapter(feats, torch.full((1,), int(t), device=feats[0].device))
-    pooled, _, _ = text_embeddings(pipe, [caption])
+def itm_scores_at(pipe, adapter: DPTAdapter, z_t: torch.Tensor, caption: str | Sequence[str], t: int
+                  ) -> torch.Tensor:
+    """s(z_t, y) for a sampler's noised latent `[1, C, h, w]` at timestep t, differentiable w.r.t. z_t: `[K]` for K
+    captions (one UNet call, K rows; a single caption: `[1]`)."""
+    captions = [caption] if isinstance(caption, str) else list(caption)
+    feats = features_at(pipe, z_t, captions, t, adapter.config.blocks, grad=torch.is_grad_enabled())
+    out = adapter(feats, torch.full((len(captions),), int(t), device=feats[0].device))
+    pooled, _, _ = text_embeddings(pipe, captions)
     return itm_score(out.match, pooled)
+
+
+def itm_contrast_at(pipe, adapter: DPTAdapter, z_t: torch.Tensor, caption: str, negatives: Sequence[str], t: int
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p(y | z_t) among y and its negatives: the log-softmax of the adapter's scaled scores (its learned
+    temperature, as in its contrastive training), differentiable w.r.t. z_t; one UNet call with 1 + len(negatives)
+    rows. Returns (log p `[]`, s(z_t, y) `[]`)."""
+    s = itm_scores_at(pipe, adapter, z_t, [caption, *negatives], t)
+    return torch.log_softmax(s * adapter.logit_scale.exp(), 0)[0], s[0]
 
 
 @torch.no_grad()
