@@ -55,7 +55,7 @@ from interp.tasks.generation_eval import SPLITS
 from interp.tasks.matching_eval import distributed_state
 from interp.tasks.matching_report import GROUPS, report_markdown
 from interp.tasks.prompt_learning import save_prompt
-from interp.tasks.self_correction import READINGS
+from interp.tasks.self_correction import OBJECTIVES, READINGS
 from interp.tasks.text_diffusion import answer_question, caption_image, evaluate_text_diffusion
 from models.adapters.dpt import REC_HEADS
 from models.limits import (
@@ -134,14 +134,15 @@ def _cmd_generate(a: argparse.Namespace) -> int:
             _check_out_dir(a.trajectory_out)  # its parent folder must exist; the folder is made
         image, traj = inputs.self_corrected_generation(a.model, a.prompt, seed=a.seed, steps=a.steps,
                                                        guidance=a.guidance, eta=a.eta, reading=a.reading,
-                                                       lora=a.lora)
+                                                       lora=a.lora, objective=a.objective)
         image.save(a.out)
         if a.trajectory_out:
             traj.save(a.trajectory_out)
         if a.json:
             nan_free = lambda xs: [None if x != x else float(x) for x in xs]  # NaN outside the step range
             print(json.dumps({"out": a.out, "prompt": a.prompt, "seed": int(a.seed), "eta": float(a.eta),
-                              "reading": a.reading, "model": a.model or "bundled", "lora": a.lora,
+                              "reading": a.reading, "objective": a.objective, "negatives": traj.negatives,
+                              "model": a.model or "bundled", "lora": a.lora,
                               "size": list(image.size),
                               "trajectory": {"score": nan_free(traj.s_before), "score_after": nan_free(traj.s_after),
                                              "grad_norm": nan_free(traj.grad_norm),
@@ -472,6 +473,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--reading", default="noise_only", choices=READINGS,
                    help="noise_only: the corrected latent feeds the noise prediction only (the authors' code); "
                         "latent: the DDIM step starts from it too (Eq. 9 literally)")
+    g.add_argument("--objective", default="score", choices=OBJECTIVES,
+                   help="score: ascend the DPT score s(z_t, y) (Eq. 9); contrast: ascend log p(y | z_t) against the "
+                        "prompt's shapes-world hard negatives (docs/dpt.md)")
     g.add_argument("--lora", action="store_true",
                    help="generate with the DPT-tuned model (stage 2: its LoRA on a copy of the UNet; with "
                         "--self-correct, steered by its own stage-2 adapter)")

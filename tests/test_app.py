@@ -517,6 +517,13 @@ class TestSelfCorrectionTab:
         assert table["data"][0][0].startswith("ITM") and table["data"][0][2] != base[5]["data"][0][2]
         assert not has_lora(inputs.load_model(None).unet)
 
+    def test_contrast_objective(self):
+        """Objective "contrast": the note names the negatives, the figure's first panel the log-probability."""
+        img, plain, boxed, fig, strip, table, note = app.self_correction(
+            "two red circles", "shapes-v1", 0, 2, 3.0, 100.0, "noise_only", False, "contrast")
+        assert "objective contrast against 3 negatives: three red circles" in note
+        assert fig.layout.annotations[0].text.startswith("log p(y | z_t)") and img.size == (256, 256)
+
     @pytest.mark.parametrize("eta", [-1.0, float("nan")])
     def test_bad_eta_is_a_gr_error(self, eta):
         """A negative or NaN η is refused with the limits' message, before any sampling."""

@@ -220,6 +220,15 @@ class TestDPTAndTextDiffusion:
         assert code == 0 and Image.open(out).size == (64, 64)
         assert all(len(d["trajectory"][k]) == 4 for k in ("score", "grad_norm", "latent_change"))
         assert (traj / "trajectory.json").exists() or any(traj.iterdir())
+        assert d["objective"] == "score" and d["negatives"] == []
+
+    def test_generate_self_correct_contrast_objective(self, capsys, tmp_path):
+        """--objective contrast: the JSON names the negatives and its scores are log-probabilities (<= 0)."""
+        code, stdout, _ = _run(capsys, "generate", "--prompt", "two red circles", "--steps", 2, "--self-correct",
+                               "--eta", 100, "--objective", "contrast", "--out", tmp_path / "x.png", "--json")
+        d = json.loads(stdout)
+        assert code == 0 and d["objective"] == "contrast" and d["negatives"][0] == "three red circles"
+        assert all(v <= 0 for v in d["trajectory"]["score"])
 
     @pytest.mark.parametrize("eta", ["-1", "nan", "1e9"])
     def test_bad_eta(self, capsys, tmp_path, eta):

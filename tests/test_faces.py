@@ -91,3 +91,17 @@ def test_tuned_model_missing_says_how_to_train(tiny_pipe_dir, tmp_path, capsys):
         code = cli.main(["generate", "--prompt", "a red circle", "--steps", "2", "--model", model,
                          "--out", str(tmp_path / "x.png"), "--lora", *extra])
         assert (code, capsys.readouterr().err) == (2, message + "\n")
+
+
+def test_contrast_objective_outside_the_grammar(tiny_pipe_dir, tmp_path, capsys):
+    """Self-correction with the contrast objective on a prompt outside the shapes-world grammar (no negatives to
+    contrast with): the app and `cli.py generate --self-correct --objective contrast` say the same line."""
+    model = str(tiny_pipe_dir)
+    with pytest.raises(gr.Error) as err:
+        app.self_correction("a red circle and a red circle", model, 0, 2, 3.0, 1.0, "noise_only", False, "contrast")
+    message = err.value.message
+    assert message.startswith("the contrast objective needs negatives")
+    capsys.readouterr()
+    code = cli.main(["generate", "--prompt", "a red circle and a red circle", "--steps", "2", "--model", model,
+                     "--out", str(tmp_path / "x.png"), "--self-correct", "--objective", "contrast"])
+    assert (code, capsys.readouterr().err) == (2, message + "\n")

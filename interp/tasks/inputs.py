@@ -44,7 +44,7 @@ from interp.tasks.matching_eval import evaluate_matching as _evaluate_matching
 from interp.tasks.matching_report import GROUPS, noise_level_timesteps, run_report
 from interp.tasks.prompt_learning import apply_prompt, load_prompt
 from interp.tasks.prompt_learning import train_prompt as _train_prompt
-from interp.tasks.self_correction import READINGS, generate_self_corrected
+from interp.tasks.self_correction import OBJECTIVES, READINGS, generate_self_corrected, prompt_negatives
 from interp.tasks.text_diffusion import answer_question, caption_image, eval_scenes
 from models.limits import (
     DEFAULT_CORRECTION_ETA,
@@ -569,17 +569,20 @@ def ground_expression(model: str | None, image, expression: str, noise_seed=0) -
 
 def self_corrected_generation(model: str | None, prompt: str, seed=0, steps=None, guidance=None,
                               eta=DEFAULT_CORRECTION_ETA, reading: str = "noise_only", progress=None,
-                              lora: bool = False):
+                              lora: bool = False, objective: str = "score"):
     """One image with DPT self-correction (Eq. 9) and its trajectory (CLI `generate --self-correct`, app's
     Self-correction view): (PIL image, Trajectory). `lora`: the DPT-tuned model (stage 2) steered by its own
-    stage-2 adapter."""
+    stage-2 adapter; `objective`: "score" (Eq. 9) or "contrast" (against the prompt's world negatives)."""
     eta = check_correction_eta(eta)
     reading = check_choice(reading, READINGS, "reading")
+    objective = check_choice(objective, OBJECTIVES, "objective")
+    if objective == "contrast":
+        prompt_negatives(check_prompt(prompt))  # a prompt outside the world's grammar: one line, before loading
     pipe, prompt, seed, steps, guidance = _generation_inputs(model, prompt, seed, steps, guidance)
     # no adapter: the message says how to train one, before any sampling
     pipe, adapter = find_tuned(pipe) if lora else (pipe, find_adapter(pipe))
     return generate_self_corrected(pipe, prompt, seed=seed, eta=eta, steps=steps, guidance=guidance,
-                                   reading=reading, adapter=adapter, callback=progress)
+                                   reading=reading, adapter=adapter, callback=progress, objective=objective)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -614,7 +617,8 @@ def _upscaled(im: Image.Image, side: int) -> Image.Image:
 
 def _trajectory_figure(traj):
     x = list(range(len(traj.s_before)))
-    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, subplot_titles=("DPT score s(z_t, y)", "gradient and change"))
+    title = "DPT score s(z_t, y)" if traj.objective == "score" else "log p(y | z_t) among y and its negatives"
+    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, subplot_titles=(title, "gradient and change"))
     for name, ys, r in (("s before", traj.s_before, 1), ("s after", traj.s_after, 1),
                         ("|ds/dz|", traj.grad_norm, 2), ("|eta * grad|", traj.latent_change, 2)):
         fig.add_trace(go.Scatter(x=x, y=[None if v != v else v for v in ys], mode="lines+markers", name=name),
@@ -626,7 +630,7 @@ def _trajectory_figure(traj):
 
 def self_correction_view(model: str | None, prompt: str, seed=0, steps=None, guidance=None,
                          eta=DEFAULT_CORRECTION_ETA, reading: str = "noise_only", side: int = 256,
-                         progress=None, lora: bool = False) -> SelfCorrectionView:
+                         progress=None, lora: bool = False, objective: str = "score") -> SelfCorrectionView:
     """The app's Self-correction tab: the self-corrected image beside the plain one (same seed), the trajectory's
     curves, gradient maps and previews, the adapter's ITM score of the prompt and a box per noun phrase.
 
@@ -635,7 +639,7 @@ def self_correction_view(model: str | None, prompt: str, seed=0, steps=None, gui
         >>> v.figure                          # plotly: s before / after, grad norm, latent change per step
     """
     img, traj = self_corrected_generation(model, prompt, seed=seed, steps=steps, guidance=guidance, eta=eta,
-                                          reading=reading, progress=progress, lora=lora)
+                                          reading=reading, progress=progress, lora=lora, objective=objective)
     prompt = check_prompt(prompt)
     plain = generate_image(model, prompt, seed=seed, steps=traj.steps, guidance=traj.guidance, lora=lora).image
     pipe = load_model(model)
