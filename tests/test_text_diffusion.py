@@ -315,6 +315,35 @@ class TestTraining:
         with pytest.raises(ValueError, match="non-empty"):
             TextDenoiserConfig(word_maps=("red", ""))
 
+    def test_word_marks_follow_the_unmasked_words(self, vocab, feats):
+        """word_marks: the mark is the mean map of the map words present in the text (masked positions do not
+        count; none named: zeros); it reaches the logits through the last block's tokens only, so the same image
+        read under two questions differs; a denoiser with marks asks for the maps."""
+        torch.manual_seed(0)
+        words = ("red green", "circle")
+        ids_of = tuple(vocab.word_to_id[w] for w in ("red", "green", "circle"))
+        cfg = TextDenoiserConfig(vocab_size=vocab.size, max_len=12, block_channels=(32, 32), hidden=32, layers=1,
+                                 heads=2, word_maps=words, word_marks=True, map_word_ids=ids_of)
+        m = TextDenoiser(cfg).eval()
+        maps = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+        q_red = torch.tensor([vocab.encode("where is the red circle ?")])
+        q_green = torch.tensor([vocab.encode("where is the green circle ?")])
+        mark = m.word_mark(maps, q_red)
+        assert torch.allclose(mark, ((maps[:, 0] + maps[:, 2]) / 2).flatten(1))
+        masked = q_red.clone()
+        masked[0, 3] = vocab.mask_id  # "red" masked: only "circle" counts
+        assert torch.allclose(m.word_mark(maps, masked), maps[:, 2].flatten(1))
+        assert torch.equal(m.word_mark(maps, torch.tensor([vocab.encode("how many ?")])), torch.zeros(1, 64))
+        f = dict(feats, **{WORD_MAPS: maps})
+        a, b = m(f, q_red).logits, m(f, q_green).logits
+        assert not torch.allclose(a[0, -1], b[0, -1])
+        img = m.image_tokens(f)
+        assert torch.allclose(m(None, q_red, image_tokens=img, word_maps=maps).logits, a)
+        with pytest.raises(ValueError, match="give the word maps"):
+            m(None, q_red, image_tokens=img)
+        with pytest.raises(ValueError, match="word_marks needs"):
+            TextDenoiserConfig(word_marks=True)
+
     def test_no_adapter_is_a_value_error(self, tmp_path):
         """Loading from a folder without an adapter is a one-line ValueError."""
         with pytest.raises(ValueError, match="no text denoiser"):
@@ -404,6 +433,16 @@ class TestWordMapsRun:
         assert maps.shape == (trained.n_scenes, 5, 8, 8)
         m = load_text_denoiser(cfg.out_dir)[0]
         assert m.config.word_maps == ("red green blue", "circle square") and m.config.trained_steps == 2
+        with pytest.raises(ValueError, match="--word-marks needs --word-maps"):
+            tr.train_text_diffusion(dataclasses.replace(cfg, word_maps=(), word_marks=True,
+                                                        out_dir=str(tmp_path / "o2")), tiny_pipe)
+        marked = dataclasses.replace(cfg, word_marks=True, out_dir=str(tmp_path / "out_marks"),
+                                     work_dir=str(tmp_path / "work_marks"))
+        shutil.copytree(work, marked.work_dir, ignore=shutil.ignore_patterns("frozen_*"))
+        tr.train_text_diffusion(marked, tiny_pipe)
+        mm = load_text_denoiser(marked.out_dir)[0]
+        assert mm.config.word_marks and mm.config.map_word_ids == tuple(
+            load_text_denoiser(marked.out_dir)[1].word_to_id[w] for w in ("red", "green", "blue", "circle", "square"))
         img = world.render(world.sample_dataset(3, 1)[0])
         a = td.answer_question(img, "how many circles ?", pipe=tiny_pipe, adapter=cfg.out_dir).to_json()
         assert a["steps"][0][:4] == ["how", "many", "circles", "?"]

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from interp.scorers import MatchOptions, get_scorer
 from interp.stats import rate
-from models.adapters.text_denoiser import TextDenoiser, TextVocab, load_text_denoiser
+from models.adapters.text_denoiser import WORD_MAPS, TextDenoiser, TextVocab, load_text_denoiser
 from models.limits import MAX_CANDIDATES
 from models.loading import load_pipeline, with_unet
 from models.shapes import world
@@ -150,6 +150,7 @@ def sample_text(model: TextDenoiser, vocab: TextVocab, feats: dict[str, torch.Te
     g = torch.Generator().manual_seed(int(seed))
     dev = next(model.parameters()).device
     img = model.image_tokens({b: v.to(dev) for b, v in feats.items()})  # [1, N, D], reused every step
+    maps = feats[WORD_MAPS].to(dev) if WORD_MAPS in feats else None  # the text's marks (word_marks) change per step
     ids = torch.full((1, L), vocab.mask_id, dtype=torch.long, device=dev)
     if P:
         ids[0, :P] = torch.as_tensor(list(prefix), dtype=torch.long)
@@ -158,7 +159,7 @@ def sample_text(model: TextDenoiser, vocab: TextVocab, feats: dict[str, torch.Te
     remaining = M
     out_steps = []
     for k in range(1, K + 1):
-        out = model(None, ids, output_attentions=record_attention, image_tokens=img)
+        out = model(None, ids, output_attentions=record_attention, image_tokens=img, word_maps=maps)
         logits = out.logits[0].float()
         logits[:, vocab.mask_id] = -math.inf
         probs = torch.softmax(logits, -1)  # [L, V]

@@ -140,6 +140,10 @@ class TextDenoiserConfig:
             blocks) are added to the image tokens of the last block: every word of every prompt is one map channel
             (`map_words`), each map averaged over layers and heads, resized to that block's token grid and divided by
             its spatial mean; projected by a linear layer onto those tokens (no new tokens). Empty: none.
+        word_marks: with word maps, one more channel on the last block's tokens: the mean of the maps of the words
+            present (unmasked) in the row's text — the question's words, or a caption's words committed so far —
+            so the text marks the regions it names (a reading "under the question's phrase" without another UNet
+            row); 0 where the text names none. `map_word_ids`: the vocabulary id of each map word (-1: none).
         trained_steps / mode: provenance ("frozen" or "dual").
     """
 
@@ -160,9 +164,14 @@ class TextDenoiserConfig:
     img_pos: str = "learned"
     feature_norm: bool = False
     word_maps: tuple[str, ...] = ()
+    word_marks: bool = False
+    map_word_ids: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         self.word_maps = tuple(str(p) for p in self.word_maps)
+        self.map_word_ids = tuple(int(i) for i in self.map_word_ids)
+        if self.word_marks and (not self.word_maps or len(self.map_word_ids) != len(self.map_words)):
+            raise ValueError("word_marks needs word_maps and one vocabulary id per map word (map_word_ids)")
         if any(not p.split() for p in self.word_maps):
             raise ValueError("word_maps prompts must be non-empty")
         self.blocks = tuple(self.blocks)
@@ -223,6 +232,8 @@ class TextDenoiser(nn.Module):
                 code = get_2d_sincos_pos_embed(D, (gh, gw), base_size=base, output_type="pt").float()
                 self.register_buffer(f"img_sincos_{i}", code, persistent=False)  # [gh*gw, D]
         self.map_proj = nn.Linear(len(config.map_words), D) if config.word_maps else None
+        self.mark_proj = nn.Linear(1, D) if config.word_marks else None
+        self.register_buffer("map_word_ids", torch.tensor(config.map_word_ids, dtype=torch.long), persistent=False)
         self.tok = nn.Embedding(config.vocab_size, D)
         bert = BertConfig(vocab_size=8, hidden_size=D, num_hidden_layers=config.layers,
                           num_attention_heads=config.heads, intermediate_size=4 * D,
@@ -264,14 +275,24 @@ class TextDenoiser(nn.Module):
             out[-1] = out[-1] + self.map_proj(maps.float().flatten(2).transpose(1, 2))  # [B, gh*gw, D]
         return torch.cat(out, 1)
 
+    def word_mark(self, maps: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """The mark channel (`config.word_marks`): per row, the mean of the maps `[B, K, gh, gw]` of the map words
+        whose ids occur in `ids` `[B, L]` (masked positions hold `[MASK]`, so only the unmasked words count); zeros
+        for a row that names none. Returns `[B, gh*gw]`."""
+        present = (ids[:, :, None] == self.map_word_ids[None, None, :]).any(1).float()  # [B, K]
+        flat = maps.float().flatten(2)  # [B, K, gh*gw]
+        return (present[:, :, None] * flat).sum(1) / present.sum(1, keepdim=True).clamp(min=1)
+
     def forward(self, feats, ids: torch.Tensor, output_attentions: bool = False,
-                image_tokens: torch.Tensor | None = None) -> DenoiserOutput:
+                image_tokens: torch.Tensor | None = None, word_maps: torch.Tensor | None = None) -> DenoiserOutput:
         """Logits of every text position given the image features and the (partly masked) text.
 
         Args:
             feats: per block name, its UNet output `[B, C, h, w]` (or a list in `config.blocks` order); ignored when
                 `image_tokens` (from `image_tokens(feats)`, `[B, N, D]`) is given (reused across sampling steps).
             ids: text ids `[B, L']`, L' <= max_len (`TextVocab.mask_id` where masked).
+            word_maps: `[B, K, gh, gw]`, for `config.word_marks` when `image_tokens` is given (default
+                `feats[WORD_MAPS]`): the mark depends on the text, so it is added here, at every call.
             output_attentions: also return the joint attention probabilities per layer.
         Returns:
             DenoiserOutput (logits `[B, L', V]`).
@@ -282,6 +303,13 @@ class TextDenoiser(nn.Module):
             raise ValueError(f"ids must be [B, L <= {self.config.max_len}], got {tuple(ids.shape)}")
         ids = ids.expand(B, -1) if ids.shape[0] != B else ids
         L = ids.shape[1]
+        if self.mark_proj is not None:
+            maps = word_maps if word_maps is not None else (feats.get(WORD_MAPS) if isinstance(feats, dict) else None)
+            if maps is None:
+                raise ValueError("this denoiser marks the text's words on the image: give the word maps")
+            gh, gw = self.grid[-1]
+            mark = self.mark_proj(self.word_mark(maps.expand(B, -1, -1, -1), ids)[..., None])  # [B, gh*gw, D]
+            img = torch.cat([img[:, : N - gh * gw], img[:, N - gh * gw:] + mark], 1)
         x = torch.cat([img, self.tok(ids)], 1)  # [B, N+L, D]
         types = torch.cat([torch.zeros(B, N, dtype=torch.long), torch.ones(B, L, dtype=torch.long)], 1).to(x.device)
         out = self.encoder(inputs_embeds=x, token_type_ids=types, output_attentions=output_attentions)

@@ -105,6 +105,8 @@ class TextDiffusionConfig:
                                       "tokens (one traced UNet row per prompt and image; a new run only), e.g. "
                                       "'red green blue yellow purple orange' 'circle square triangle'",
                                       check=lambda v: _check_prompts(v))
+    word_marks: bool = config_field(False, "with --word-maps: one more image channel, the mean map of the words the "
+                                    "row's text names (unmasked), so the question marks its object (a new run only)")
     feature_norm: bool = config_field(False, "LayerNorm over each UNet block's channels before the projection (a new "
                               "run only)")
     text_weight: float = config_field(0.2, "dual mode: weight of L_text beside L_image (D-DiT: 0.2)", ge=0)
@@ -429,6 +431,15 @@ def load_or_none(folder: str | Path):
         return None
 
 
+def _map_word_ids(cfg: TextDiffusionConfig, vocab: TextVocab) -> tuple[int, ...]:
+    """The vocabulary id of each word-map word (-1 for a word the denoiser's vocabulary lacks); () without marks."""
+    if not cfg.word_marks:
+        return ()
+    if not cfg.word_maps:
+        raise ValueError("--word-marks needs --word-maps")
+    return tuple(vocab.word_to_id.get(w, -1) for p in cfg.word_maps for w in p.split())
+
+
 def _denoiser_config(cfg: TextDiffusionConfig, vocab: TextVocab, pipe) -> TextDenoiserConfig:
     blocks = ("mid_block", "up_blocks.1")
     shapes = block_shapes(pipe, blocks)
@@ -437,7 +448,8 @@ def _denoiser_config(cfg: TextDiffusionConfig, vocab: TextVocab, pipe) -> TextDe
                               block_channels=tuple(c for c, _, _ in shapes),
                               block_sizes=tuple((h, w) for _, h, w in shapes), pool=pool, timestep=cfg.timestep,
                               hidden=cfg.hidden, layers=cfg.layers, heads=cfg.heads, mode=cfg.mode,
-                              img_pos=cfg.img_pos, feature_norm=cfg.feature_norm, word_maps=cfg.word_maps)
+                              img_pos=cfg.img_pos, feature_norm=cfg.feature_norm, word_maps=cfg.word_maps,
+                              word_marks=cfg.word_marks, map_word_ids=_map_word_ids(cfg, vocab))
 
 
 def train_text_diffusion(cfg: TextDiffusionConfig, pipe=None) -> Path:
