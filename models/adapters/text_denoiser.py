@@ -191,8 +191,13 @@ class TextDenoiserConfig:
         return [w for p in self.word_maps for w in p.split()]
 
     @property
+    def token_grids(self) -> list[tuple[int, int]]:
+        """Per block, its pooled (h, w) token grid."""
+        return [(h // p, w // p) for (h, w), p in zip(self.block_sizes, self.pool)]
+
+    @property
     def n_image_tokens(self) -> int:
-        return sum((h // p) * (w // p) for (h, w), p in zip(self.block_sizes, self.pool))
+        return sum(gh * gw for gh, gw in self.token_grids)
 
 
 @dataclasses.dataclass
@@ -224,7 +229,7 @@ class TextDenoiser(nn.Module):
         self.proj = nn.ModuleList(nn.Linear(c, D) for c in config.block_channels)
         self.feature_norm = nn.ModuleList(nn.LayerNorm(c) for c in config.block_channels) \
             if config.feature_norm else None
-        self.grid = [(h // p, w // p) for (h, w), p in zip(config.block_sizes, config.pool)]
+        self.grid = config.token_grids
         self.img_pos = nn.ParameterList(nn.Parameter(torch.randn(gh * gw, D) * 0.02) for gh, gw in self.grid)
         if config.img_pos == "sincos":  # fixed, so not saved: one frame, the finest grid's cells as units
             base = max(max(g) for g in self.grid)

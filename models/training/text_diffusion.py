@@ -294,13 +294,9 @@ def image_reading(pipe, latents: torch.Tensor, cfg: TextDenoiserConfig, noise_se
     out = unet_text_features(pipe, latents, cfg.timestep, cfg.blocks, cfg.image_prompt, noise_seed=noise_seed,
                              extra=extra, grad=grad)
     if cfg.word_maps:
-        out[WORD_MAPS] = unet_word_maps(pipe, latents, cfg.timestep, cfg.word_maps, _grids(cfg)[-1],
+        out[WORD_MAPS] = unet_word_maps(pipe, latents, cfg.timestep, cfg.word_maps, cfg.token_grids[-1],
                                         noise_seed=noise_seed, extra=extra, grad=grad)
     return out
-
-
-def _grids(cfg: TextDenoiserConfig) -> list[tuple[int, int]]:
-    return [(h // p, w // p) for (h, w), p in zip(cfg.block_sizes, cfg.pool)]
 
 
 def _pool(f: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
@@ -323,7 +319,7 @@ def build_feature_cache(pipe, scenes: Sequence[world.Scene], cfg: TextDenoiserCo
     key = {"n": len(scenes), "first": scenes[0].caption if scenes else "", "timestep": int(cfg.timestep),
            "blocks": list(cfg.blocks), "pool": list(cfg.pool), "prompt": cfg.image_prompt, "noise_seed": noise_seed}
     if part == WORD_MAPS:
-        key |= {"word_maps": list(cfg.word_maps), "grid": list(_grids(cfg)[-1])}
+        key |= {"word_maps": list(cfg.word_maps), "grid": list(cfg.token_grids[-1])}
     elif part != "blocks":
         raise ValueError(f"part must be 'blocks' or {WORD_MAPS!r}, got {part!r}")
     if path.exists():
@@ -331,7 +327,7 @@ def build_feature_cache(pipe, scenes: Sequence[world.Scene], cfg: TextDenoiserCo
         if st.get("key") == key:
             return st["features"]
     path.parent.mkdir(parents=True, exist_ok=True)
-    grids = _grids(cfg)
+    grids = cfg.token_grids
     parts = []
     for c0 in tqdm(range(0, len(scenes), _CACHE_CHUNK), desc=desc):
         chunk_file = path.with_name(path.name + f".part{c0 // _CACHE_CHUNK}")
