@@ -329,11 +329,12 @@ class TestTraining:
         q_red = torch.tensor([vocab.encode("where is the red circle ?")])
         q_green = torch.tensor([vocab.encode("where is the green circle ?")])
         mark = m.word_mark(maps, q_red)
-        assert torch.allclose(mark, ((maps[:, 0] + maps[:, 2]) / 2).flatten(1))
+        assert mark.shape == (1, 1, 64)
+        assert torch.allclose(mark[:, 0], ((maps[:, 0] + maps[:, 2]) / 2).flatten(1))
         masked = q_red.clone()
         masked[0, 3] = vocab.mask_id  # "red" masked: only "circle" counts
-        assert torch.allclose(m.word_mark(maps, masked), maps[:, 2].flatten(1))
-        assert torch.equal(m.word_mark(maps, torch.tensor([vocab.encode("how many ?")])), torch.zeros(1, 64))
+        assert torch.allclose(m.word_mark(maps, masked)[:, 0], maps[:, 2].flatten(1))
+        assert torch.equal(m.word_mark(maps, torch.tensor([vocab.encode("how many ?")])), torch.zeros(1, 1, 64))
         f = dict(feats, **{WORD_MAPS: maps})
         a, b = m(f, q_red).logits, m(f, q_green).logits
         assert not torch.allclose(a[0, -1], b[0, -1])
@@ -343,6 +344,38 @@ class TestTraining:
             m(None, q_red, image_tokens=img)
         with pytest.raises(ValueError, match="word_marks needs"):
             TextDenoiserConfig(word_marks=True)
+
+    def test_phrase_marks_keep_the_objects_apart(self, vocab, feats):
+        """mark_phrases=2: one mark per run of map words and masks in text order — a relation caption's subject and
+        object land in channels 0 and 1, a still-masked subject keeps channel 0 empty (the object is not read as
+        the subject), a third phrase is dropped; the relation word reaches the logits through the two channels."""
+        words = ("red green blue", "circle square")
+        ids_of = tuple(vocab.word_to_id[w] for w in ("red", "green", "blue", "circle", "square"))
+        cfg = TextDenoiserConfig(vocab_size=vocab.size, max_len=12, block_channels=(32, 32), hidden=32, layers=1,
+                                 heads=2, word_maps=words, word_marks=True, map_word_ids=ids_of, mark_phrases=2)
+        torch.manual_seed(0)
+        m = TextDenoiser(cfg).eval()
+        assert m.mark_proj.in_features == 2
+        maps = torch.rand(1, 5, 8, 8, generator=torch.Generator().manual_seed(3))
+        red, blue, circle, square = (maps[:, i].flatten(1) for i in (0, 2, 3, 4))
+        cap = torch.tensor([vocab.encode("a red circle left of a blue square")])
+        mark = m.word_mark(maps, cap)
+        assert mark.shape == (1, 2, 64)
+        assert torch.allclose(mark[:, 0], (red + circle) / 2) and torch.allclose(mark[:, 1], (blue + square) / 2)
+        hidden_subject = cap.clone()
+        hidden_subject[0, 1:3] = vocab.mask_id  # "a [MASK] [MASK] left of a blue square"
+        mark = m.word_mark(maps, hidden_subject)
+        assert torch.equal(mark[:, 0], torch.zeros(1, 64)) and torch.allclose(mark[:, 1], (blue + square) / 2)
+        leading = cap.clone()
+        leading[0, 0] = vocab.mask_id  # a mask beside a phrase joins it
+        assert torch.allclose(m.word_mark(maps, leading), m.word_mark(maps, cap))
+        three = torch.tensor([vocab.encode("red a blue a green")])
+        assert torch.allclose(m.word_mark(maps, three), torch.stack([red, blue], 1))
+        f = dict(feats, **{WORD_MAPS: maps})
+        swapped = torch.tensor([vocab.encode("a blue square left of a red circle")])
+        assert not torch.allclose(m(f, cap).logits, m(f, swapped).logits)
+        with pytest.raises(ValueError, match="mark_phrases"):
+            TextDenoiserConfig(mark_phrases=0)
 
     def test_no_adapter_is_a_value_error(self, tmp_path):
         """Loading from a folder without an adapter is a one-line ValueError."""
@@ -446,6 +479,23 @@ class TestWordMapsRun:
         img = world.render(world.sample_dataset(3, 1)[0])
         a = td.answer_question(img, "how many circles ?", pipe=tiny_pipe, adapter=cfg.out_dir).to_json()
         assert a["steps"][0][:4] == ["how", "many", "circles", "?"]
+        # warm start of a run with phrase marks from the one-mark adapter: every tensor but the mark layer carried
+        phrases = dataclasses.replace(marked, mark_phrases=2, init_from=marked.out_dir, steps=1,
+                                      out_dir=str(tmp_path / "out_phrases"), work_dir=str(tmp_path / "work_phr"))
+        shutil.copytree(work, phrases.work_dir, ignore=shutil.ignore_patterns("frozen_*"))
+        fresh = tr.warm_start(TextDenoiser(load_text_denoiser(marked.out_dir)[0].config), marked.out_dir)
+        assert fresh == []
+        m2 = TextDenoiser(dataclasses.replace(mm.config, mark_phrases=2))
+        assert tr.warm_start(m2, marked.out_dir) == ["mark_proj.weight"]
+        assert torch.equal(m2.map_proj.weight, mm.map_proj.weight)
+        assert torch.equal(m2.mark_proj.bias, mm.mark_proj.bias)
+        tr.train_text_diffusion(phrases, tiny_pipe)
+        mp, _, _, info = load_text_denoiser(phrases.out_dir)
+        assert mp.config.mark_phrases == 2 and mp.config.trained_steps == 1 and info["init_from"] == marked.out_dir
+        with pytest.raises(ValueError, match="no trained text denoiser"):
+            tr.warm_start(m2, tmp_path / "nothing")
+        c = td.caption_image(img, pipe=tiny_pipe, adapter=phrases.out_dir).to_json()
+        assert len(c["steps"]) >= 1 and c["steps"][-1].count("[MASK]") == 0
 
 
 class TestDualMode:

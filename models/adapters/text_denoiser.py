@@ -166,12 +166,16 @@ class TextDenoiserConfig:
     word_maps: tuple[str, ...] = ()
     word_marks: bool = False
     map_word_ids: tuple[int, ...] = ()
+    mark_phrases: int = 1
 
     def __post_init__(self) -> None:
         self.word_maps = tuple(str(p) for p in self.word_maps)
         self.map_word_ids = tuple(int(i) for i in self.map_word_ids)
         if self.word_marks and (not self.word_maps or len(self.map_word_ids) != len(self.map_words)):
             raise ValueError("word_marks needs word_maps and one vocabulary id per map word (map_word_ids)")
+        if int(self.mark_phrases) < 1:
+            raise ValueError(f"mark_phrases must be >= 1, got {self.mark_phrases}")
+        self.mark_phrases = int(self.mark_phrases)
         if any(not p.split() for p in self.word_maps):
             raise ValueError("word_maps prompts must be non-empty")
         self.blocks = tuple(self.blocks)
@@ -237,7 +241,7 @@ class TextDenoiser(nn.Module):
                 code = get_2d_sincos_pos_embed(D, (gh, gw), base_size=base, output_type="pt").float()
                 self.register_buffer(f"img_sincos_{i}", code, persistent=False)  # [gh*gw, D]
         self.map_proj = nn.Linear(len(config.map_words), D) if config.word_maps else None
-        self.mark_proj = nn.Linear(1, D) if config.word_marks else None
+        self.mark_proj = nn.Linear(config.mark_phrases, D) if config.word_marks else None
         self.register_buffer("map_word_ids", torch.tensor(config.map_word_ids, dtype=torch.long), persistent=False)
         self.tok = nn.Embedding(config.vocab_size, D)
         bert = BertConfig(vocab_size=8, hidden_size=D, num_hidden_layers=config.layers,
@@ -281,12 +285,22 @@ class TextDenoiser(nn.Module):
         return torch.cat(out, 1)
 
     def word_mark(self, maps: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """The mark channel (`config.word_marks`): per row, the mean of the maps `[B, K, gh, gw]` of the map words
-        whose ids occur in `ids` `[B, L]` (masked positions hold `[MASK]`, so only the unmasked words count); zeros
-        for a row that names none. Returns `[B, gh*gw]`."""
-        present = (ids[:, :, None] == self.map_word_ids[None, None, :]).any(1).float()  # [B, K]
+        """The mark channels (`config.word_marks`): per row and phrase, the mean of the maps `[B, K, gh, gw]` of the
+        map words whose ids occur in `ids` `[B, L]` (masked positions hold `[MASK]`, so only the unmasked words
+        count); zeros for a phrase that names none. One phrase: every named word; P > 1: the runs of map words and
+        masks in text order (`TextDenoiserConfig.mark_phrases`). Returns `[B, P, gh*gw]`."""
+        is_map = ids[:, :, None] == self.map_word_ids[None, None, :]  # [B, L, K]
+        P = self.config.mark_phrases
+        if P == 1:
+            present = is_map.any(1).float()[:, None]  # [B, 1, K]
+        else:
+            member = is_map.any(-1) | (ids == self.config.vocab_size - 1)  # a map word or [MASK] (the last id)  [B, L]
+            start = member & ~F.pad(member[:, :-1], (1, 0), value=False)
+            run = torch.cumsum(start.long(), 1) * member  # 1-based run of each position, 0 outside runs   [B, L]
+            phrase = (run[:, :, None] == torch.arange(1, P + 1, device=ids.device)).float()  # [B, L, P]
+            present = (torch.einsum("blp,blk->bpk", phrase, is_map.float()) > 0).float()  # [B, P, K]
         flat = maps.float().flatten(2)  # [B, K, gh*gw]
-        return (present[:, :, None] * flat).sum(1) / present.sum(1, keepdim=True).clamp(min=1)
+        return present @ flat / present.sum(-1, keepdim=True).clamp(min=1)
 
     def forward(self, feats, ids: torch.Tensor, output_attentions: bool = False,
                 image_tokens: torch.Tensor | None = None, word_maps: torch.Tensor | None = None) -> DenoiserOutput:
@@ -313,7 +327,7 @@ class TextDenoiser(nn.Module):
             if maps is None:
                 raise ValueError("this denoiser marks the text's words on the image: give the word maps")
             gh, gw = self.grid[-1]
-            mark = self.mark_proj(self.word_mark(maps.expand(B, -1, -1, -1), ids)[..., None])  # [B, gh*gw, D]
+            mark = self.mark_proj(self.word_mark(maps.expand(B, -1, -1, -1), ids).transpose(1, 2))  # [B, gh*gw, D]
             img = torch.cat([img[:, : N - gh * gw], img[:, N - gh * gw:] + mark], 1)
         x = torch.cat([img, self.tok(ids)], 1)  # [B, N+L, D]
         types = torch.cat([torch.zeros(B, N, dtype=torch.long), torch.ones(B, L, dtype=torch.long)], 1).to(x.device)

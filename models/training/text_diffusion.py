@@ -107,6 +107,11 @@ class TextDiffusionConfig:
                                       check=lambda v: _check_prompts(v))
     word_marks: bool = config_field(False, "with --word-maps: one more image channel, the mean map of the words the "
                                     "row's text names (unmasked), so the question marks its object (a new run only)")
+    mark_phrases: int = config_field(1, "with --word-marks: mark channels; 1 = one mark of every named word, 2 = one "
+                                     "per noun phrase in text order, so a relation caption's two objects are marked "
+                                     "apart (a new run only)", ge=1)
+    init_from: str | None = config_field(None, "warm start of a new run: a trained adapter folder; its tensors whose "
+                                         "shapes match are loaded, the others start fresh (step 0)")
     feature_norm: bool = config_field(False, "LayerNorm over each UNet block's channels before the projection (a new "
                               "run only)")
     text_weight: float = config_field(0.2, "dual mode: weight of L_text beside L_image (D-DiT: 0.2)", ge=0)
@@ -445,7 +450,22 @@ def _denoiser_config(cfg: TextDiffusionConfig, vocab: TextVocab, pipe) -> TextDe
                               block_sizes=tuple((h, w) for _, h, w in shapes), pool=pool, timestep=cfg.timestep,
                               hidden=cfg.hidden, layers=cfg.layers, heads=cfg.heads, mode=cfg.mode,
                               img_pos=cfg.img_pos, feature_norm=cfg.feature_norm, word_maps=cfg.word_maps,
-                              word_marks=cfg.word_marks, map_word_ids=_map_word_ids(cfg, vocab))
+                              word_marks=cfg.word_marks, map_word_ids=_map_word_ids(cfg, vocab),
+                              mark_phrases=cfg.mark_phrases)
+
+
+def warm_start(model: TextDenoiser, folder: str | Path) -> list[str]:
+    """Load the tensors of the adapter in `folder` whose names and shapes match `model`'s; return the names left
+    fresh. ValueError when the folder holds no adapter or nothing matches."""
+    prev = load_or_none(folder)
+    if prev is None:
+        raise ValueError(f"--init-from {folder}: no trained text denoiser there")
+    src, own = prev[0].state_dict(), model.state_dict()
+    shared = {k: v for k, v in src.items() if k in own and own[k].shape == v.shape}
+    if not shared:
+        raise ValueError(f"--init-from {folder}: no tensor of that denoiser fits this one")
+    model.load_state_dict(shared, strict=False)
+    return sorted(k for k in own if k not in shared)
 
 
 def train_text_diffusion(cfg: TextDiffusionConfig, pipe=None) -> Path:
@@ -496,6 +516,9 @@ def train_text_diffusion(cfg: TextDiffusionConfig, pipe=None) -> Path:
                 extra = prev[2]
             step = prev[0].config.trained_steps
             print(f"resuming from the exported adapter at step {step} with a fresh optimizer")
+        elif cfg.init_from:
+            fresh = warm_start(model, cfg.init_from)
+            print(f"warm start from {cfg.init_from}; fresh: {', '.join(fresh) or 'none'}")
     model.to(device).train()
     params = list(model.parameters()) + ([extra.embedding] if extra is not None else [])
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-2)
@@ -550,6 +573,8 @@ def train_text_diffusion(cfg: TextDiffusionConfig, pipe=None) -> Path:
         model.config.trained_steps = step
         info = {"train_seed": cfg.seed, "n_scenes": cfg.n_scenes, "mode": cfg.mode, "val_seed": VAL_SEED,
                 "model": cfg.model or "shapes-v1", "minutes_this_run": round((time.time() - t_start) / 60, 1)}
+        if cfg.init_from:
+            info["init_from"] = str(cfg.init_from)
         save_text_denoiser(cfg.out_dir, model, vocab, extra, info)
         if unet_opt is not None:
             unet.save_pretrained(Path(cfg.out_dir) / "unet", safe_serialization=True)
