@@ -455,13 +455,21 @@ def _denoiser_config(cfg: TextDiffusionConfig, vocab: TextVocab, pipe) -> TextDe
 
 
 def warm_start(model: TextDenoiser, folder: str | Path) -> list[str]:
-    """Load the tensors of the adapter in `folder` whose names and shapes match `model`'s; return the names left
-    fresh. ValueError when the folder holds no adapter or nothing matches."""
+    """Load the tensors of the adapter in `folder` whose names and shapes match `model`'s; a source tensor whose last
+    dimension is 1 where the model's is P (the one-mark layer, `mark_proj`, for P phrase marks) seeds every one of
+    the P columns. Return the names left fresh. ValueError when the folder holds no adapter or nothing matches."""
     prev = load_or_none(folder)
     if prev is None:
         raise ValueError(f"--init-from {folder}: no trained text denoiser there")
     src, own = prev[0].state_dict(), model.state_dict()
-    shared = {k: v for k, v in src.items() if k in own and own[k].shape == v.shape}
+    shared = {}
+    for k, v in src.items():
+        if k not in own:
+            continue
+        if own[k].shape == v.shape:
+            shared[k] = v
+        elif v.dim() >= 1 and v.shape[-1] == 1 and own[k].shape[:-1] == v.shape[:-1]:
+            shared[k] = v.expand_as(own[k]).clone()
     if not shared:
         raise ValueError(f"--init-from {folder}: no tensor of that denoiser fits this one")
     model.load_state_dict(shared, strict=False)
