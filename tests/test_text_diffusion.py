@@ -443,6 +443,7 @@ class TestEntryPoints:
                                          n_ranking=1, progress=False)
         assert out["caption"]["overall"]["n"] == 3 and "count" in out["vqa"]["by_task"]
         assert out["ranking"]["n_scenes"] == 1 and out["cost"]["unet_evals_per_image"]["ranking"] > 0
+        assert out["cost"]["unet_evals_per_image"]["text_diffusion"] == 1  # no word maps: the blocks' row only
 
 
 class TestWordMapsRun:
@@ -505,6 +506,9 @@ class TestWordMapsRun:
             tr.warm_start(m2, tmp_path / "nothing")
         c = td.caption_image(img, pipe=tiny_pipe, adapter=phrases.out_dir).to_json()
         assert len(c["steps"]) >= 1 and c["steps"][-1].count("[MASK]") == 0
+        cost = td.evaluate_text_diffusion(pipe=tiny_pipe, n_scenes=2, adapter=phrases.out_dir, ranking=False,
+                                          progress=False)["cost"]
+        assert cost["unet_evals_per_image"]["text_diffusion"] == 3  # the blocks' row + one row per map prompt
 
 
 class TestDualMode:

@@ -575,7 +575,7 @@ def evaluate_text_diffusion(pipe=None, n_scenes: int = 300, split: str = "valida
         out["ranking"] = {"scorer": scorer, "n_scenes": len(rank_rows), "caption": cap_summary(rank_rows)}
         if rank_vqa:
             out["ranking"]["vqa"] = vqa_summary(rank_vqa)
-    out["cost"] = {"unet_evals_per_image": {"text_diffusion": 1,
+    out["cost"] = {"unet_evals_per_image": {"text_diffusion": 1 + len(c.word_maps),  # blocks row + a row a map prompt
                                             "ranking": round(rank_evals / max(1, len(rank_rows)), 1)},
                    "denoiser_forwards_per_image": round(forwards / max(1, len(scenes)), 2),
                    "seconds": round(time.time() - t0, 1)}
