@@ -476,7 +476,8 @@ class TestWordMapsRun:
         tr.train_text_diffusion(marked, tiny_pipe)
         mm, vocab_of = load_text_denoiser(marked.out_dir)[:2]
         assert mm.config.word_marks and mm.config.map_word_ids == tuple(
-            load_text_denoiser(marked.out_dir)[1].word_to_id[w] for w in ("red", "green", "blue", "circle", "square"))
+            vocab_of.word_to_id[w] for w in ("red", "green", "blue", "circle", "square"))
+        assert mm.config.mask_id == vocab_of.mask_id
         img = world.render(world.sample_dataset(3, 1)[0])
         a = td.answer_question(img, "how many circles ?", pipe=tiny_pipe, adapter=cfg.out_dir).to_json()
         assert a["steps"][0][:4] == ["how", "many", "circles", "?"]
@@ -485,12 +486,12 @@ class TestWordMapsRun:
         phrases = dataclasses.replace(marked, mark_phrases=2, init_from=marked.out_dir, steps=1,
                                       out_dir=str(tmp_path / "out_phrases"), work_dir=str(tmp_path / "work_phr"))
         shutil.copytree(work, phrases.work_dir, ignore=shutil.ignore_patterns("frozen_*"))
-        fresh = tr.warm_start(TextDenoiser(load_text_denoiser(marked.out_dir)[0].config), marked.out_dir)
-        assert fresh == []
+        assert tr.warm_start(TextDenoiser(mm.config), marked.out_dir) == []
         m2 = TextDenoiser(dataclasses.replace(mm.config, mark_phrases=2))
         assert tr.warm_start(m2, marked.out_dir) == []
         assert torch.equal(m2.map_proj.weight, mm.map_proj.weight)
         assert torch.equal(m2.mark_proj.weight, mm.mark_proj.weight.repeat(1, 2))
+        assert torch.equal(m2.mark_proj.bias, mm.mark_proj.bias)
         q = torch.tensor([vocab_of.encode("where is the red circle ?")])
         fm = {b: torch.randn(1, c, *hw) for b, c, hw in zip(mm.config.blocks, mm.config.block_channels,
                                                             mm.config.block_sizes)}
@@ -498,7 +499,6 @@ class TestWordMapsRun:
         assert torch.allclose(m2.eval()(fm, q).logits, mm(fm, q).logits, atol=1e-5)
         m3 = TextDenoiser(dataclasses.replace(mm.config, hidden=16, heads=2))
         assert {"tok.weight", "head.3.weight", "mark_proj.weight"} <= set(tr.warm_start(m3, marked.out_dir))
-        assert torch.equal(m2.mark_proj.bias, mm.mark_proj.bias)
         tr.train_text_diffusion(phrases, tiny_pipe)
         mp, _, _, info = load_text_denoiser(phrases.out_dir)
         assert mp.config.mark_phrases == 2 and mp.config.trained_steps == 1 and info["init_from"] == marked.out_dir

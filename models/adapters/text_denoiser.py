@@ -195,6 +195,11 @@ class TextDenoiserConfig:
         return [w for p in self.word_maps for w in p.split()]
 
     @property
+    def mask_id(self) -> int:
+        """The `[MASK]` id: the last of the vocabulary (`TextVocab.mask_id`)."""
+        return self.vocab_size - 1
+
+    @property
     def token_grids(self) -> list[tuple[int, int]]:
         """Per block, its pooled (h, w) token grid."""
         return [(h // p, w // p) for (h, w), p in zip(self.block_sizes, self.pool)]
@@ -294,7 +299,7 @@ class TextDenoiser(nn.Module):
         if P == 1:
             present = is_map.any(1).float()[:, None]  # [B, 1, K]
         else:
-            member = is_map.any(-1) | (ids == self.config.vocab_size - 1)  # a map word or [MASK] (the last id)  [B, L]
+            member = is_map.any(-1) | (ids == self.config.mask_id)  # a map word or [MASK]   [B, L]
             start = member & ~F.pad(member[:, :-1], (1, 0), value=False)
             run = torch.cumsum(start.long(), 1) * member  # 1-based run of each position, 0 outside runs   [B, L]
             phrase = (run[:, :, None] == torch.arange(1, P + 1, device=ids.device)).float()  # [B, L, P]
