@@ -56,7 +56,7 @@ from interp.tasks.matching_eval import distributed_state
 from interp.tasks.matching_report import GROUPS, report_markdown
 from interp.tasks.prompt_learning import save_prompt
 from interp.tasks.self_correction import OBJECTIVES, READINGS
-from interp.tasks.text_diffusion import answer_question, caption_image, evaluate_text_diffusion
+from interp.tasks.text_diffusion import ORDERS, answer_question, caption_image, evaluate_text_diffusion
 from models.adapters.dpt import REC_HEADS
 from models.limits import (
     DEFAULT_CORRECTION_ETA,
@@ -496,7 +496,7 @@ def build_parser() -> argparse.ArgumentParser:
             c.add_argument("--question", required=True, help='e.g. "how many circles ?"')
         c.add_argument("--seed", default=0, metavar=NUMBER)
         c.add_argument("--steps", default=None, metavar=NUMBER, help="reverse steps (default: chosen on validation)")
-        c.add_argument("--order", default=None, choices=("confidence", "random"), help="unmasking order")
+        c.add_argument("--order", default=None, choices=ORDERS, help="unmasking order")
         c.add_argument("--model", default=None)
         c.add_argument("--json", action="store_true")
 

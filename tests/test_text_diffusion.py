@@ -109,7 +109,8 @@ class TestSampler:
         s = td.sample_text(model, vocab, feats, q, 8, 3, "confidence", seed=0, temperature=1.0)
         assert all(st.ids[: len(q)] == q for st in s.steps)
 
-    @pytest.mark.parametrize("order,steps", [("confidence", 4), ("random", 4), ("confidence", 15), ("random", 1)])
+    @pytest.mark.parametrize("order,steps", [("confidence", 4), ("random", 4), ("confidence", 15), ("random", 1),
+                                             ("left-to-right", 4)])
     def test_masks_fall_monotonically_to_zero(self, model, vocab, feats, order, steps):
         """The number of [MASK]s never rises and is 0 after the last step; committed tokens never change."""
         s = td.sample_text(model, vocab, feats, (), 12, steps, order, seed=1)
@@ -125,8 +126,16 @@ class TestSampler:
             td.sample_text(model, vocab, feats, vocab.encode("how many circles ?"), 4, 2)
         with pytest.raises(ValueError):
             td.sample_text(model, vocab, feats, (), 8, 0)
-        with pytest.raises(ValueError):
-            td.sample_text(model, vocab, feats, (), 8, 2, order="left-to-right")
+        with pytest.raises(ValueError, match="left-to-right"):
+            td.sample_text(model, vocab, feats, (), 8, 2, order="right-to-left")
+
+    def test_left_to_right_commits_the_leftmost_masks(self, model, vocab, feats):
+        """order="left-to-right": each step commits the leftmost masked positions after the prefix, in text order
+        (3 steps over 7 generated positions: 3, 2, 2 of them, masks floor(7 (1 - k/3))), whatever the confidences."""
+        q = vocab.encode("how many circles ?")
+        s = td.sample_text(model, vocab, feats, q, 11, 3, "left-to-right", seed=0)
+        assert [st.unmasked for st in s.steps] == [[4, 5, 6], [7, 8], [9, 10]]
+        assert s.committed_at[4:] == [0, 0, 0, 1, 1, 2, 2]
 
     def test_attention_recorded_and_figures(self, model, vocab, feats):
         """With record_attention each step holds [L][N] attention; the figures build."""
@@ -219,7 +228,7 @@ class TestTraining:
         assert (cfg.steps, cfg.timestep, cfg.mode) == (20, 1000, "frozen")
         for bad, flag in ((["--mode", "x"], "--mode"), (["--timestep", "1001"], "--timestep"),
                           (["--img-pos", "rope"], "--img-pos"), (["--question-tasks", "why"], "--question-tasks"),
-                          (["--word-maps", "red", " "], "--word-maps")):
+                          (["--word-maps", "red", " "], "--word-maps"), (["--lr-schedule", "linear"], "--lr-schedule")):
             with pytest.raises(ValueError, match=flag):
                 config_from_flags(p.parse_args(bad), tr.TextDiffusionConfig)
 
@@ -377,6 +386,50 @@ class TestTraining:
         with pytest.raises(ValueError, match="mark_phrases"):
             TextDenoiserConfig(mark_phrases=0)
 
+    def test_position_marks_tag_each_map_word_with_its_position(self, vocab, feats):
+        """mark_positions: channel i holds the map of the map word at text position i (zeros for masks, other
+        words and positions past L), max_len channels; no rule joins a masked relation's two phrases (the phrase
+        rule does); word order reaches the logits."""
+        words = ("red green blue", "circle square")
+        ids_of = tuple(vocab.word_to_id[w] for w in ("red", "green", "blue", "circle", "square"))
+        base = dict(vocab_size=vocab.size, max_len=12, block_channels=(32, 32), hidden=32, layers=1, heads=2,
+                    word_maps=words, word_marks=True, map_word_ids=ids_of)
+        torch.manual_seed(0)
+        m = TextDenoiser(TextDenoiserConfig(**base, mark_positions=True)).eval()
+        phr = TextDenoiser(TextDenoiserConfig(**base, mark_phrases=2)).eval()
+        assert m.config.n_marks == 12 and m.mark_proj.in_features == 12
+        maps = torch.rand(1, 5, 8, 8, generator=torch.Generator().manual_seed(3))
+        red, blue, circle, square = (maps[:, i].flatten(1) for i in (0, 2, 3, 4))
+        cap = torch.tensor([vocab.encode("a red circle left of a blue square")])  # 8 of 12 positions
+        cap[0, 3:6] = vocab.mask_id  # "a red circle [MASK] [MASK] [MASK] blue square"
+        mark = m.word_mark(maps, cap)
+        assert mark.shape == (1, 12, 64)
+        want = torch.zeros(1, 12, 64)
+        want[:, 1], want[:, 2], want[:, 6], want[:, 7] = red, circle, blue, square
+        assert torch.allclose(mark, want)
+        joined = phr.word_mark(maps, cap)  # the phrase rule reads one run: both objects in channel 0
+        assert torch.allclose(joined[:, 0], (red + circle + blue + square) / 4)
+        f = dict(feats, **{WORD_MAPS: maps})
+        swapped = torch.tensor([vocab.encode("a blue circle left of a red square")])
+        plain = torch.tensor([vocab.encode("a red circle left of a blue square")])
+        assert not torch.allclose(m(f, plain).logits, m(f, swapped).logits)
+        with pytest.raises(ValueError, match="mark_positions"):
+            TextDenoiserConfig(mark_positions=True)
+        with pytest.raises(ValueError, match="mark_positions"):
+            TextDenoiserConfig(**base, mark_positions=True, mark_phrases=2)
+
+    def test_cosine_learning_rate(self):
+        """--lr-schedule cosine: linear warm-up to lr, then half a cosine down to 0 at --steps; constant stays."""
+        c = tr.TextDiffusionConfig(steps=1100, lr=2e-3, warmup=100, lr_schedule="cosine")
+        assert tr.learning_rate(c, 0) == pytest.approx(2e-5)
+        assert tr.learning_rate(c, 100) == pytest.approx(2e-3)
+        assert tr.learning_rate(c, 600) == pytest.approx(1e-3)
+        assert tr.learning_rate(c, 1100) == pytest.approx(0, abs=1e-12)
+        lrs = [tr.learning_rate(c, s) for s in range(100, 1101, 50)]
+        assert lrs == sorted(lrs, reverse=True)
+        flat = dataclasses.replace(c, lr_schedule="constant")
+        assert tr.learning_rate(flat, 1000) == tr.learning_rate(flat, 100) == pytest.approx(2e-3)
+
     def test_no_adapter_is_a_value_error(self, tmp_path):
         """Loading from a folder without an adapter is a one-line ValueError."""
         with pytest.raises(ValueError, match="no text denoiser"):
@@ -497,6 +550,9 @@ class TestWordMapsRun:
                                                             mm.config.block_sizes)}
         fm[WORD_MAPS] = torch.rand(1, 5, 8, 8)
         assert torch.allclose(m2.eval()(fm, q).logits, mm(fm, q).logits, atol=1e-5)
+        m4 = TextDenoiser(dataclasses.replace(m2.config, mark_phrases=1, mark_positions=True))
+        assert tr.warm_start(m4, marked.out_dir) == []  # every position column starts as the one-mark column
+        assert torch.equal(m4.mark_proj.weight, mm.mark_proj.weight.repeat(1, 12))
         m3 = TextDenoiser(dataclasses.replace(mm.config, hidden=16, heads=2))
         assert {"tok.weight", "head.3.weight", "mark_proj.weight"} <= set(tr.warm_start(m3, marked.out_dir))
         tr.train_text_diffusion(phrases, tiny_pipe)

@@ -9,7 +9,8 @@ the ranking-based I->T baseline (a registry scorer picks the best grammar captio
 
 Sampling (`sample_text`): the generated positions start as `[MASK]`; reverse step k of K unmasks
 `m_{k-1} - m_k` of them, m_k = floor(M (1 - k/K)) (M generated positions, so the masks fall to 0 at step K),
-choosing the positions by the confidence of their predicted token ("confidence") or at random ("random"); a
+choosing the positions by the confidence of their predicted token ("confidence"), at random ("random") or the
+leftmost first ("left-to-right"); a
 committed token never changes, a prefix (the question) is never masked. Splits: validation scenes
 `sample_dataset(VAL_SEED)`, test `sample_dataset(TEST_SEED)` (docs/text_diffusion.md).
 """
@@ -45,11 +46,12 @@ from models.training.text_diffusion import (
 )
 from models.unet_pass import native_size
 
-__all__ = ["DEFAULTS", "SPLITS", "UnmaskStep", "TextSample", "CaptionResult", "AnswerResult", "load_adapter",
+__all__ = ["DEFAULTS", "ORDERS", "SPLITS", "UnmaskStep", "TextSample", "CaptionResult", "AnswerResult", "load_adapter",
            "reading_pipe", "sample_text", "caption_image", "answer_question", "judge_caption", "answer_from_caption",
            "ranking_candidates", "rank_caption", "eval_scenes", "evaluate_text_diffusion", "check_question"]
 
-Order = Literal["confidence", "random"]
+ORDERS = ("confidence", "random", "left-to-right")
+Order = Literal["confidence", "random", "left-to-right"]
 SPLITS = {"validation": VAL_SEED, "test": TEST_SEED}
 # sampling options chosen on validation scenes (docs/text_diffusion.md, "Choices on validation")
 DEFAULTS = {"caption_length": 9, "caption_steps": 9, "answer_steps": 2, "order": "random", "temperature": 0.0}
@@ -125,7 +127,9 @@ def sample_text(model: TextDenoiser, vocab: TextVocab, feats: dict[str, torch.Te
         prefix: ids kept unmasked at the start (a question), P of them.
         length: L, all positions (default the model's max_len); must leave at least one generated position.
         steps: K >= 1 reverse steps.
-        order: "confidence" (commit the most confident predictions first) or "random".
+        order: "confidence" (commit the most confident predictions first), "random", or "left-to-right" (the
+            leftmost masked positions first: a caption's subject is named before its relation, as in
+            semi-autoregressive masked-diffusion decoding).
         seed: seeds the random order and the sampling (temperature > 0).
         temperature: 0 = each position's most probable word (never `[MASK]`); > 0 samples from the softmax at it.
         top_k: candidates recorded per position and step.
@@ -142,8 +146,8 @@ def sample_text(model: TextDenoiser, vocab: TextVocab, feats: dict[str, torch.Te
                          f"position), got {L}")
     if int(steps) < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    if order not in ("confidence", "random"):
-        raise ValueError(f"order must be 'confidence' or 'random', got {order!r}")
+    if order not in ORDERS:
+        raise ValueError(f"order must be one of {', '.join(ORDERS)}, got {order!r}")
     if not temperature >= 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     K, M = int(steps), L - P
@@ -174,6 +178,8 @@ def sample_text(model: TextDenoiser, vocab: TextVocab, feats: dict[str, torch.Te
         n_new = max(0, remaining - target)
         if order == "confidence":
             ranked = sorted(masked, key=lambda i: -float(conf[i]))
+        elif order == "left-to-right":
+            ranked = masked  # ascending positions
         else:
             perm = torch.randperm(len(masked), generator=g).tolist()
             ranked = [masked[i] for i in perm]

@@ -167,6 +167,7 @@ class TextDenoiserConfig:
     word_marks: bool = False
     map_word_ids: tuple[int, ...] = ()
     mark_phrases: int = 1
+    mark_positions: bool = False
 
     def __post_init__(self) -> None:
         self.word_maps = tuple(str(p) for p in self.word_maps)
@@ -176,6 +177,8 @@ class TextDenoiserConfig:
         if int(self.mark_phrases) < 1:
             raise ValueError(f"mark_phrases must be >= 1, got {self.mark_phrases}")
         self.mark_phrases = int(self.mark_phrases)
+        if self.mark_positions and (not self.word_marks or self.mark_phrases != 1):
+            raise ValueError("mark_positions needs word_marks and replaces mark_phrases (leave it 1)")
         if any(not p.split() for p in self.word_maps):
             raise ValueError("word_maps prompts must be non-empty")
         self.blocks = tuple(self.blocks)
@@ -193,6 +196,11 @@ class TextDenoiserConfig:
     def map_words(self) -> list[str]:
         """The word-map channels, in order: every word of every `word_maps` prompt."""
         return [w for p in self.word_maps for w in p.split()]
+
+    @property
+    def n_marks(self) -> int:
+        """Mark channels: one per text position (`mark_positions`), else one per phrase (`mark_phrases`)."""
+        return self.max_len if self.mark_positions else self.mark_phrases
 
     @property
     def mask_id(self) -> int:
@@ -246,7 +254,7 @@ class TextDenoiser(nn.Module):
                 code = get_2d_sincos_pos_embed(D, (gh, gw), base_size=base, output_type="pt").float()
                 self.register_buffer(f"img_sincos_{i}", code, persistent=False)  # [gh*gw, D]
         self.map_proj = nn.Linear(len(config.map_words), D) if config.word_maps else None
-        self.mark_proj = nn.Linear(config.mark_phrases, D) if config.word_marks else None
+        self.mark_proj = nn.Linear(config.n_marks, D) if config.word_marks else None
         self.register_buffer("map_word_ids", torch.tensor(config.map_word_ids, dtype=torch.long), persistent=False)
         self.tok = nn.Embedding(config.vocab_size, D)
         bert = BertConfig(vocab_size=8, hidden_size=D, num_hidden_layers=config.layers,
@@ -293,10 +301,14 @@ class TextDenoiser(nn.Module):
         """The mark channels (`config.word_marks`): per row and phrase, the mean of the maps `[B, K, gh, gw]` of the
         map words whose ids occur in `ids` `[B, L]` (masked positions hold `[MASK]`, so only the unmasked words
         count); zeros for a phrase that names none. One phrase: every named word; P > 1: the runs of map words and
-        masks in text order (`TextDenoiserConfig.mark_phrases`). Returns `[B, P, gh*gw]`."""
+        masks in text order (`TextDenoiserConfig.mark_phrases`). With `mark_positions`, channel i is the map of the
+        map word at text position i (zeros for a mask or another word, and past L), P = max_len: which words form a
+        phrase is left to the transformer, no rule merges two phrases. Returns `[B, P, gh*gw]`."""
         is_map = ids[:, :, None] == self.map_word_ids[None, None, :]  # [B, L, K]
         P = self.config.mark_phrases
-        if P == 1:
+        if self.config.mark_positions:
+            present = F.pad(is_map.float(), (0, 0, 0, self.config.max_len - ids.shape[1]))  # [B, max_len, K]
+        elif P == 1:
             present = is_map.any(1).float()[:, None]  # [B, 1, K]
         else:
             member = is_map.any(-1) | (ids == self.config.mask_id)  # a map word or [MASK]   [B, L]

@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -58,7 +59,8 @@ from models.training.common import LossLog, StopOnSignal, atomic_save, config_fi
 from models.training.dpt import block_shapes
 from models.unet_pass import noised_unet_pass
 
-__all__ = ["TextDiffusionConfig", "VAL_SEED", "TEST_SEED", "DEFAULT_OUT", "NUMBER_WORDS", "QUESTION_TASKS",
+__all__ = ["TextDiffusionConfig", "VAL_SEED", "TEST_SEED", "DEFAULT_OUT", "LR_SCHEDULES", "NUMBER_WORDS", "QUESTION_TASKS",
+           "learning_rate",
            "scene_questions", "size_group", "encode_examples", "encode_latents", "unet_text_features",
            "unet_word_maps", "image_reading",
            "build_feature_cache", "train_text_diffusion", "load_or_none"]
@@ -68,6 +70,7 @@ TEST_SEED = 60_002  # test scenes: read once, at the end
 DEFAULT_OUT = "assets/adapters/shapes-v1-ddit"
 NUMBER_WORDS = {1: "one", 2: "two", 3: "three"}
 QUESTION_TASKS = ("count", "color", "shape", "where")
+LR_SCHEDULES = ("constant", "cosine")
 _CACHE_CHUNK = 1024
 
 
@@ -95,6 +98,9 @@ class TextDiffusionConfig:
                                            check=lambda v: _check_tasks(v))
     lr: float = config_field(7e-4, "peak learning rate of the text denoiser", gt=0)
     warmup: int = config_field(100, "linear warm-up steps", ge=1)
+    lr_schedule: str = config_field("constant", "after the warm-up: constant, or cosine (decays to 0 at --steps; a "
+                                    "resumed run with another --steps follows the new curve)",
+                                    check=lambda v: _check_choice(v, LR_SCHEDULES))
     max_len: int = config_field(12, "text positions L (a new run only)", ge=9)
     hidden: int = config_field(128, "transformer width (a new run only)", ge=8)
     layers: int = config_field(4, "transformer layers (a new run only)", ge=1)
@@ -110,6 +116,9 @@ class TextDiffusionConfig:
     mark_phrases: int = config_field(1, "with --word-marks: mark channels; 1 = one mark of every named word, 2 = one "
                                      "per noun phrase in text order, so a relation caption's two objects are marked "
                                      "apart (a new run only)", ge=1)
+    mark_positions: bool = config_field(False, "with --word-marks: one mark channel per text position (the map of "
+                                        "the map word there) instead of per phrase; no rule decides which words "
+                                        "form a phrase (a new run only)")
     init_from: str | None = config_field(None, "warm start of a new run: a trained adapter folder; its tensors whose "
                                          "shapes match are loaded, the others start fresh (step 0)")
     feature_norm: bool = config_field(False, "LayerNorm over each UNet block's channels before the projection (a new "
@@ -451,13 +460,24 @@ def _denoiser_config(cfg: TextDiffusionConfig, vocab: TextVocab, pipe) -> TextDe
                               hidden=cfg.hidden, layers=cfg.layers, heads=cfg.heads, mode=cfg.mode,
                               img_pos=cfg.img_pos, feature_norm=cfg.feature_norm, word_maps=cfg.word_maps,
                               word_marks=cfg.word_marks, map_word_ids=_map_word_ids(cfg, vocab),
-                              mark_phrases=cfg.mark_phrases)
+                              mark_phrases=cfg.mark_phrases, mark_positions=cfg.mark_positions)
+
+
+def learning_rate(cfg: TextDiffusionConfig, step: int) -> float:
+    """The learning rate of optimiser step `step` (0-based): linear warm-up to `cfg.lr`, then constant or a cosine
+    that reaches 0 at `cfg.steps`."""
+    lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup)
+    if cfg.lr_schedule == "cosine" and step >= cfg.warmup:
+        span = max(1, cfg.steps - cfg.warmup)
+        lr *= 0.5 * (1 + math.cos(math.pi * min(1.0, (step - cfg.warmup) / span)))
+    return lr
 
 
 def warm_start(model: TextDenoiser, folder: str | Path) -> list[str]:
-    """Load the tensors of the adapter in `folder` whose names and shapes match `model`'s; a source tensor whose last
-    dimension is 1 where the model's is P (the one-mark layer, `mark_proj`, for P phrase marks) seeds every one of
-    the P columns. Return the names left fresh. ValueError when the folder holds no adapter or nothing matches."""
+    """Load the tensors of the adapter in `folder` whose names and shapes match `model`'s; the mark layer
+    (`mark_proj`) of another channel count seeds every one of the model's columns with the mean of its columns (the
+    one-mark column for P phrase marks; the phrase columns for per-position marks). Return the names left fresh.
+    ValueError when the folder holds no adapter or nothing matches."""
     prev = load_or_none(folder)
     if prev is None:
         raise ValueError(f"--init-from {folder}: no trained text denoiser there")
@@ -468,8 +488,8 @@ def warm_start(model: TextDenoiser, folder: str | Path) -> list[str]:
             continue
         if own[k].shape == v.shape:
             shared[k] = v
-        elif v.dim() >= 1 and v.shape[-1] == 1 and own[k].shape[:-1] == v.shape[:-1]:
-            shared[k] = v.expand_as(own[k]).clone()
+        elif k == "mark_proj.weight" and own[k].shape[:-1] == v.shape[:-1]:  # P mark channels -> P' channels
+            shared[k] = v.mean(-1, keepdim=True).expand_as(own[k]).clone()
     if not shared:
         raise ValueError(f"--init-from {folder}: no tensor of that denoiser fits this one")
     model.load_state_dict(shared, strict=False)
@@ -593,7 +613,7 @@ def train_text_diffusion(cfg: TextDiffusionConfig, pipe=None) -> Path:
     with StopOnSignal() as flag, tqdm(total=cfg.steps, initial=step, desc=f"text diffusion ({cfg.mode})") as bar:
         while step < cfg.steps:
             for group in opt.param_groups:
-                group["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup)
+                group["lr"] = learning_rate(cfg, step)
             g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
             if cfg.mode == "frozen":
                 scene_idx, ids, gen = _batch_rows(tables, cfg.batch, cfg.caption_share, g)
