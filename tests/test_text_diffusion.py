@@ -250,6 +250,23 @@ class TestTraining:
         assert torch.equal(full["cap_ids"], where["cap_ids"]) and 0 < n_where == len(where["q_ids"]) < len(full["q_ids"])
         assert all(vocab.decode(r.tolist())[0] == "where" for r in where["q_ids"])
 
+    def test_relation_boost_draws_relation_captions(self, vocab):
+        """relation_boost b: a share b of a batch's caption rows comes from relation scenes only, the rest from all
+        scenes; b = 0 draws exactly as before (same rows for the same generator); question rows are unchanged."""
+        scenes = world.sample_dataset(3, 60)
+        tables = tr._scene_tables(scenes, vocab, 12)
+        is_rel = torch.tensor([s.kind == "relation" for s in scenes])
+        assert 0 < int(is_rel.sum()) < len(scenes) and torch.equal(tables["relation_scenes"], is_rel.nonzero()[:, 0])
+        all_rel, _, _ = tr._batch_rows(tables, 40, 0.5, torch.Generator().manual_seed(0), 1.0)
+        assert bool(is_rel[all_rel[:20]].all())
+        half, ids, gen = tr._batch_rows(tables, 40, 0.5, torch.Generator().manual_seed(0), 0.5)
+        assert bool(is_rel[half[:10]].all()) and ids.shape == (40, 12) and bool(gen[:20].all())
+        plain = tr._batch_rows(tables, 40, 0.5, torch.Generator().manual_seed(1))
+        zero = tr._batch_rows(tables, 40, 0.5, torch.Generator().manual_seed(1), 0.0)
+        assert all(torch.equal(a, b) for a, b in zip(plain, zero))
+        many = tr._batch_rows(tables, 4000, 1.0, torch.Generator().manual_seed(2), 0.5)[0]
+        assert float(is_rel[many].float().mean()) > 0.5 + 0.5 * float(is_rel.float().mean()) - 0.05
+
     def test_sincos_position_code(self, vocab, tmp_path, feats):
         """img_pos "sincos": a fixed 2-D code (not saved) in one frame for both blocks: the mid block's cell (i, j)
         carries the code of the up grid's cell (2i, 2j); the model saves and loads to the same logits; a config

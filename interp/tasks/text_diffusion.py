@@ -54,7 +54,7 @@ ORDERS = ("confidence", "random", "left-to-right")
 Order = Literal["confidence", "random", "left-to-right"]
 SPLITS = {"validation": VAL_SEED, "test": TEST_SEED}
 # sampling options chosen on validation scenes (docs/text_diffusion.md, "Choices on validation")
-DEFAULTS = {"caption_length": 9, "caption_steps": 9, "answer_steps": 2, "order": "random", "temperature": 0.0}
+DEFAULTS = {"caption_length": 9, "caption_steps": 9, "answer_steps": 2, "order": "confidence", "temperature": 0.0}
 TOP_K = 5
 
 

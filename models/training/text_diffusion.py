@@ -93,6 +93,8 @@ class TextDiffusionConfig:
     steps: int = config_field(4000, "total optimiser steps; a run stops earlier when interrupted and resumes later", ge=0)
     batch: int = config_field(64, "rows per step (captions and questions)", ge=1)
     caption_share: float = config_field(0.5, "share of caption rows in a batch (the rest: questions)", ge=0, le=1)
+    relation_boost: float = config_field(0.0, "share of the caption rows drawn from relation scenes only (the rest "
+                                         "from all scenes, ~45 % relation); 0 = all from all scenes", ge=0, le=1)
     question_tasks: tuple[str, ...] = config_field(QUESTION_TASKS, "the question templates trained on (a subset of "
                                            + ", ".join(QUESTION_TASKS) + "; e.g. where alone, to diagnose it)",
                                            check=lambda v: _check_tasks(v))
@@ -223,7 +225,8 @@ def _scene_tables(scenes: Sequence[world.Scene], vocab: TextVocab, max_len: int,
             q_gen.append(gen)
             q_scene.append(i)
     return {"cap_ids": torch.tensor(cap_ids), "q_ids": torch.tensor(q_ids), "q_gen": torch.tensor(q_gen),
-            "q_scene": torch.tensor(q_scene)}
+            "q_scene": torch.tensor(q_scene),
+            "relation_scenes": torch.tensor([i for i, s in enumerate(scenes) if s.kind == "relation"], dtype=torch.long)}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -386,12 +389,17 @@ def _mask_rows(ids: torch.Tensor, gen: torch.Tensor, t: torch.Tensor, mask_id: i
     return torch.where(masked, torch.full_like(ids, mask_id), ids), masked
 
 
-def _batch_rows(tables: dict, n_rows: int, caption_share: float, g: torch.Generator
+def _batch_rows(tables: dict, n_rows: int, caption_share: float, g: torch.Generator, relation_boost: float = 0.0
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(scene index `[n]`, ids `[n, L]`, generated `[n, L]`): caption rows then question rows."""
+    """(scene index `[n]`, ids `[n, L]`, generated `[n, L]`): caption rows then question rows; a `relation_boost`
+    share of the caption rows is drawn from the relation scenes only, the rest from all scenes."""
     n_cap = int(round(n_rows * caption_share)) if len(tables["q_ids"]) else n_rows
     n_scenes = len(tables["cap_ids"])
-    si = torch.randint(0, n_scenes, (n_cap,), generator=g)
+    rel = tables["relation_scenes"]
+    n_rel = int(round(n_cap * relation_boost)) if len(rel) else 0
+    si = torch.randint(0, n_scenes, (n_cap - n_rel,), generator=g)
+    if n_rel:
+        si = torch.cat([rel[torch.randint(0, len(rel), (n_rel,), generator=g)], si])
     qi = torch.randint(0, max(1, len(tables["q_ids"])), (n_rows - n_cap,), generator=g)
     scene = torch.cat([si, tables["q_scene"][qi]]) if n_rows > n_cap else si
     ids = torch.cat([tables["cap_ids"][si], tables["q_ids"][qi]]) if n_rows > n_cap else tables["cap_ids"][si]
@@ -616,7 +624,7 @@ def train_text_diffusion(cfg: TextDiffusionConfig, pipe=None) -> Path:
                 group["lr"] = learning_rate(cfg, step)
             g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
             if cfg.mode == "frozen":
-                scene_idx, ids, gen = _batch_rows(tables, cfg.batch, cfg.caption_share, g)
+                scene_idx, ids, gen = _batch_rows(tables, cfg.batch, cfg.caption_share, g, cfg.relation_boost)
                 f = {b: v[scene_idx].to(device) for b, v in feats.items()}
                 loss = text_loss_step(model, f, ids, gen, vocab.mask_id, g)
                 opt.zero_grad(set_to_none=True)
