@@ -21,7 +21,7 @@ import functools
 import math
 import time
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Literal, Sequence, get_args
 
 import numpy as np
 import torch
@@ -50,8 +50,8 @@ __all__ = ["DEFAULTS", "ORDERS", "SPLITS", "UnmaskStep", "TextSample", "CaptionR
            "reading_pipe", "sample_text", "caption_image", "answer_question", "judge_caption", "answer_from_caption",
            "ranking_candidates", "rank_caption", "eval_scenes", "evaluate_text_diffusion", "check_question"]
 
-ORDERS = ("confidence", "random", "left-to-right")
 Order = Literal["confidence", "random", "left-to-right"]
+ORDERS: tuple[str, ...] = get_args(Order)  # the sampler's, the CLI's and the checks' one list
 SPLITS = {"validation": VAL_SEED, "test": TEST_SEED}
 # sampling options chosen on validation scenes (docs/text_diffusion.md, "Choices on validation")
 DEFAULTS = {"caption_length": 9, "caption_steps": 9, "answer_steps": 2, "order": "confidence", "temperature": 0.0}

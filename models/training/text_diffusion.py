@@ -93,8 +93,8 @@ class TextDiffusionConfig:
     steps: int = config_field(4000, "total optimiser steps; a run stops earlier when interrupted and resumes later", ge=0)
     batch: int = config_field(64, "rows per step (captions and questions)", ge=1)
     caption_share: float = config_field(0.5, "share of caption rows in a batch (the rest: questions)", ge=0, le=1)
-    relation_boost: float = config_field(0.0, "share of the caption rows drawn from relation scenes only (the rest "
-                                         "from all scenes, ~45 % relation); 0 = all from all scenes", ge=0, le=1)
+    relation_boost: float = config_field(0.0, "frozen mode: share of the caption rows drawn from relation scenes "
+                                         "only (the rest from all scenes, ~45 % relation); 0 = all from all scenes", ge=0, le=1)
     question_tasks: tuple[str, ...] = config_field(QUESTION_TASKS, "the question templates trained on (a subset of "
                                            + ", ".join(QUESTION_TASKS) + "; e.g. where alone, to diagnose it)",
                                            check=lambda v: _check_tasks(v))
