@@ -260,3 +260,16 @@ class TestDPTAndTextDiffusion:
     def test_vqa_bad_questions(self, capsys, render_png, question, match):
         code, _, err = _run(capsys, "vqa", "--image", render_png, "--question", question)
         assert code == 2 and match in err and err.count("\n") == 1
+
+
+class TestTrainDptFlags:
+    @pytest.mark.parametrize("args,match", [
+        (["--neg-focus", "subject_colour"], "--neg-focus: expected one of"),
+        (["--neg-focus-p", "1.5"], "--neg-focus-p must be"),
+        (["--lr-schedule", "linear"], "--lr-schedule: expected one of"),
+    ])
+    def test_bad_flags(self, capsys, tmp_path, args, match):
+        """train-dpt's new flags are checked before anything loads: exit 2, one line."""
+        code, _, err = _run(capsys, "train-dpt", "--stage", "2", *args, "--work-dir", tmp_path / "w",
+                            "--model", tmp_path / "nope")
+        assert code == 2 and match in err and err.count("\n") == 1

@@ -9,6 +9,7 @@ import torch
 
 from models.adapters.dpt import (DPTConfig, DPTAdapter, DPTOutput, add_lora, box_cxcywh_to_xyxy, generalized_box_iou,
                                  has_lora, itm_score, load_adapter, match_queries, rec_loss, remove_lora, save_adapter)
+from models.shapes import world
 from models.training import dpt as tdpt
 
 SMALL = dict(width=32, heads=2, ff=64, n_queries=6, n_match=2, sem_dim=8, dropout=0.0)
@@ -179,6 +180,57 @@ class TestTraining:
                        init_from=adapter_dir)
         st = torch.load(tmp_path / "state.pt", weights_only=False)
         assert st["step"] == 3 and st["lora"].keys() == lora.keys() and not has_lora(tiny_pipe.unet)
+
+    def test_negative_focus(self):
+        """With neg_focus_p = 1 every relation sample's hard negative is one of the focus keys' captions; with the
+        defaults the batch is the one of the old stream (same captions as neg_focus_p = 0 with keys given)."""
+        keys = ("subject_color", "object_shape")
+        b = tdpt.make_batch(np.random.default_rng(3), 24, keys, 1.0)
+        rng = np.random.default_rng(0)
+        rel = 0
+        for cap, neg in zip(b["captions"], b["neg"]):
+            scene = world.scene_from_caption(cap, rng)
+            if scene.kind != "relation":
+                continue
+            rel += 1
+            a, o = scene.objects
+            n = world.scene_from_caption(neg, rng)
+            na, no = n.objects
+            subject_color = na.color != a.color and (na.shape, no.shape, no.color) == (a.shape, o.shape, o.color)
+            object_shape = no.shape != o.shape and (na.shape, na.color, no.color) == (a.shape, a.color, o.color)
+            assert (subject_color or object_shape) and n.relation == scene.relation
+        assert rel >= 5
+        plain = tdpt.make_batch(np.random.default_rng(3), 24)
+        off = tdpt.make_batch(np.random.default_rng(3), 24, keys, 0.0)
+        assert plain["neg"] == off["neg"] and plain["texts"] == off["texts"]
+        assert b["neg"] != plain["neg"]
+
+    def test_cosine_schedule_in_training(self, tiny_pipe, tmp_path):
+        """lr_schedule="cosine": the learning rate falls to 0 at the last step (the log holds the losses; the
+        optimizer state holds the last rate)."""
+        cfg = tdpt.DPTTrainConfig(batch=2, steps=3, checkpoint_every=1, snapshot_every=3, warmup=1,
+                                  lr_schedule="cosine", **{k: v for k, v in SMALL.items() if k != "dropout"})
+        tdpt.train_dpt(tiny_pipe, cfg, tmp_path, progress=False)
+        st = torch.load(tmp_path / "state.pt", weights_only=False)
+        lrs = [g["lr"] for g in st["opt"]["param_groups"]]
+        # step index 2 of 3 with warm-up 1: half way down the cosine
+        assert lrs[0] == pytest.approx(cfg.lr * 0.5 * (1 + np.cos(np.pi * 1 / 2)))
+
+    def test_stage2_continues_a_stage2_snapshot(self, tiny_pipe, adapter_dir, tmp_path):
+        """A stage-2 snapshot given as init_from starts the next run with its LoRA (not a fresh one)."""
+        from safetensors.torch import load_file
+
+        cfg = tdpt.DPTTrainConfig(batch=2, steps=1, checkpoint_every=1, snapshot_every=1, warmup=1, lora_rank=2,
+                                  lora_lr=1e-2)
+        tdpt.train_dpt(tiny_pipe, cfg, tmp_path / "a", progress=False, init_from=adapter_dir)
+        snap = tmp_path / "a" / "snap-00001"
+        first = load_file(snap / "lora.safetensors")
+        tdpt.train_dpt(tiny_pipe, cfg.__class__(**{**cfg.__dict__, "lora_lr": 1e-12, "lr": 1e-12}), tmp_path / "b",
+                       progress=False, init_from=snap)
+        second = load_file(tmp_path / "b" / "snap-00001" / "lora.safetensors")
+        assert second.keys() == first.keys()
+        assert all(torch.allclose(second[k], first[k], atol=1e-6) for k in first)
+        assert not has_lora(tiny_pipe.unet)
 
     def test_adapter_save_load_round_trip(self, adapter, adapter_dir):
         """Saved and loaded adapters give identical outputs."""

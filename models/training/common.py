@@ -1,6 +1,7 @@
 """What every training loop here shares: config dataclass fields that carry their CLI flag's help and bounds
 (`config_field`), the flags built from such a dataclass and read back with the checks (`add_config_flags`,
-`config_from_flags`), atomic checkpoint saves, a stop-on-signal flag and the CSV loss log.
+`config_from_flags`), the learning-rate schedule, atomic checkpoint saves, a stop-on-signal flag and the CSV loss
+log.
 
     >>> add_config_flags(parser, TrainConfig); cfg = config_from_flags(parser.parse_args(argv), TrainConfig)
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import math
 import os
 import signal
 import time
@@ -16,7 +18,10 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["config_field", "add_config_flags", "config_from_flags", "atomic_save", "StopOnSignal", "LossLog"]
+__all__ = ["LR_SCHEDULES", "config_field", "check_choice", "add_config_flags", "config_from_flags", "scheduled_lr",
+           "atomic_save", "StopOnSignal", "LossLog"]
+
+LR_SCHEDULES = ("constant", "cosine")
 
 
 def config_field(default, help: str, factory=None, **metadata):
@@ -26,6 +31,23 @@ def config_field(default, help: str, factory=None, **metadata):
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
+
+
+def check_choice(v, choices):
+    """ValueError (one line) unless `v` is one of `choices`; else `v` (a `config_field` check)."""
+    if v not in choices:
+        raise ValueError(f"expected one of {', '.join(choices)}, got {v!r}")
+    return v
+
+
+def scheduled_lr(lr: float, step: int, warmup: int, steps: int, schedule: str = "constant") -> float:
+    """The learning rate of optimiser step `step` (0-based): a linear warm-up to `lr` over `warmup` steps (step
+    k gets lr * (k + 1) / warmup), then constant, or a cosine that reaches 0 at `steps` ("cosine")."""
+    out = lr * min(1.0, (step + 1) / max(warmup, 1))
+    if schedule == "cosine" and step >= warmup:
+        span = max(1, steps - warmup)
+        out *= 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / span)))
+    return out
 
 
 def _flag(name: str) -> str:

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from models.adapters.dpt import (
@@ -51,7 +51,7 @@ from models.adapters.dpt import (
 )
 from models.loading import frozen, pipe_with_unet
 from models.shapes import referring, world
-from models.training.common import atomic_save
+from models.training.common import LR_SCHEDULES, atomic_save, check_choice, config_field, scheduled_lr
 from models.unet_pass import native_size, noised_unet_pass
 
 __all__ = ["ADAPTERS_DIR", "DPT_SEEDS", "DPTTrainConfig", "text_embeddings", "encode_images", "dpt_features",
@@ -61,6 +61,15 @@ __all__ = ["ADAPTERS_DIR", "DPT_SEEDS", "DPTTrainConfig", "text_embeddings", "en
            "adapter_dir_for", "tuned_dir_for", "find_adapter", "tuned_pipe", "find_tuned"]
 
 DPT_SEEDS = {"train": 50_000, "validation": 50_001, "test": 50_002}
+# the keys of `world.negatives` (what `--neg-focus` may name)
+NEGATIVE_KEYS = ("swap_attributes", "swap_roles", "flip_relation", "subject_color", "object_color", "subject_shape",
+                 "object_shape", "change_count", "change_color", "change_shape", "change_size")
+
+
+def _check_keys(v) -> tuple[str, ...]:
+    for k in v:
+        check_choice(k, NEGATIVE_KEYS)
+    return tuple(v)
 
 
 # --- text and images ------------------------------------------------------------------------------------
@@ -216,6 +225,9 @@ class DPTTrainConfig:
         lora_rank: 0 = stage 1 (UNet frozen); > 0 = stage 2: a LoRA of this rank on the cross-attention is
             trained too, with the usual denoising loss (weight `denoise_weight`) on the (I, T) rows.
         seed: data / noise / init seed (the DPT training seed 50_000).
+        neg_focus / neg_focus_p: with probability `neg_focus_p` a sample's hard negative is drawn from the
+            `world.negatives` keys in `neg_focus` its scene has (others: a uniformly random key, as by default).
+        lr_schedule: after the warm-up, "constant" or "cosine" (to 0 at `steps`).
         checkpoint_every / snapshot_every: resumable state / an adapter snapshot (for choosing on validation).
     """
 
@@ -243,6 +255,13 @@ class DPTTrainConfig:
     lora_lr: float = 1e-4
     denoise_weight: float = 1.0
     seed: int = DPT_SEEDS["train"]
+    neg_focus: tuple[str, ...] = config_field((), "world.negatives keys a share --neg-focus-p of the hard negatives "
+                                              "is drawn from (e.g. subject_color object_color subject_shape "
+                                              "object_shape); empty: every key alike", check=_check_keys)
+    neg_focus_p: float = config_field(0.0, "share of the samples whose hard negative comes from --neg-focus", ge=0,
+                                      le=1)
+    lr_schedule: str = config_field("constant", "after the warm-up: constant, or cosine (decays to 0 at --steps)",
+                                    check=lambda v: check_choice(v, LR_SCHEDULES))
     checkpoint_every: int = 50
     snapshot_every: int = 250
 
@@ -253,8 +272,10 @@ def _batch_t(cfg: DPTTrainConfig, rng: np.random.Generator) -> int:
     return int(rng.integers(cfg.t_min, cfg.t_max + 1))
 
 
-def make_batch(rng: np.random.Generator, n: int) -> dict:
-    """`n` training samples (see the module docstring): images (PIL) and texts in row order, REC targets.
+def make_batch(rng: np.random.Generator, n: int, neg_focus: Sequence[str] = (), neg_focus_p: float = 0.0) -> dict:
+    """`n` training samples (see the module docstring): images (PIL) and texts in row order, REC targets. With
+    `neg_focus_p` > 0, that share of the samples takes its hard negative from the `neg_focus` keys its scene has
+    (with the defaults the stream of draws is the one of earlier runs).
 
     Returns: {"images": [6n], "texts": [6n] (model texts), "captions": [n], "neg": [n], "rand": [n],
               "ref": [n] ReferringExpression, "boxes": [n, 4] (cx, cy, w, h) in [0, 1]}.
@@ -266,6 +287,8 @@ def make_batch(rng: np.random.Generator, n: int) -> dict:
     for i in range(n):
         s, other = scenes[i], scenes[n + i]
         neg_opts = world.negatives(s, rng)
+        if neg_focus_p > 0 and rng.random() < neg_focus_p and any(k in neg_opts for k in neg_focus):
+            neg_opts = {k: v for k, v in neg_opts.items() if k in neg_focus}
         neg = list(neg_opts.values())[rng.integers(len(neg_opts))]
         rand = other.caption if other.caption != s.caption else scenes[(n + i + 1) % (2 * n)].caption
         im, im_neg, im_rand = world.render(s), world.render(world.scene_from_caption(neg, rng)), world.render(other)
@@ -357,7 +380,8 @@ def _train_dpt(pipe, cfg: DPTTrainConfig, work_dir: str | Path, progress: bool =
 
     `init_from`: a `state.pt` whose adapter weights start a fresh run (matching names only; a fresh optimizer), or
     a saved adapter folder (`save_adapter`): the run takes its architecture (grounding head included) and, on a
-    fresh start, its weights (stage 2 from a shipped stage-1 adapter); give it again to resume.
+    fresh start, its weights (stage 2 from a shipped stage-1 adapter) and, in stage 2, the folder's LoRA when it
+    has one (`lora.safetensors`: a stage-2 snapshot continued); give it again to resume.
 
     Returns: the adapter (train mode off).
     """
@@ -383,6 +407,11 @@ def _train_dpt(pipe, cfg: DPTTrainConfig, work_dir: str | Path, progress: bool =
         st = torch.load(Path(init_from).expanduser(), map_location="cpu", weights_only=False)
         missing, unexpected = adapter.load_state_dict(st["adapter"], strict=False)
         print(f"warm start from {init_from}: new {missing}, dropped {unexpected}")
+    if lora_params and init_dir is not None and (init_dir / LORA_FILE).exists() and not state_path.exists():
+        from peft.utils import set_peft_model_state_dict  # lazy, as below
+
+        set_peft_model_state_dict(pipe.unet, load_file(init_dir / LORA_FILE), adapter_name="dpt")
+        print(f"warm start of the LoRA from {init_dir / LORA_FILE}")
     if state_path.exists():
         st = torch.load(state_path, map_location="cpu", weights_only=False)
         adapter.load_state_dict(st["adapter"])
@@ -413,12 +442,12 @@ def _train_dpt(pipe, cfg: DPTTrainConfig, work_dir: str | Path, progress: bool =
               mininterval=10) as bar, open(work / "log.jsonl", "a") as log:
         while step < cfg.steps:
             rng = np.random.default_rng((cfg.seed, step))
-            batch = make_batch(rng, cfg.batch)
+            batch = make_batch(rng, cfg.batch, cfg.neg_focus, cfg.neg_focus_p)
             t = _batch_t(cfg, rng)
             noise = torch.from_numpy(rng.standard_normal((pipe.unet.config.in_channels,
                                                           *latent_hw(pipe))).astype(np.float32))
             for g, lr in zip(opt.param_groups, base_lrs):
-                g["lr"] = lr * min(1.0, (step + 1) / max(cfg.warmup, 1))
+                g["lr"] = scheduled_lr(lr, step, cfg.warmup, cfg.steps, cfg.lr_schedule)
             res = _losses(pipe, adapter, batch, t, noise.to(pipe.unet.device), cfg, grad_unet=bool(lora_params))
             opt.zero_grad(set_to_none=True)
             res["loss"].backward()

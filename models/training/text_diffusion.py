@@ -27,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import time
 from pathlib import Path
@@ -55,7 +54,15 @@ from models.adapters.text_denoiser import (
 from models.loading import load_pipeline
 from models.shapes import world
 from models.training.bundled import images_to_tensor, noise_scheduler_kwargs
-from models.training.common import LossLog, StopOnSignal, atomic_save, config_field
+from models.training.common import (
+    LR_SCHEDULES,
+    LossLog,
+    StopOnSignal,
+    atomic_save,
+    check_choice,
+    config_field,
+    scheduled_lr,
+)
 from models.training.dpt import block_shapes
 from models.unet_pass import noised_unet_pass
 
@@ -70,7 +77,6 @@ TEST_SEED = 60_002  # test scenes: read once, at the end
 DEFAULT_OUT = "assets/adapters/shapes-v1-ddit"
 NUMBER_WORDS = {1: "one", 2: "two", 3: "three"}
 QUESTION_TASKS = ("count", "color", "shape", "where")
-LR_SCHEDULES = ("constant", "cosine")
 _CACHE_CHUNK = 1024
 
 
@@ -152,10 +158,7 @@ def _check_prompts(v):
     return v
 
 
-def _check_choice(v, choices):
-    if v not in choices:
-        raise ValueError(f"expected one of {', '.join(choices)}, got {v!r}")
-    return v
+_check_choice = check_choice
 
 
 # ------------------------------------------------------------------------------------------------
@@ -473,12 +476,8 @@ def _denoiser_config(cfg: TextDiffusionConfig, vocab: TextVocab, pipe) -> TextDe
 
 def learning_rate(cfg: TextDiffusionConfig, step: int) -> float:
     """The learning rate of optimiser step `step` (0-based): linear warm-up to `cfg.lr`, then constant or a cosine
-    that reaches 0 at `cfg.steps`."""
-    lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup)
-    if cfg.lr_schedule == "cosine" and step >= cfg.warmup:
-        span = max(1, cfg.steps - cfg.warmup)
-        lr *= 0.5 * (1 + math.cos(math.pi * min(1.0, (step - cfg.warmup) / span)))
-    return lr
+    that reaches 0 at `cfg.steps` (`models.training.common.scheduled_lr`)."""
+    return scheduled_lr(cfg.lr, step, cfg.warmup, cfg.steps, cfg.lr_schedule)
 
 
 def warm_start(model: TextDenoiser, folder: str | Path) -> list[str]:
