@@ -127,20 +127,25 @@ def cmd_selfcorr(a, pipe) -> None:
                                  "unet_backwards_per_image": backwards, "correct": ok}
         print(name, res["settings"][name]["rate"], res["settings"][name]["ci95"], calls, flush=True)
 
-    record("base", generate_images(pipe, prompts, seeds), steps)
-    for objective in a.objectives.split(","):
-        for reading in a.readings.split(","):
-            for eta in [float(v) for v in a.etas.split(",")]:
-                imgs, trs = [], []
-                for p, s in zip(prompts, seeds):
-                    im, tr = generate_self_corrected(pipe, p, s, eta=eta, reading=reading, adapter=ad,
-                                                     step_range=(a.start, None), record_after=False, previews=False,
-                                                     objective=objective)
-                    imgs.append(im), trs.append(tr)
-                name = f"eta={eta:g},{reading}" + ("" if objective == "score" else f",{objective}")
-                rows = 1 + len(trs[0].negatives)  # UNet rows per correction call
-                record(name, imgs, trs[0].unet_calls, trs[0].unet_backwards)
-                res["settings"][name]["correction_rows"] = rows
+    grid = [(o, r, rd, float(e)) for o in a.objectives.split(",") for r in a.readings.split(",")
+            for rd in a.reads.split(",") for e in a.etas.split(",")]
+    if not a.skip_base:
+        record("base", generate_images(pipe, prompts, seeds), steps)
+    for objective, reading, read, eta in grid:
+        imgs, trs = [], []
+        t0 = time.time()
+        for p, s in zip(prompts, seeds):
+            im, tr = generate_self_corrected(pipe, p, s, eta=eta, reading=reading, adapter=ad,
+                                             step_range=(a.start, a.stop), record_after=False, previews=False,
+                                             objective=objective, read=read)
+            imgs.append(im), trs.append(tr)
+        name = (f"eta={eta:g},{reading}" + ("" if objective == "score" else f",{objective}")
+                + ("" if read == "z_t" else f",read={read}")
+                + ("" if (a.start, a.stop) == (0, None) else f",steps={a.start}:{a.stop or steps}"))
+        rows = 1 + len(trs[0].negatives)  # UNet rows per correction call
+        record(name, imgs, trs[0].unet_calls, trs[0].unet_backwards)
+        res["settings"][name]["correction_rows"] = rows
+        res["settings"][name]["seconds"] = round(time.time() - t0, 1)
     if a.best_of:
         imgs = []
         for i, p in enumerate(prompts):
@@ -179,7 +184,10 @@ def main() -> None:
     s.add_argument("--etas", default="0.5,2")
     s.add_argument("--readings", default="noise_only")
     s.add_argument("--objectives", default="score", help="score (Eq. 9) and / or contrast (against the negatives)")
+    s.add_argument("--reads", default="z_t", help="where the adapter reads: z_t (Eq. 9) and / or x0")
     s.add_argument("--start", type=int, default=0)
+    s.add_argument("--stop", type=int, default=None, help="last corrected step + 1 (default: all)")
+    s.add_argument("--skip-base", action="store_true", help="no plain row (read it from an earlier file)")
     s.add_argument("--best-of", type=int, default=4)
     s.add_argument("--tuned", action="store_true", help="every row from the stage-2 model and its adapter")
     s.add_argument("--out", default="selfcorr_validation.json")

@@ -98,3 +98,39 @@ def test_contrast_needs_negatives_and_a_known_objective(tiny_pipe, adapter):
     assert tr.negatives == ["a blue circle"] and not np.isnan(tr.s_before[0])
     with pytest.raises(ValueError, match="unknown objective"):
         generate_self_corrected(tiny_pipe, "a red circle", eta=0.1, steps=2, adapter=adapter, objective="clip")
+
+
+def test_x0_read_is_the_score_of_the_predicted_x0_and_rises(tiny_pipe, adapter):
+    """read "x0": the recorded value is the adapter's score of the step's guided x0 prediction (noised at the
+    adapter's t with noise seed 0; checked by hand), a small step raises it, a correction costs 2 UNet calls and 2
+    backwards, eta = 0 is still the plain sampler, and the trajectory keeps `read` through save / load."""
+    from interp.tasks.self_correction import _x0
+
+    kw = dict(seed=1, steps=2, guidance=3.0, adapter=adapter, reading="latent", step_range=(1, None), read="x0",
+              previews=False)
+    _, probe = generate_self_corrected(tiny_pipe, "two red circles", eta=1e-6, **kw)
+    assert probe.read == "x0" and probe.unet_calls == 2 + 2 + 2 and probe.unet_backwards == 2
+    eta = 1e-2 / probe.grad_norm[1]
+    _, tr = generate_self_corrected(tiny_pipe, "two red circles", eta=eta, **kw)
+    assert tr.s_after[1] > tr.s_before[1]
+    # by hand: step 0 plain, then the x0 prediction at step 1 and its score
+    sched = tiny_pipe.scheduler
+    sched.set_timesteps(2)
+    t0, t1 = [int(t) for t in sched.timesteps]
+    pe, ne = tiny_pipe.encode_prompt("two red circles", "cpu", 1, True, None)
+    emb = torch.cat([ne, pe])
+    z = tiny_pipe.prepare_latents(1, 4, 64, 64, emb.dtype, "cpu", [torch.Generator("cpu").manual_seed(1)], None)
+
+    def guided(z, t):
+        u, c = tiny_pipe.unet(torch.cat([z] * 2), t, encoder_hidden_states=emb, return_dict=False)[0].chunk(2)
+        return u + 3.0 * (c - u)
+
+    with torch.no_grad():
+        z = sched.step(guided(z, t0), t0, z, return_dict=False)[0]
+        s = tdpt.itm_scores(tiny_pipe, adapter, _x0(tiny_pipe, z, guided(z, t1), t1), ["two red circles"])
+    assert probe.s_before[1] == pytest.approx(float(s[0]), abs=1e-4)
+    [plain] = generate_images(tiny_pipe, ["two red circles"], [1], steps=2, guidance=3.0)
+    img, _ = generate_self_corrected(tiny_pipe, "two red circles", **{**kw, "eta": 0.0})
+    assert np.array_equal(np.asarray(plain), np.asarray(img))
+    with pytest.raises(ValueError, match="unknown read"):
+        generate_self_corrected(tiny_pipe, "a red circle", eta=0.1, steps=2, adapter=adapter, read="x1")

@@ -16,6 +16,15 @@ Two objectives (`objective`):
         adapter's scores at its learned temperature, i.e. the objective it was trained with; pushes the latent away
         from what the negatives describe (1 + negatives rows a step, one UNet call).
 
+Two places the adapter reads (`read`):
+    "z_t" (default, Eq. 9): the sampler's noised latent at the sampler's own t (the adapter was trained across t).
+    "x0" (this project's variant, after the forward guidance of Bansal et al., "Universal Guidance for Diffusion
+        Models", 2023): the step's guided prediction of the clean latent, noised again to the adapter's own t
+        (250, where it discriminates best) with a fixed noise; the gradient flows back through the noise
+        prediction to z_t. At early steps z_t is nearly all noise and the adapter reads it poorly, while the
+        prediction already shows the layout (how many objects). Costs one more UNet call (the guided prediction,
+        with its graph) and its backward per corrected step.
+
     >>> img, traj = generate_self_corrected(pipe, "two red circles", seed=0, eta=0.5)
     >>> traj.s_before[-1], traj.s_after[-1], traj.grad_norm
     >>> traj.save("/tmp/traj"); Trajectory.load("/tmp/traj") == traj      # identical round trip
@@ -36,14 +45,15 @@ from safetensors.numpy import load_file, save_file
 from models.limits import check_guidance, check_prompt, check_seed, check_steps
 from models.sampling import _defaults, generate_images
 from models.shapes import world
-from models.training.dpt import DPTAdapter, find_adapter, itm_contrast_at, itm_scores, itm_scores_at
+from models.training.dpt import DPTAdapter, find_adapter, itm_scores, itm_scores_at, itm_scores_clean
 from models.unet_pass import encode_image
 
-__all__ = ["READINGS", "OBJECTIVES", "Trajectory", "generate_self_corrected", "best_of_n", "prompt_negatives"]
+__all__ = ["READINGS", "OBJECTIVES", "READS", "Trajectory", "generate_self_corrected", "best_of_n", "prompt_negatives"]
 
 READINGS: tuple[str, ...] = ("noise_only", "latent")
 Reading = Literal["noise_only", "latent"]
 OBJECTIVES: tuple[str, ...] = ("score", "contrast")
+READS: tuple[str, ...] = ("z_t", "x0")
 
 
 @dataclasses.dataclass
@@ -67,6 +77,8 @@ class Trajectory:
         unet_calls: UNet forward calls (CFG step = 1, correction = 1, s_after = 1); unet_backwards: backward passes
         objective: "score" or "contrast"; negatives: the captions contrasted against (contrast; each correction
             call has 1 + len(negatives) rows)
+        read: where the adapter reads, "z_t" (Eq. 9) or "x0" (the predicted clean latent at the adapter's t; each
+            objective reading is 2 UNet calls: the guided prediction and the adapter's pass)
     """
 
     prompt: str
@@ -88,6 +100,7 @@ class Trajectory:
     unet_backwards: int = 0
     objective: str = "score"
     negatives: list[str] = dataclasses.field(default_factory=list)
+    read: str = "z_t"
 
     _ARRAYS = ("grad_map", "previews", "image")
 
@@ -165,7 +178,7 @@ def generate_self_corrected(pipe, prompt: str, seed: int = 0, eta: float = 0.5, 
                             guidance: float | None = None, reading: Reading = "noise_only",
                             step_range: Sequence[int | None] = (0, None), adapter: DPTAdapter | None = None,
                             record_after: bool = True, previews: bool = True, callback=None,
-                            objective: str = "score", negatives: Sequence[str] | None = None
+                            objective: str = "score", negatives: Sequence[str] | None = None, read: str = "z_t"
                             ) -> tuple[Image.Image, Trajectory]:
     """Generate one image with DPT self-correction; with eta = 0 (or an empty range) exactly `generate_images`.
 
@@ -180,10 +193,12 @@ def generate_self_corrected(pipe, prompt: str, seed: int = 0, eta: float = 0.5, 
         callback: called with (step index, steps) after each step.
         objective: "score" (Eq. 9) or "contrast" (log p(y | z_t) among y and `negatives`; see the module docstring).
         negatives: the captions "contrast" pushes away from (default: `prompt_negatives(prompt)`).
+        read: "z_t" (Eq. 9, default) or "x0" (the adapter reads the step's predicted clean latent; see the module
+            docstring).
     Returns:
         (the image, its Trajectory).
     Raises:
-        ValueError: a bad prompt / seed / steps / guidance / reading / objective / eta < 0; no negatives for
+        ValueError: a bad prompt / seed / steps / guidance / reading / objective / read / eta < 0; no negatives for
             "contrast"; no adapter for the model.
     """
     prompt = check_prompt(prompt, "prompt")
@@ -195,6 +210,8 @@ def generate_self_corrected(pipe, prompt: str, seed: int = 0, eta: float = 0.5, 
         raise ValueError(f"eta must be a number >= 0, got {eta}")
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
+    if read not in READS:
+        raise ValueError(f"unknown read {read!r}; choose one of {', '.join(READS)}")
     negs: list[str] = []
     if objective == "contrast":
         negs = [check_prompt(n, "negative") for n in negatives] if negatives is not None else prompt_negatives(prompt)
@@ -230,20 +247,21 @@ def generate_self_corrected(pipe, prompt: str, seed: int = 0, eta: float = 0.5, 
         z_in = latents
         if eta > 0 and start <= i < stop:
             ti = int(t)
+            objective_of = _ObjectiveAt(pipe, adapter, prompt, negs, ti, read, emb, guidance if cfg else None)
             with torch.enable_grad():
                 z = latents.detach().float().requires_grad_(True)
-                s = _objective(pipe, adapter, z, prompt, negs, ti)
+                s = objective_of(z)
                 g = torch.autograd.grad(s, z)[0]
-            unet_calls += 1
-            unet_backwards += 1
+            unet_calls += objective_of.calls
+            unet_backwards += objective_of.calls
             delta = eta * g
             z_in = (latents.float() + delta).to(latents.dtype)
             s_b[i], gn[i], ch[i] = float(s.detach()), float(g.norm()), float(delta.norm())
             gmap[i] = g[0].norm(dim=0).cpu().numpy()
             if record_after:
                 with torch.no_grad():
-                    s_a[i] = float(_objective(pipe, adapter, z_in.float(), prompt, negs, ti))
-                unet_calls += 1
+                    s_a[i] = float(objective_of(z_in.float()))
+                unet_calls += objective_of.calls
             if reading == "latent":
                 latents = z_in
         with torch.no_grad():
@@ -270,16 +288,38 @@ def generate_self_corrected(pipe, prompt: str, seed: int = 0, eta: float = 0.5, 
                       grad_norm=gn, latent_change=ch, grad_map=gmap,
                       previews=np.stack(prev) if prev else np.zeros((0, H, W, 3), np.uint8),
                       image=np.asarray(pil, np.uint8).copy(), unet_calls=unet_calls, unet_backwards=unet_backwards,
-                      objective=objective, negatives=negs)
+                      objective=objective, negatives=negs, read=read)
     return pil, traj
 
 
-def _objective(pipe, adapter: DPTAdapter, z: torch.Tensor, prompt: str, negatives: Sequence[str], t: int
-               ) -> torch.Tensor:
-    """The scalar self-correction ascends: s(z_t, y), or log p(y | z_t) among y and `negatives` when given."""
-    if negatives:
-        return itm_contrast_at(pipe, adapter, z, prompt, negatives, t)[0]
-    return itm_scores_at(pipe, adapter, z, prompt, t)[0]
+class _ObjectiveAt:
+    """The scalar self-correction ascends at one sampling step (t), as a function of z_t: s(., y), or log p(y | .)
+    among y and `negatives` when given; read at z_t (Eq. 9) or at the guided x0 prediction ("x0"). `calls`: UNet
+    calls of one evaluation."""
+
+    def __init__(self, pipe, adapter: DPTAdapter, prompt: str, negatives: Sequence[str], t: int, read: str,
+                 emb: torch.Tensor, guidance: float | None) -> None:
+        self.pipe, self.adapter, self.captions, self.t, self.read = pipe, adapter, [prompt, *negatives], t, read
+        self.contrast = bool(negatives)
+        self.emb, self.guidance = emb, guidance
+        self.calls = 2 if read == "x0" else 1
+
+    def __call__(self, z: torch.Tensor) -> torch.Tensor:
+        pipe, adapter = self.pipe, self.adapter
+        if self.read == "x0":
+            inp = torch.cat([z] * 2) if self.guidance is not None else z
+            inp = pipe.scheduler.scale_model_input(inp, self.t)
+            out = pipe.unet(inp.to(pipe.unet.dtype), self.t, encoder_hidden_states=self.emb,
+                            return_dict=False)[0].float()
+            if self.guidance is not None:
+                u, c = out.chunk(2)
+                out = u + self.guidance * (c - u)
+            s = itm_scores_clean(pipe, adapter, _x0(pipe, z, out, self.t), self.captions)
+        else:
+            s = itm_scores_at(pipe, adapter, z, self.captions, self.t)
+        if self.contrast:
+            return torch.log_softmax(s * adapter.logit_scale.exp(), 0)[0]
+        return s[0]
 
 
 def best_of_n(pipe, prompt: str, seeds: Sequence[int], steps: int | None = None, guidance: float | None = None,

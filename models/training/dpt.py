@@ -55,7 +55,7 @@ from models.training.common import LR_SCHEDULES, atomic_save, check_choice, conf
 from models.unet_pass import native_size, noised_unet_pass
 
 __all__ = ["ADAPTERS_DIR", "DPT_SEEDS", "DPTTrainConfig", "text_embeddings", "encode_images", "dpt_features",
-           "features_at", "block_shapes", "new_adapter", "positive_tokens", "itm_scores", "itm_scores_at",
+           "features_at", "block_shapes", "new_adapter", "positive_tokens", "itm_scores", "itm_scores_clean", "itm_scores_at",
            "itm_contrast_at",
            "ground_boxes", "make_batch", "train_dpt", "evaluate_rec", "rec_accuracy", "evaluate_itm_pairs", "export_adapter",
            "adapter_dir_for", "tuned_dir_for", "find_adapter", "tuned_pipe", "find_tuned"]
@@ -164,12 +164,20 @@ def itm_scores(pipe, adapter: DPTAdapter, latent: torch.Tensor, captions: Sequen
                noise_seed: int = 0) -> torch.Tensor:
     """s(z, y) of each caption for one clean latent `[1, C, h, w]`: one UNet call (K rows) at the adapter's t.
     Returns float32 `[K]` on the CPU."""
-    t = adapter.config.t if t is None else t
     with torch.no_grad():
-        feats = dpt_features(pipe, latent, captions, t, adapter.config.blocks, noise_seed=noise_seed)
-        out = adapter(feats, torch.full((len(captions),), t, device=feats[0].device))
-        pooled, _, _ = text_embeddings(pipe, captions)
-        return itm_score(out.match, pooled).float().cpu()
+        return itm_scores_clean(pipe, adapter, latent, captions, t, noise_seed).float().cpu()
+
+
+def itm_scores_clean(pipe, adapter: DPTAdapter, latent: torch.Tensor, captions: Sequence[str], t: int | None = None,
+                     noise_seed: int = 0) -> torch.Tensor:
+    """`itm_scores` keeping the graph when grad is enabled (w.r.t. the clean latent `[1, C, h, w]`, noised at the
+    adapter's t with the noise of `noise_seed`): `[K]` on the UNet's device."""
+    t = adapter.config.t if t is None else t
+    feats = dpt_features(pipe, latent, captions, t, adapter.config.blocks, noise_seed=noise_seed,
+                         grad=torch.is_grad_enabled())
+    out = adapter(feats, torch.full((len(captions),), t, device=feats[0].device))
+    pooled, _, _ = text_embeddings(pipe, captions)
+    return itm_score(out.match, pooled)
 
 
 def itm_scores_at(pipe, adapter: DPTAdapter, z_t: torch.Tensor, caption: str | Sequence[str], t: int
