@@ -26,7 +26,7 @@ from interp.figures_text import timeline_plotly
 from interp.heatmaps import colorbar, overlay
 from interp.scorers import DEFAULT_SCORER, ScoreResult, scorers
 from interp.tasks import export, inputs
-from interp.tasks.self_correction import OBJECTIVES, READINGS
+from interp.tasks.self_correction import OBJECTIVES, READINGS, READS
 from interp.tasks.workbench import SCHEDULERS, TraceCache, model_view, slice_choices, slice_overlays, step_frame, word_choices
 from models.limits import (DEFAULT_CORRECTION_ETA, MAX_ATLAS_SCENES, MAX_CORRECTION_ETA, MAX_GUIDANCE, MAX_STEPS,
                            parse_numbers, user_message)
@@ -535,20 +535,21 @@ def replot_atlas(table, metric: str):
 @GPU
 def self_correction(prompt: str, model: str = "shapes-v1", seed: float = 0, steps: float = 25, guidance: float = 3.0,
                     eta: float = DEFAULT_CORRECTION_ETA, reading: str = "noise_only", lora: bool = False,
-                    objective: str = "score", progress=gr.Progress()):
+                    objective: str = "score", read: str = "z_t", step_range: str = "", progress=gr.Progress()):
     """A DPT self-corrected generation beside the plain one (same seed), its trajectory, ITM score and boxes;
     `lora`: both from the DPT-tuned model (stage 2), steered by its own adapter; `objective`: score (Eq. 9) or
-    contrast (against the prompt's hard negatives)."""
+    contrast (against the prompt's hard negatives); `read`: z_t (Eq. 9) or x0 (the predicted clean latent);
+    `step_range`: the corrected steps, "START:STOP" (empty: all)."""
     with _shown("self-correction"):
         _cap(steps, "max_steps", "steps")
         v = inputs.self_correction_view(_model(model), prompt, seed=seed, steps=steps, guidance=guidance, eta=eta,
                                         reading=reading, progress=_progress(progress, "self-corrected denoising"),
-                                        lora=bool(lora), objective=objective)
+                                        lora=bool(lora), objective=objective, read=read, step_range=step_range)
     t = v.trajectory
     note = (f"**{t.prompt}**, seed {t.seed}, {t.steps} steps, guidance {t.guidance:g}, η = {t.eta:g} "
             f"({t.reading}, objective {t.objective}"
             + (f" against {len(t.negatives)} negatives: {'; '.join(t.negatives)}" if t.negatives else "")
-            + f"); corrected steps {t.step_range[0]}..{t.step_range[1]}; {t.unet_calls} UNet calls, "
+            + f", read at {t.read}); corrected steps {t.step_range[0]}..{t.step_range[1]}; {t.unet_calls} UNet calls, "
             f"{t.unet_backwards} backward passes. Left: self-corrected; right: plain sampler, same seed"
             + ("; both from the DPT-tuned model (stage-2 LoRA)." if lora else "."))
     return v.image, v.plain, v.boxed, v.figure, v.strip, {"headers": v.headers, "data": v.rows}, note
@@ -1035,6 +1036,11 @@ def build_demo() -> gr.Blocks:
                     sc_objective = gr.Dropdown(list(OBJECTIVES), value=OBJECTIVES[0], label="Objective",
                                                info="score: s(z_t, y) (Eq. 9); contrast: log p(y | z_t) against the "
                                                     "prompt's hard negatives", elem_id="dpt-objective")
+                    sc_read = gr.Dropdown(list(READS), value=READS[0], label="Adapter reads",
+                                          info="z_t: the sampler's latent (Eq. 9); x0: the step's predicted clean "
+                                               "latent, at the adapter's t", elem_id="dpt-read")
+                    sc_range = gr.Textbox("", label="Corrected steps (START:STOP)", placeholder="all, or e.g. 0:8",
+                                          info="0-based, STOP excluded; empty: every step", elem_id="dpt-range")
                     sc_lora = gr.Checkbox(value=False, label="DPT-tuned model (stage 2)",
                                           info="the UNet with its discriminative LoRA, steered by its own adapter",
                                           elem_id="dpt-lora")
@@ -1053,7 +1059,7 @@ def build_demo() -> gr.Blocks:
                 gr.Examples([["a red circle left of a blue square", 100.0], ["two red circles", 100.0],
                              ["a small green triangle", 0.0]], [sc_prompt, sc_eta], label="Examples")
                 ev = sc_go.click(self_correction, [sc_prompt, model, sc_seed, sc_steps, sc_guidance, sc_eta, sc_reading,
-                                                   sc_lora, sc_objective],
+                                                   sc_lora, sc_objective, sc_read, sc_range],
                                  [sc_image, sc_plain, sc_boxed, sc_plot, sc_strip, sc_table, sc_note],
                                  api_name="self_correction", concurrency_id=MODEL)
                 ev.success(_ok, None, sc_status, api_name=False)

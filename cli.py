@@ -55,7 +55,7 @@ from interp.tasks.generation_eval import SPLITS
 from interp.tasks.matching_eval import distributed_state
 from interp.tasks.matching_report import GROUPS, report_markdown
 from interp.tasks.prompt_learning import save_prompt
-from interp.tasks.self_correction import OBJECTIVES, READINGS
+from interp.tasks.self_correction import OBJECTIVES, READINGS, READS
 from interp.tasks.text_diffusion import ORDERS, answer_question, caption_image, evaluate_text_diffusion
 from models.adapters.dpt import REC_HEADS
 from models.limits import (
@@ -129,12 +129,15 @@ def _cmd_generate(a: argparse.Namespace) -> int:
     _check_out_dir(a.out)
     if a.trajectory_out and not a.self_correct:
         raise ValueError("--trajectory-out needs --self-correct")
+    if a.step_range is not None and not a.self_correct:
+        raise ValueError("--step-range needs --self-correct")
     if a.self_correct:
         if a.trajectory_out:
             _check_out_dir(a.trajectory_out)  # its parent folder must exist; the folder is made
         image, traj = inputs.self_corrected_generation(a.model, a.prompt, seed=a.seed, steps=a.steps,
                                                        guidance=a.guidance, eta=a.eta, reading=a.reading,
-                                                       lora=a.lora, objective=a.objective)
+                                                       lora=a.lora, objective=a.objective, read=a.read,
+                                                       step_range=a.step_range)
         image.save(a.out)
         if a.trajectory_out:
             traj.save(a.trajectory_out)
@@ -142,6 +145,7 @@ def _cmd_generate(a: argparse.Namespace) -> int:
             nan_free = lambda xs: [None if x != x else float(x) for x in xs]  # NaN outside the step range
             print(json.dumps({"out": a.out, "prompt": a.prompt, "seed": int(a.seed), "eta": float(a.eta),
                               "reading": a.reading, "objective": a.objective, "negatives": traj.negatives,
+                              "read": traj.read, "step_range": traj.step_range,
                               "model": a.model or "bundled", "lora": a.lora,
                               "size": list(image.size),
                               "trajectory": {"score": nan_free(traj.s_before), "score_after": nan_free(traj.s_after),
@@ -476,6 +480,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--objective", default="score", choices=OBJECTIVES,
                    help="score: ascend the DPT score s(z_t, y) (Eq. 9); contrast: ascend log p(y | z_t) against the "
                         "prompt's shapes-world hard negatives (docs/dpt.md)")
+    g.add_argument("--read", default="z_t", choices=READS,
+                   help="where the adapter reads: z_t (the sampler's latent, Eq. 9) or x0 (the step's predicted clean "
+                        "latent at the adapter's t; docs/dpt.md)")
+    g.add_argument("--step-range", dest="step_range", default=None, metavar="START:STOP",
+                   help="the sampling steps to correct, 0-based, STOP excluded (e.g. 0:8; default: all)")
     g.add_argument("--lora", action="store_true",
                    help="generate with the DPT-tuned model (stage 2: its LoRA on a copy of the UNet; with "
                         "--self-correct, steered by its own stage-2 adapter)")

@@ -126,6 +126,8 @@ def cmd_selfcorr(a, pipe) -> None:
         res["settings"][name] = {**rate({"k": sum(ok), "n": len(ok)}), "unet_calls_per_image": calls,
                                  "unet_backwards_per_image": backwards, "correct": ok}
         print(name, res["settings"][name]["rate"], res["settings"][name]["ci95"], calls, flush=True)
+        OUT.mkdir(parents=True, exist_ok=True)
+        (OUT / a.out).write_text(json.dumps(res, indent=1))  # after every setting: a stopped sweep keeps its rows
 
     grid = [(o, r, rd, float(e)) for o in a.objectives.split(",") for r in a.readings.split(",")
             for rd in a.reads.split(",") for e in a.etas.split(",")]
@@ -146,6 +148,7 @@ def cmd_selfcorr(a, pipe) -> None:
         record(name, imgs, trs[0].unet_calls, trs[0].unet_backwards)
         res["settings"][name]["correction_rows"] = rows
         res["settings"][name]["seconds"] = round(time.time() - t0, 1)
+        (OUT / a.out).write_text(json.dumps(res, indent=1))
     if a.best_of:
         imgs = []
         for i, p in enumerate(prompts):

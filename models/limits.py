@@ -25,7 +25,7 @@ __all__ = ["MAX_STEPS", "MIN_GUIDANCE", "MAX_GUIDANCE", "MAX_SEED", "MIN_RANK_CA
            "CLOSED_VOCABULARY_MAX", "check_int", "check_float", "check_steps", "check_guidance", "check_seed",
            "check_eta", "check_timestep", "check_timesteps", "parse_numbers", "check_choice", "check_prompt",
            "check_fits", "validate_captions", "out_of_vocabulary", "known_words", "check_vocabulary", "read_image",
-           "check_image", "user_message"]
+           "check_image", "user_message", "check_step_range"]
 
 # --- limits (the app's widgets and the CLI's help read these) -------------------------------------
 MAX_STEPS = 100  # denoising steps of one generation
@@ -122,6 +122,26 @@ def check_eta(value) -> float:
 def check_correction_eta(value) -> float:
     """The self-correction step size eta in 0..MAX_CORRECTION_ETA (0: the plain sampler)."""
     return check_float(value, "eta", 0.0, MAX_CORRECTION_ETA)
+
+
+def check_step_range(value, steps: int) -> tuple[int, int]:
+    """Which sampling steps to correct, as "START:STOP" (0-based, STOP excluded; either end may be left out:
+    "0:8", ":8", "5:"), a (start, stop) pair (None: an open end) or empty / None (every step), checked against the
+    `steps` of the run: 0 <= START < STOP <= steps. Returns (start, stop)."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return 0, int(steps)
+    if isinstance(value, str):
+        parts = value.strip().split(":")
+        if len(parts) != 2:
+            raise ValueError(f"the corrected steps must be START:STOP (e.g. 0:8), got {value!r}")
+        lo, hi = (p.strip() or None for p in parts)
+    else:
+        lo, hi = value
+    start = 0 if lo is None else check_int(lo, "the first corrected step", 0, int(steps) - 1)
+    stop = int(steps) if hi is None else check_int(hi, "the corrected steps' STOP", 1, int(steps))
+    if start >= stop:
+        raise ValueError(f"the corrected steps {start}:{stop} are empty (START must be below STOP)")
+    return start, stop
 
 
 def check_timestep(value, num_train_timesteps: int) -> int:

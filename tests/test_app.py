@@ -524,6 +524,18 @@ class TestSelfCorrectionTab:
         assert "objective contrast against 3 negatives: three red circles" in note
         assert fig.layout.annotations[0].text.startswith("log p(y | z_t)") and img.size == (256, 256)
 
+    def test_x0_read_and_step_range(self):
+        """Adapter reads x0 on steps 0:2 of 3: the note says so, the figure's score curve has a gap at step 2."""
+        img, plain, boxed, fig, strip, table, note = app.self_correction(
+            "two red circles", "shapes-v1", 0, 3, 3.0, 3.0, "noise_only", False, "contrast", "x0", "0:2")
+        assert "read at x0" in note and "corrected steps 0..2" in note
+        assert [v is None for v in fig.data[0].y] == [False, False, True]
+
+    def test_bad_step_range_is_a_gr_error(self):
+        with pytest.raises(gr.Error, match="the corrected steps 2:1 are empty"):
+            app.self_correction("a red circle", "shapes-v1", 0, 3, 3.0, 1.0, "noise_only", False, "score", "z_t",
+                                "2:1")
+
     @pytest.mark.parametrize("eta", [-1.0, float("nan")])
     def test_bad_eta_is_a_gr_error(self, eta):
         """A negative or NaN η is refused with the limits' message, before any sampling."""

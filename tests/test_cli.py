@@ -230,6 +230,27 @@ class TestDPTAndTextDiffusion:
         assert code == 0 and d["objective"] == "contrast" and d["negatives"][0] == "three red circles"
         assert all(v <= 0 for v in d["trajectory"]["score"])
 
+    def test_generate_self_correct_x0_read_and_step_range(self, capsys, tmp_path):
+        """--read x0 --step-range 1:3: only steps 1 and 2 are corrected (their scores are numbers, the others
+        null), each correction costs the x0 read's 2 UNet calls; the JSON says read and range."""
+        code, stdout, _ = _run(capsys, "generate", "--prompt", "two red circles", "--steps", 4, "--self-correct",
+                               "--eta", 3, "--objective", "contrast", "--read", "x0", "--step-range", "1:3",
+                               "--out", tmp_path / "x.png", "--json")
+        d = json.loads(stdout)
+        assert code == 0 and d["read"] == "x0" and d["step_range"] == [1, 3]
+        assert [v is None for v in d["trajectory"]["score"]] == [True, False, False, True]
+
+    @pytest.mark.parametrize("args,match", [
+        (["--self-correct", "--step-range", "3:1"], "the corrected steps 3:1 are empty"),
+        (["--self-correct", "--step-range", "0:9"], "the corrected steps' STOP must be a whole number in 1..4"),
+        (["--self-correct", "--step-range", "5"], "the corrected steps must be START:STOP"),
+        (["--step-range", "0:2"], "--step-range needs --self-correct"),
+    ])
+    def test_bad_step_range(self, capsys, tmp_path, args, match):
+        code, _, err = _run(capsys, "generate", "--prompt", "a red circle", "--steps", 4, *args,
+                            "--out", tmp_path / "x.png")
+        assert code == 2 and err.startswith(match) and err.count("\n") == 1
+
     @pytest.mark.parametrize("eta", ["-1", "nan", "1e9"])
     def test_bad_eta(self, capsys, tmp_path, eta):
         code, _, err = _run(capsys, "generate", "--prompt", "a red circle", "--self-correct", "--eta", eta,

@@ -44,13 +44,14 @@ from interp.tasks.matching_eval import evaluate_matching as _evaluate_matching
 from interp.tasks.matching_report import GROUPS, noise_level_timesteps, run_report
 from interp.tasks.prompt_learning import apply_prompt, load_prompt
 from interp.tasks.prompt_learning import train_prompt as _train_prompt
-from interp.tasks.self_correction import OBJECTIVES, READINGS, generate_self_corrected, prompt_negatives
+from interp.tasks.self_correction import OBJECTIVES, READINGS, READS, generate_self_corrected, prompt_negatives
 from interp.tasks.text_diffusion import answer_question, caption_image, eval_scenes
 from models.limits import (
     DEFAULT_CORRECTION_ETA,
     MAX_ATLAS_SCENES,
     MAX_PER_KIND,
     MAX_SCENES,
+    MAX_STEPS,
     MIN_RANK_CANDIDATES,
     check_choice,
     check_correction_eta,
@@ -60,6 +61,7 @@ from models.limits import (
     check_int,
     check_prompt,
     check_seed,
+    check_step_range,
     check_steps,
     check_timestep,
     check_timesteps,
@@ -68,7 +70,7 @@ from models.limits import (
     user_message,
     validate_captions,
 )
-from models.loading import bundled_models, load_pipeline
+from models.loading import ModelDefaults, bundled_models, load_pipeline
 from models.sampling import generate_images
 from models.shapes import world
 from models.shapes.benchmarks import Benchmark, load_benchmark
@@ -569,20 +571,26 @@ def ground_expression(model: str | None, image, expression: str, noise_seed=0) -
 
 def self_corrected_generation(model: str | None, prompt: str, seed=0, steps=None, guidance=None,
                               eta=DEFAULT_CORRECTION_ETA, reading: str = "noise_only", progress=None,
-                              lora: bool = False, objective: str = "score"):
+                              lora: bool = False, objective: str = "score", read: str = "z_t", step_range=None):
     """One image with DPT self-correction (Eq. 9) and its trajectory (CLI `generate --self-correct`, app's
     Self-correction view): (PIL image, Trajectory). `lora`: the DPT-tuned model (stage 2) steered by its own
-    stage-2 adapter; `objective`: "score" (Eq. 9) or "contrast" (against the prompt's world negatives)."""
+    stage-2 adapter; `objective`: "score" (Eq. 9) or "contrast" (against the prompt's world negatives); `read`:
+    "z_t" (Eq. 9) or "x0" (the adapter reads the step's predicted clean latent); `step_range`: the corrected
+    steps, "START:STOP" or (start, stop) (`check_step_range`; None: all)."""
     eta = check_correction_eta(eta)
     reading = check_choice(reading, READINGS, "reading")
     objective = check_choice(objective, OBJECTIVES, "objective")
+    read = check_choice(read, READS, "read")
+    check_step_range(step_range, MAX_STEPS if steps is None else check_steps(steps))  # its form, before loading
     if objective == "contrast":
         prompt_negatives(check_prompt(prompt))  # a prompt outside the world's grammar: one line, before loading
     pipe, prompt, seed, steps, guidance = _generation_inputs(model, prompt, seed, steps, guidance)
+    step_range = check_step_range(step_range, steps or getattr(pipe, "discolens_defaults", ModelDefaults()).steps)
     # no adapter: the message says how to train one, before any sampling
     pipe, adapter = find_tuned(pipe) if lora else (pipe, find_adapter(pipe))
     return generate_self_corrected(pipe, prompt, seed=seed, eta=eta, steps=steps, guidance=guidance,
-                                   reading=reading, adapter=adapter, callback=progress, objective=objective)
+                                   reading=reading, adapter=adapter, callback=progress, objective=objective,
+                                   read=read, step_range=step_range)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -630,7 +638,8 @@ def _trajectory_figure(traj):
 
 def self_correction_view(model: str | None, prompt: str, seed=0, steps=None, guidance=None,
                          eta=DEFAULT_CORRECTION_ETA, reading: str = "noise_only", side: int = 256,
-                         progress=None, lora: bool = False, objective: str = "score") -> SelfCorrectionView:
+                         progress=None, lora: bool = False, objective: str = "score", read: str = "z_t",
+                         step_range=None) -> SelfCorrectionView:
     """The app's Self-correction tab: the self-corrected image beside the plain one (same seed), the trajectory's
     curves, gradient maps and previews, the adapter's ITM score of the prompt and a box per noun phrase.
 
@@ -639,7 +648,8 @@ def self_correction_view(model: str | None, prompt: str, seed=0, steps=None, gui
         >>> v.figure                          # plotly: s before / after, grad norm, latent change per step
     """
     img, traj = self_corrected_generation(model, prompt, seed=seed, steps=steps, guidance=guidance, eta=eta,
-                                          reading=reading, progress=progress, lora=lora, objective=objective)
+                                          reading=reading, progress=progress, lora=lora, objective=objective,
+                                          read=read, step_range=step_range)
     prompt = check_prompt(prompt)
     plain = generate_image(model, prompt, seed=seed, steps=traj.steps, guidance=traj.guidance, lora=lora).image
     pipe = load_model(model)
