@@ -44,6 +44,22 @@ class TestNumbers:
         assert limits.parse_numbers("200, 400 600") == ["200", "400", "600"] and limits.parse_numbers(None) == []
 
 
+    @pytest.mark.parametrize("value,expected", [("0:8", (0, 8)), (":8", (0, 8)), ("5:", (5, 25)), (" 2 : 3 ", (2, 3)),
+                                                ("", (0, 25)), (None, (0, 25)), ((0, None), (0, 25)),
+                                                ((3.0, "7"), (3, 7))])
+    def test_step_range_forms(self, value, expected):
+        """START:STOP with either end open, a pair, or nothing (every step)."""
+        assert limits.check_step_range(value, 25) == expected
+
+    @pytest.mark.parametrize("value,match", [("8", "must be START:STOP"), ("1:2:3", "must be START:STOP"),
+                                             ("9:3", "9:3 are empty"), ("0:26", r"STOP must be a whole number in 1\.\.25"),
+                                             ("25:", r"first corrected step must be a whole number in 0\.\.24"),
+                                             ("1.5:3", "first corrected step"), ("a:4", "first corrected step")])
+    def test_step_range_refused(self, value, match):
+        with pytest.raises(ValueError, match=match):
+            limits.check_step_range(value, 25)
+
+
 class TestText:
     def test_captions_are_counted_and_cleaned(self):
         """Whitespace collapsed; too few, too many, empty: one-line messages."""
