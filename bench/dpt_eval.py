@@ -118,7 +118,7 @@ def cmd_selfcorr(a, pipe) -> None:
     seeds = [NOISE_SEEDS[a.split] + i for i in range(len(prompts))]
     pipe, ad = tdpt.find_tuned(pipe) if a.tuned else (pipe, tdpt.find_adapter(pipe))  # stage 2: all rows tuned
     steps = pipe.discolens_defaults.steps
-    res: dict = {"command": " ".join(sys.argv), "split": a.split, "n": len(prompts), "steps": steps,
+    res: dict = {"command": " ".join(sys.argv), "split": a.split, "n": len(prompts), "kinds": a.kinds, "steps": steps,
                  "model": "dpt-tuned (stage 2)" if a.tuned else "base", "settings": {}}
 
     def record(name, imgs, calls, backwards=0):
