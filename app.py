@@ -1028,8 +1028,9 @@ def build_demo() -> gr.Blocks:
                                             elem_id="dpt-guidance")
                 with gr.Row():
                     sc_eta = gr.Number(value=DEFAULT_CORRECTION_ETA, label=f"η, step size (0..{MAX_CORRECTION_ETA:g})",
-                                       info=f"{DEFAULT_CORRECTION_ETA:g} is the paper's; on the bundled model ~100 is the "
-                                            "useful scale (docs/dpt.md). 0 = the plain sampler.", elem_id="dpt-eta")
+                                       info=f"{DEFAULT_CORRECTION_ETA:g} is the paper's; on the bundled model ~100 reading z_t, "
+                                            "~3 reading x0 with the contrast objective (docs/dpt.md). 0 = the plain "
+                                            "sampler.", elem_id="dpt-eta")
                     sc_reading = gr.Dropdown(list(READINGS), value=READINGS[0], label="Reading of Eq. 9",
                                              info="noise_only: the authors' code; latent: the literal equation",
                                              elem_id="dpt-reading")
@@ -1056,8 +1057,10 @@ def build_demo() -> gr.Blocks:
                 sc_strip = _gallery("Per step: |∂s/∂z| map, then the predicted x0", "dpt-strip", 8)
                 sc_table = gr.Dataframe(headers=["what", "text / box (x0 y0 x1 y1)", "value"], elem_id="dpt-table",
                                         interactive=False, wrap=True)
-                gr.Examples([["a red circle left of a blue square", 100.0], ["two red circles", 100.0],
-                             ["a small green triangle", 0.0]], [sc_prompt, sc_eta], label="Examples")
+                gr.Examples([["a red circle left of a blue square", 100.0, "score", "z_t", "", False],
+                             ["two red circles", 3.0, "contrast", "x0", "0:8", True],
+                             ["a small green triangle", 0.0, "score", "z_t", "", False]],
+                            [sc_prompt, sc_eta, sc_objective, sc_read, sc_range, sc_lora], label="Examples")
                 ev = sc_go.click(self_correction, [sc_prompt, model, sc_seed, sc_steps, sc_guidance, sc_eta, sc_reading,
                                                    sc_lora, sc_objective, sc_read, sc_range],
                                  [sc_image, sc_plain, sc_boxed, sc_plot, sc_strip, sc_table, sc_note],

@@ -4,6 +4,8 @@
     python -m bench.selfcorr_summary docs/measurements/dpt/selfcorr_test_x0_base.json [...] [--base FILE]
 
 `--base FILE`: the plain row of FILE (the same split, prompts and seeds) for files run with --skip-base.
+`--versus FILE`: compare every row with FILE's plain row instead of the file's own (e.g. the DPT-tuned model's rows
+against the base model's plain sampler).
 """
 from __future__ import annotations
 
@@ -33,18 +35,24 @@ def _kinds(d: dict) -> tuple[tuple[str, ...], list[str]]:
     raise ValueError("cannot tell the prompts' kinds")
 
 
-def summarise(path: str, base_file: str | None = None) -> list[str]:
+def summarise(path: str, base_file: str | None = None, versus: str | None = None) -> list[str]:
     d = json.load(open(path))
     settings = d["settings"]
     kinds_wanted, kinds = _kinds(d)
     out = [f"{path} ({d['model']}, split {d['split']}, n {d['n']})"]
     base = settings.get("base") or (json.load(open(base_file))["settings"]["base"] if base_file else None)
+    if versus:
+        other = json.load(open(versus))
+        if (other["split"], other["n"]) != (d["split"], d["n"]):
+            raise ValueError(f"{versus} holds other prompts than {path}")
+        base = other["settings"]["base"]
+        out[0] += f"; 'vs plain' is the plain row of {versus} ({other['model']})"
     for name, v in settings.items():
         for kind in kinds_wanted:
             idx = [i for i, k in enumerate(kinds) if k == kind]
             c = [v["correct"][i] for i in idx]
             line = f"  {name:55s} {kind:8s} {sum(c):3d}/{len(c)} = {sum(c) / len(c):.2f} {wilson(sum(c), len(c))}"
-            if base is not None and name != "base":
+            if base is not None and (name != "base" or versus):
                 b = [base["correct"][i] for i in idx]
                 fixed = sum(1 for x, y in zip(b, c) if not x and y)
                 broke = sum(1 for x, y in zip(b, c) if x and not y)
@@ -56,10 +64,11 @@ def summarise(path: str, base_file: str | None = None) -> list[str]:
 
 if __name__ == "__main__":
     args = sys.argv[1:]
-    base_file = None
-    if "--base" in args:
-        i = args.index("--base")
-        base_file = args[i + 1]
-        del args[i:i + 2]
+    opts = {}
+    for flag in ("--base", "--versus"):
+        if flag in args:
+            i = args.index(flag)
+            opts[flag[2:]] = args[i + 1]
+            del args[i:i + 2]
     for p in args:
-        print("\n".join(summarise(p, base_file)))
+        print("\n".join(summarise(p, opts.get("base"), opts.get("versus"))))
