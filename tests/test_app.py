@@ -529,6 +529,7 @@ class TestSelfCorrectionTab:
         img, plain, boxed, fig, strip, table, note = app.self_correction(
             "two red circles", "shapes-v1", 0, 3, 3.0, 3.0, "noise_only", False, "contrast", "x0", "0:2")
         assert "read at x0" in note and "corrected steps 0..2" in note
+        assert fig.layout.annotations[0].text.startswith("log p(y | x0(z_t))")
         assert [v is None for v in fig.data[0].y] == [False, False, True]
 
     def test_bad_step_range_is_a_gr_error(self):

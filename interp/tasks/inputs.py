@@ -625,7 +625,8 @@ def _upscaled(im: Image.Image, side: int) -> Image.Image:
 
 def _trajectory_figure(traj):
     x = list(range(len(traj.s_before)))
-    title = "DPT score s(z_t, y)" if traj.objective == "score" else "log p(y | z_t) among y and its negatives"
+    at = "x0(z_t)" if getattr(traj, "read", "z_t") == "x0" else "z_t"
+    title = f"DPT score s({at}, y)" if traj.objective == "score" else f"log p(y | {at}) among y and its negatives"
     fig = make_subplots(rows=2, cols=1, shared_xaxes=True, subplot_titles=(title, "gradient and change"))
     for name, ys, r in (("s before", traj.s_before, 1), ("s after", traj.s_after, 1),
                         ("|ds/dz|", traj.grad_norm, 2), ("|eta * grad|", traj.latent_change, 2)):

@@ -74,7 +74,8 @@ class Trajectory:
         grad_map: per-latent-pixel gradient magnitude (L2 over channels), float32   [steps, h, w]
         previews: the predicted x0 of each step, decoded, uint8                      [steps, H, W, 3]
         image: the final image, uint8                                                [H, W, 3]
-        unet_calls: UNet forward calls (CFG step = 1, correction = 1, s_after = 1); unet_backwards: backward passes
+        unet_calls: UNet forward calls (CFG step = 1, correction = 1, s_after = 1; read "x0": 2 each for the
+            correction and s_after); unet_backwards: backward passes
         objective: "score" or "contrast"; negatives: the captions contrasted against (contrast; each correction
             call has 1 + len(negatives) rows)
         read: where the adapter reads, "z_t" (Eq. 9) or "x0" (the predicted clean latent at the adapter's t; each
