@@ -120,13 +120,13 @@ def cmd_selfcorr(a, pipe) -> None:
     steps = pipe.discolens_defaults.steps
     res: dict = {"command": " ".join(sys.argv), "split": a.split, "n": len(prompts), "kinds": a.kinds, "steps": steps,
                  "model": "dpt-tuned (stage 2)" if a.tuned else "base", "settings": {}}
+    OUT.mkdir(parents=True, exist_ok=True)
 
-    def record(name, imgs, calls, backwards=0):
+    def record(name, imgs, calls, backwards=0, **extra):
         ok = [bool(check(im, c)["correct"]) for im, c in zip(imgs, prompts)]
         res["settings"][name] = {**rate({"k": sum(ok), "n": len(ok)}), "unet_calls_per_image": calls,
-                                 "unet_backwards_per_image": backwards, "correct": ok}
+                                 "unet_backwards_per_image": backwards, "correct": ok, **extra}
         print(name, res["settings"][name]["rate"], res["settings"][name]["ci95"], calls, flush=True)
-        OUT.mkdir(parents=True, exist_ok=True)
         (OUT / a.out).write_text(json.dumps(res, indent=1))  # after every setting: a stopped sweep keeps its rows
 
     grid = [(o, r, rd, float(e)) for o in a.objectives.split(",") for r in a.readings.split(",")
@@ -144,11 +144,9 @@ def cmd_selfcorr(a, pipe) -> None:
         name = (f"eta={eta:g},{reading}" + ("" if objective == "score" else f",{objective}")
                 + ("" if read == "z_t" else f",read={read}")
                 + ("" if (a.start, a.stop) == (0, None) else f",steps={a.start}:{a.stop or steps}"))
-        rows = 1 + len(trs[0].negatives)  # UNet rows per correction call
-        record(name, imgs, trs[0].unet_calls, trs[0].unet_backwards)
-        res["settings"][name]["correction_rows"] = rows
-        res["settings"][name]["seconds"] = round(time.time() - t0, 1)
-        (OUT / a.out).write_text(json.dumps(res, indent=1))
+        record(name, imgs, trs[0].unet_calls, trs[0].unet_backwards,
+               correction_rows=1 + len(trs[0].negatives),  # UNet rows per correction call
+               seconds=round(time.time() - t0, 1))
     if a.best_of:
         imgs = []
         for i, p in enumerate(prompts):
@@ -156,8 +154,6 @@ def cmd_selfcorr(a, pipe) -> None:
                                  adapter=ad)
             imgs.append(im)
         record(f"best_of_{a.best_of}", imgs, a.best_of * steps + a.best_of)
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / a.out).write_text(json.dumps(res, indent=1))
 
 
 def main() -> None:

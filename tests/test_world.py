@@ -277,6 +277,13 @@ class TestNegatives:
                 assert world.parse_caption(neg).kind == s.kind, (key, neg)
                 assert neg != s.caption, key
 
+    def test_negative_types_are_the_keys_negatives_returns(self, dataset):
+        """world.NEGATIVE_TYPES (what train-dpt --neg-focus accepts) is exactly the set of keys negatives returns."""
+        keys = {k for s in dataset for k in world.negatives(s)}
+        sized = world.scene_from_caption("a big red circle", np.random.default_rng(0))
+        keys |= set(world.negatives(sized))
+        assert keys == set(world.NEGATIVE_TYPES) and len(world.NEGATIVE_TYPES) == len(keys)
+
     def test_negatives_are_deterministic(self, dataset):
         """negatives with the default generator are reproducible."""
         for s in dataset[:30]:

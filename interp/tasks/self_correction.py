@@ -45,7 +45,14 @@ from safetensors.numpy import load_file, save_file
 from models.limits import check_guidance, check_prompt, check_seed, check_steps
 from models.sampling import _defaults, generate_images
 from models.shapes import world
-from models.training.dpt import DPTAdapter, find_adapter, itm_scores, itm_scores_at, itm_scores_clean
+from models.training.dpt import (
+    DPTAdapter,
+    contrast_log_prob,
+    find_adapter,
+    itm_scores,
+    itm_scores_at,
+    itm_scores_clean,
+)
 from models.unet_pass import encode_image
 
 __all__ = ["READINGS", "OBJECTIVES", "READS", "Trajectory", "generate_self_corrected", "best_of_n", "prompt_negatives"]
@@ -247,8 +254,7 @@ def generate_self_corrected(pipe, prompt: str, seed: int = 0, eta: float = 0.5, 
     for i, t in enumerate(timesteps):
         z_in = latents
         if eta > 0 and start <= i < stop:
-            ti = int(t)
-            objective_of = _ObjectiveAt(pipe, adapter, prompt, negs, ti, read, emb, guidance if cfg else None)
+            objective_of = _ObjectiveAt(pipe, adapter, prompt, negs, t, read, emb, guidance if cfg else None)
             with torch.enable_grad():
                 z = latents.detach().float().requires_grad_(True)
                 s = objective_of(z)
@@ -266,14 +272,8 @@ def generate_self_corrected(pipe, prompt: str, seed: int = 0, eta: float = 0.5, 
             if reading == "latent":
                 latents = z_in
         with torch.no_grad():
-            inp = torch.cat([z_in] * 2) if cfg else z_in
-            inp = pipe.scheduler.scale_model_input(inp, t)
-            out = pipe.unet(inp, t, encoder_hidden_states=emb, timestep_cond=None, cross_attention_kwargs=None,
-                            added_cond_kwargs=None, return_dict=False)[0]
+            out = _guided_output(pipe, z_in, t, emb, guidance if cfg else None)
             unet_calls += 1
-            if cfg:
-                u, c = out.chunk(2)
-                out = u + guidance * (c - u)
             if previews:
                 x0 = _x0(pipe, latents.float(), out.float(), int(t))
                 prev.append(_to_uint8(pipe.vae.decode(x0 / pipe.vae.config.scaling_factor, return_dict=False)[0], pipe))
@@ -293,12 +293,24 @@ def generate_self_corrected(pipe, prompt: str, seed: int = 0, eta: float = 0.5, 
     return pil, traj
 
 
-class _ObjectiveAt:
-    """The scalar self-correction ascends at one sampling step (t), as a function of z_t: s(., y), or log p(y | .)
-    among y and `negatives` when given; read at z_t (Eq. 9) or at the guided x0 prediction ("x0"). `calls`: UNet
-    calls of one evaluation."""
+def _guided_output(pipe, z: torch.Tensor, t, emb: torch.Tensor, guidance: float | None) -> torch.Tensor:
+    """The model output at z_t `[1, C, h, w]`, classifier-free guided when `guidance` is given (`emb` then holds the
+    unconditional and the prompt's embeddings): one UNet call."""
+    inp = torch.cat([z] * 2) if guidance is not None else z
+    inp = pipe.scheduler.scale_model_input(inp, t)
+    out = pipe.unet(inp.to(pipe.unet.dtype), t, encoder_hidden_states=emb, return_dict=False)[0]
+    if guidance is not None:
+        u, c = out.chunk(2)
+        out = u + guidance * (c - u)
+    return out
 
-    def __init__(self, pipe, adapter: DPTAdapter, prompt: str, negatives: Sequence[str], t: int, read: str,
+
+class _ObjectiveAt:
+    """The scalar self-correction ascends at one sampling step (timestep t), as a function of z_t: s(., y), or
+    log p(y | .) among y and `negatives` when given; read at z_t (Eq. 9) or at the guided x0 prediction ("x0").
+    `calls`: UNet calls of one evaluation."""
+
+    def __init__(self, pipe, adapter: DPTAdapter, prompt: str, negatives: Sequence[str], t, read: str,
                  emb: torch.Tensor, guidance: float | None) -> None:
         self.pipe, self.adapter, self.captions, self.t, self.read = pipe, adapter, [prompt, *negatives], t, read
         self.contrast = bool(negatives)
@@ -306,21 +318,13 @@ class _ObjectiveAt:
         self.calls = 2 if read == "x0" else 1
 
     def __call__(self, z: torch.Tensor) -> torch.Tensor:
-        pipe, adapter = self.pipe, self.adapter
+        pipe, adapter, ti = self.pipe, self.adapter, int(self.t)
         if self.read == "x0":
-            inp = torch.cat([z] * 2) if self.guidance is not None else z
-            inp = pipe.scheduler.scale_model_input(inp, self.t)
-            out = pipe.unet(inp.to(pipe.unet.dtype), self.t, encoder_hidden_states=self.emb,
-                            return_dict=False)[0].float()
-            if self.guidance is not None:
-                u, c = out.chunk(2)
-                out = u + self.guidance * (c - u)
-            s = itm_scores_clean(pipe, adapter, _x0(pipe, z, out, self.t), self.captions)
+            out = _guided_output(pipe, z, self.t, self.emb, self.guidance).float()
+            s = itm_scores_clean(pipe, adapter, _x0(pipe, z, out, ti), self.captions)
         else:
-            s = itm_scores_at(pipe, adapter, z, self.captions, self.t)
-        if self.contrast:
-            return torch.log_softmax(s * adapter.logit_scale.exp(), 0)[0]
-        return s[0]
+            s = itm_scores_at(pipe, adapter, z, self.captions, ti)
+        return contrast_log_prob(adapter, s) if self.contrast else s[0]
 
 
 def best_of_n(pipe, prompt: str, seeds: Sequence[int], steps: int | None = None, guidance: float | None = None,

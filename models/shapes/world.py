@@ -359,6 +359,11 @@ def word_masks(scene: Scene, size: int = IMAGE_SIZE) -> list[np.ndarray | None]:
 # ----------------------------------------------------------------------------------------------
 # Hard negatives
 # ----------------------------------------------------------------------------------------------
+# the keys `negatives` may return (what a negative changes), in the order it builds them
+NEGATIVE_TYPES = ("swap_attributes", "swap_roles", "flip_relation", "subject_color", "object_color", "subject_shape",
+                  "object_shape", "change_count", "change_color", "change_shape", "change_size")
+
+
 def negatives(scene: Scene, rng: np.random.Generator | None = None) -> dict[str, str]:
     """Hard-negative captions of a scene, keyed by type.
 

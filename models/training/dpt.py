@@ -56,19 +56,16 @@ from models.unet_pass import native_size, noised_unet_pass
 
 __all__ = ["ADAPTERS_DIR", "DPT_SEEDS", "DPTTrainConfig", "text_embeddings", "encode_images", "dpt_features",
            "features_at", "block_shapes", "new_adapter", "positive_tokens", "itm_scores", "itm_scores_clean", "itm_scores_at",
-           "itm_contrast_at",
+           "itm_contrast_at", "contrast_log_prob",
            "ground_boxes", "make_batch", "train_dpt", "evaluate_rec", "rec_accuracy", "evaluate_itm_pairs", "export_adapter",
            "adapter_dir_for", "tuned_dir_for", "find_adapter", "tuned_pipe", "find_tuned"]
 
 DPT_SEEDS = {"train": 50_000, "validation": 50_001, "test": 50_002}
-# the keys of `world.negatives` (what `--neg-focus` may name)
-NEGATIVE_KEYS = ("swap_attributes", "swap_roles", "flip_relation", "subject_color", "object_color", "subject_shape",
-                 "object_shape", "change_count", "change_color", "change_shape", "change_size")
 
 
 def _check_keys(v) -> tuple[str, ...]:
     for k in v:
-        check_choice(k, NEGATIVE_KEYS)
+        check_choice(k, world.NEGATIVE_TYPES)
     return tuple(v)
 
 
@@ -197,7 +194,13 @@ def itm_contrast_at(pipe, adapter: DPTAdapter, z_t: torch.Tensor, caption: str, 
     temperature, as in its contrastive training), differentiable w.r.t. z_t; one UNet call with 1 + len(negatives)
     rows. Returns (log p `[]`, s(z_t, y) `[]`)."""
     s = itm_scores_at(pipe, adapter, z_t, [caption, *negatives], t)
-    return torch.log_softmax(s * adapter.logit_scale.exp(), 0)[0], s[0]
+    return contrast_log_prob(adapter, s), s[0]
+
+
+def contrast_log_prob(adapter: DPTAdapter, scores: torch.Tensor) -> torch.Tensor:
+    """log p(y | z) of the first of K captions' scores `[K]` among all K: the log-softmax at the adapter's learned
+    temperature (its contrastive training's). Returns `[]`."""
+    return torch.log_softmax(scores * adapter.logit_scale.exp(), 0)[0]
 
 
 @torch.no_grad()

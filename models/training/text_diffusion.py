@@ -90,7 +90,7 @@ class TextDiffusionConfig:
                          "folder of the run's state: feature caches, checkpoint, loss log")
     model: str | None = config_field(None, "the diffusion model whose UNet is read (default: the bundled shapes-v1)")
     mode: str = config_field("frozen", "frozen (UNet frozen, cached features) or dual (UNet trained too, L_image + "
-                     "text_weight * L_text)", check=lambda v: _check_choice(v, ("frozen", "dual")))
+                     "text_weight * L_text)", check=lambda v: check_choice(v, ("frozen", "dual")))
     timestep: int = config_field(0, "discriminative timestep the UNet is read at: 0..999, or 1000 = DiffDis's extra "
                          "timestep (learned embedding, clean latent)", ge=0, le=EXTRA_TIMESTEP)
     seed: int = config_field(7, "seed of the training scenes and the initialisation", ge=0)
@@ -108,13 +108,13 @@ class TextDiffusionConfig:
     warmup: int = config_field(100, "linear warm-up steps", ge=1)
     lr_schedule: str = config_field("constant", "after the warm-up: constant, or cosine (decays to 0 at --steps; a "
                                     "resumed run with another --steps follows the new curve)",
-                                    check=lambda v: _check_choice(v, LR_SCHEDULES))
+                                    check=lambda v: check_choice(v, LR_SCHEDULES))
     max_len: int = config_field(12, "text positions L (a new run only)", ge=9)
     hidden: int = config_field(128, "transformer width (a new run only)", ge=8)
     layers: int = config_field(4, "transformer layers (a new run only)", ge=1)
     heads: int = config_field(4, "attention heads (a new run only)", ge=1)
     img_pos: str = config_field("learned", "position code of the image tokens: learned, or sincos (fixed 2-D "
-                        "sine-cosine + learned; a new run only)", check=lambda v: _check_choice(v, IMG_POS))
+                        "sine-cosine + learned; a new run only)", check=lambda v: check_choice(v, IMG_POS))
     word_maps: tuple[str, ...] = config_field((), "prompts whose words' cross-attention maps are added to the image "
                                       "tokens (one traced UNet row per prompt and image; a new run only), e.g. "
                                       "'red green blue yellow purple orange' 'circle square triangle'",
@@ -156,9 +156,6 @@ def _check_prompts(v):
     if any(not p.split() for p in v):
         raise ValueError("expected non-empty prompts")
     return v
-
-
-_check_choice = check_choice
 
 
 # ------------------------------------------------------------------------------------------------
