@@ -4,12 +4,14 @@ benchmarks), self-correction on count prompts. Writes JSON under docs/measuremen
     python -m bench.dpt_eval val --work ~/.cache/discolens/dpt/s1 --ts 100,250,400
     python -m bench.dpt_eval export --snap ~/.cache/discolens/dpt/s1/snap-01200 --t 250
     python -m bench.dpt_eval test                       # --parts rec: only the grounding reading
+    python -m bench.dpt_eval fuse-val --write           # the dpt_fused scorer's weight, chosen on validation
     python -m bench.dpt_eval selfcorr --split validation --n 40 --etas 0.5,2 --best-of 4 [--objectives score,contrast]
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -74,14 +76,17 @@ def cmd_export(a, pipe) -> None:
 def cmd_test(a, pipe) -> None:
     from interp.scorers.base import MatchOptions
     from interp.scorers.dpt import DPTScorer, DPTTunedScorer
+    from interp.scorers.dpt_fused import DPTFusedScorer
     from interp.tasks.matching_eval import evaluate_matching
 
     base = pipe
+    a.tuned = a.tuned or a.fused
     if a.tuned:  # stage 2: the tuned model and its adapter
         pipe, ad = tdpt.find_tuned(pipe)
     else:
         ad = tdpt.find_adapter(pipe)
     out: dict = {"command": " ".join(sys.argv), "seed": tdpt.DPT_SEEDS["test"], "t": ad.config.t,
+                 "fused_denoise_weight": ad.config.fused_denoise_weight if a.fused else None,
                  "trained_steps": ad.config.trained_steps, "stage": ad.config.stage}
     parts = set(a.parts.split(","))
     if "rec" in parts:
@@ -93,19 +98,74 @@ def cmd_test(a, pipe) -> None:
         print("rec", out["rec"], out["rec_by_kind"], flush=True)
     if "itm" in parts:
         itm = tdpt.evaluate_itm_pairs(pipe, ad, world.sample_dataset(tdpt.DPT_SEEDS["test"], a.n_itm,
-                                                                     exclude_compositional=False))
+                                                                     exclude_compositional=False),
+                                      denoise_weight=ad.config.fused_denoise_weight if a.fused else 0.0)
         out["itm_pairs"] = rate(itm["overall"])
         out["itm_pairs_by_type"] = {k: rate(v) for k, v in itm["by_type"].items()}
         print("itm", out["itm_pairs"], flush=True)
     out["benchmarks"] = {}
     for name in (a.benchmarks.split(",") if "benchmarks" in parts else []):
-        scorer = DPTTunedScorer() if a.tuned else DPTScorer()
+        scorer = DPTFusedScorer() if a.fused else DPTTunedScorer() if a.tuned else DPTScorer()
         r = evaluate_matching(base, name, MatchOptions(), split="test", scorer=scorer, per_item=False)
         out["benchmarks"][name] = {k: r[k] for k in ("metrics", "by_type", "n_items", "unet_calls", "unet_evals",
                                                       "pairs", "unet_evals_per_pair")}
         print(name, r["metrics"], r["unet_evals_per_pair"], flush=True)
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / a.out).write_text(json.dumps(out, indent=1))
+
+
+def weight_rule(weights: list[float], correct: list[int]) -> float:
+    """The validation choice of the fused weight: the highest pair accuracy; ties: the longest run of adjacent grid
+    weights that reach it, and in it the weight nearest (in log) to the run's geometric centre (0 when the run
+    starts at 0: the adapter alone is as good)."""
+    best = max(correct)
+    runs, cur = [], []
+    for i, k in enumerate(correct):
+        cur = cur + [i] if k == best else []
+        if cur:
+            runs.append(list(cur))
+    run = max(runs, key=len)
+    lo, hi = weights[run[0]], weights[run[-1]]
+    if lo == 0:
+        return 0.0
+    centre = math.sqrt(lo * hi)
+    return min((weights[i] for i in run), key=lambda w: abs(math.log(w / centre)))
+
+
+def cmd_fuse_val(a, pipe) -> None:
+    from interp.scorers.base import MatchOptions
+    from interp.scorers.dpt_fused import DPTFusedScorer
+    from interp.tasks.matching_eval import evaluate_matching
+
+    tpipe, ad = tdpt.find_tuned(pipe)
+    weights = [float(w) for w in a.weights.split(",")]
+    scenes = world.sample_dataset(tdpt.DPT_SEEDS["validation"], a.n_itm, exclude_compositional=False)
+    readings = tdpt.itm_pair_readings(tpipe, ad, scenes)
+    rows = []
+    for w in weights:
+        acc = tdpt.pair_accuracy(readings, w)
+        row = {"weight": w, "itm": rate(acc["overall"]), "itm_by_type": {k: rate(v) for k, v in acc["by_type"].items()},
+               "train_splits": {}}
+        for name in a.benchmarks.split(",") if a.benchmarks else []:
+            r = evaluate_matching(pipe, name, MatchOptions(), split="train", scorer=DPTFusedScorer(denoise_weight=w),
+                                  per_item=False)
+            row["train_splits"][name] = r["metrics"]
+        rows.append(row)
+        print(w, row["itm"], {k: v for k, v in row["train_splits"].items()}, flush=True)
+    chosen = weight_rule(weights, [r["itm"]["k"] for r in rows])
+    out = {"command": " ".join(sys.argv), "seed": tdpt.DPT_SEEDS["validation"], "n_scenes": a.n_itm,
+           "adapter": str(tdpt.tuned_dir_for(pipe)), "rows": rows,
+           "chosen": {"weight": chosen, "rule": "max pair accuracy (validation); ties: the weight nearest the "
+                                                   "geometric centre of the longest tied run (bench.dpt_eval.weight_rule)"}}
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / a.out).write_text(json.dumps(out, indent=1))
+    print("chosen", out["chosen"])
+    if a.write:
+        cfg_file = tdpt.tuned_dir_for(pipe) / "config.json"
+        cfg = json.loads(cfg_file.read_text())
+        cfg["fused_denoise_weight"] = chosen
+        cfg_file.write_text(json.dumps(cfg, indent=2) + "\n")
+        print("written to", cfg_file)
 
 
 def cmd_selfcorr(a, pipe) -> None:
@@ -176,6 +236,13 @@ def main() -> None:
     t.add_argument("--out", default="test.json")
     t.add_argument("--parts", default="rec,itm,benchmarks", help="which readings: rec, itm, benchmarks")
     t.add_argument("--tuned", action="store_true", help="the stage-2 model (assets/adapters/<model>-dpt-lora)")
+    t.add_argument("--fused", action="store_true", help="the stage-2 model fused with its denoising error (dpt_fused)")
+    f = sub.add_parser("fuse-val")
+    f.add_argument("--weights", default="0,0.05,0.1,0.15,0.2,0.3,0.5,0.7,1,1.5,2,3,5")
+    f.add_argument("--n-itm", type=int, default=100)
+    f.add_argument("--benchmarks", default="winoground,comvg,counting,refcocog", help="their train splits, reported")
+    f.add_argument("--write", action="store_true", help="store the chosen weight in the shipped adapter's config")
+    f.add_argument("--out", default="fuse_validation.json")
     s = sub.add_parser("selfcorr")
     s.add_argument("--split", default="validation")
     s.add_argument("--n", type=int, default=40)
@@ -193,7 +260,8 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(1)
     pipe = load_pipeline(device="cpu")
-    {"val": cmd_val, "export": cmd_export, "test": cmd_test, "selfcorr": cmd_selfcorr}[a.cmd](a, pipe)
+    {"val": cmd_val, "export": cmd_export, "test": cmd_test, "fuse-val": cmd_fuse_val,
+     "selfcorr": cmd_selfcorr}[a.cmd](a, pipe)
 
 
 if __name__ == "__main__":

@@ -49,6 +49,8 @@ def dpt_lora_dir(tiny_pipe, dpt_dir, tmp_path_factory):
 def _scorer(name: str, dpt_dir, dpt_lora_dir=None):
     if name in ("dpt", "dpt_lora"):
         return get_scorer(name, adapter_dir=dpt_dir if name == "dpt" else dpt_lora_dir)
+    if name == "dpt_fused":
+        return get_scorer(name, adapter_dir=dpt_lora_dir, denoise_weight=0.5)
     return get_scorer(name)
 
 
@@ -108,6 +110,63 @@ def test_dpt_lora_reads_the_tuned_copy(tiny_pipe, image, dpt_dir, dpt_lora_dir, 
     assert get_scorer("dpt", adapter_dir=dpt_dir).score(tiny_pipe, image, CAPTIONS, OPTS).scores == plain
     with pytest.raises(ValueError, match="train-dpt --stage 2"):
         get_scorer("dpt_lora", adapter_dir=dpt_dir).score(tiny_pipe, image, CAPTIONS, OPTS)
+
+
+class TestDPTFused:
+    """dpt_fused: the stage-2 adapter's scores minus w x the same call's relative denoising errors."""
+
+    def test_is_dpt_lora_minus_the_relative_error_of_the_same_call(self, tiny_pipe, image, dpt_lora_dir):
+        from models.unet_pass import encode_image, noised_unet_pass
+
+        lora = get_scorer("dpt_lora", adapter_dir=dpt_lora_dir).score(tiny_pipe, image, CAPTIONS, OPTS)
+        res = get_scorer("dpt_fused", adapter_dir=dpt_lora_dir, denoise_weight=0.7).score(tiny_pipe, image, CAPTIONS,
+                                                                                          OPTS)
+        assert res.unet_calls == 1 and res.unet_evals == len(CAPTIONS) and res.extra["denoise_weight"] == 0.7
+        assert np.allclose(res.extra["adapter_scores"], lora.scores, atol=1e-6)
+        tuned, adapter = tdpt.find_tuned(tiny_pipe, dpt_lora_dir)  # the errors are the tuned UNet's, at the adapter's t
+        err = noised_unet_pass(tuned, encode_image(tuned, image), CAPTIONS, [adapter.config.t], traced=False,
+                               noise_seed=OPTS.noise_seed).errors[:, 0].numpy()
+        assert np.allclose(res.extra["denoise_errors"], err, rtol=1e-5)
+        want = np.array(lora.scores) - 0.7 * err / err.mean()
+        assert np.allclose(res.scores, want, atol=1e-5)
+
+    def test_weight_zero_is_dpt_lora_and_a_huge_weight_ranks_by_the_error(self, tiny_pipe, image, dpt_lora_dir):
+        lora = get_scorer("dpt_lora", adapter_dir=dpt_lora_dir).score(tiny_pipe, image, CAPTIONS, OPTS)
+        zero = get_scorer("dpt_fused", adapter_dir=dpt_lora_dir, denoise_weight=0.0).score(tiny_pipe, image, CAPTIONS,
+                                                                                           OPTS)
+        assert np.allclose(zero.scores, lora.scores, atol=1e-7)
+        big = get_scorer("dpt_fused", adapter_dir=dpt_lora_dir, denoise_weight=1e6).score(tiny_pipe, image, CAPTIONS,
+                                                                                          OPTS)
+        assert [c for c, _ in big.ranking()] == [CAPTIONS[i] for i in np.argsort(big.extra["denoise_errors"])]
+
+    def test_weight_comes_from_the_adapter_config(self, tiny_pipe, image, dpt_lora_dir, tmp_path):
+        import json
+        import shutil
+
+        with pytest.raises(ValueError, match="fuse-val"):  # the fixture's adapter has no weight chosen
+            get_scorer("dpt_fused", adapter_dir=dpt_lora_dir).score(tiny_pipe, image, CAPTIONS, OPTS)
+        d = shutil.copytree(dpt_lora_dir, tmp_path / "with-weight")
+        cfg = json.loads((d / "config.json").read_text())
+        (d / "config.json").write_text(json.dumps({**cfg, "fused_denoise_weight": 0.7}))
+        res = get_scorer("dpt_fused", adapter_dir=d).score(tiny_pipe, image, CAPTIONS, OPTS)
+        explicit = get_scorer("dpt_fused", adapter_dir=dpt_lora_dir, denoise_weight=0.7).score(tiny_pipe, image,
+                                                                                               CAPTIONS, OPTS)
+        assert res.extra["denoise_weight"] == 0.7 and res.scores == explicit.scores
+
+    @pytest.mark.parametrize("w", [-0.1, float("nan"), float("inf")])
+    def test_bad_weight(self, w):
+        with pytest.raises(ValueError, match="denoise_weight"):
+            get_scorer("dpt_fused", denoise_weight=w)
+
+    def test_pair_accuracy_fuses_and_counts_by_type(self):
+        """Hand-made readings: the adapter alone misses one pair, the error fixes it at a large enough weight."""
+        readings = [{"types": ["true", "swap_roles", "change_color"], "scores": [0.5, 0.6, 0.1],
+                     "errors": [1.0, 1.2, 1.0]}]
+        alone = tdpt.pair_accuracy(readings, 0.0)
+        assert alone["overall"] == {"k": 1, "n": 2} and alone["by_type"]["swap_roles"] == {"k": 0, "n": 1}
+        # fused: 0.5 - w * 1/1.0667 vs 0.6 - w * 1.2/1.0667: the true caption wins once w * 0.2 / 1.0667 > 0.1
+        assert tdpt.pair_accuracy(readings, 0.5)["overall"] == {"k": 1, "n": 2}
+        assert tdpt.pair_accuracy(readings, 0.6)["overall"] == {"k": 2, "n": 2}
 
 
 @pytest.mark.parametrize("name", [n for n in scorer_names() if get_scorer(n).shares_pass])

@@ -13,6 +13,7 @@ from interp.scorers.base import DEFAULT_TIMESTEPS, MatchOptions, PassSpec, Score
 from interp.scorers.denoise import DenoiseNormScorer, DenoiseScorer
 from interp.scorers.discffusion import DiscffusionScorer
 from interp.scorers.dpt import DPTScorer, DPTTunedScorer
+from interp.scorers.dpt_fused import DPTFusedScorer
 from interp.scorers.head_weighted import HeadWeightedScorer
 from interp.scorers.pooled import PooledAttentionScorer
 from interp.scorers.routed import RoutedScorer
@@ -26,6 +27,7 @@ _REGISTRY = {
     "auto": RoutedScorer,
     "dpt": DPTScorer,  # needs a trained adapter (assets/adapters/<model>-dpt; docs/dpt.md)
     "dpt_lora": DPTTunedScorer,  # stage 2: adapter + LoRA (assets/adapters/<model>-dpt-lora; docs/dpt.md)
+    "dpt_fused": DPTFusedScorer,  # dpt_lora + the same call's denoising error (weight chosen on validation)
     "structure": StructureScorer,
     "denoise": DenoiseScorer,
     "denoise_norm": DenoiseNormScorer,

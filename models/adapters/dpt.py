@@ -67,6 +67,8 @@ class DPTConfig:
         vl_pool: the image memory is average-pooled by this factor before the regression head's encoder (2: a
             16x16 map becomes 64 tokens, ~4x cheaper on the CPU).
         trained_steps / stage: provenance.
+        fused_denoise_weight: the weight of the same UNet call's relative denoising error in the `dpt_fused`
+            scorer, chosen on validation (`bench/dpt_eval.py fuse-val --write`); None: not chosen.
     """
 
     blocks: tuple[str, ...] = ("up_blocks.1",)
@@ -91,6 +93,7 @@ class DPTConfig:
     rec_head: str = "queries"
     vl_layers: int = 2
     vl_pool: int = 2
+    fused_denoise_weight: float | None = None
 
     def __post_init__(self) -> None:
         self.blocks = tuple(self.blocks)

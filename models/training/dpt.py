@@ -54,11 +54,12 @@ from models.shapes import referring, world
 from models.training.common import LR_SCHEDULES, atomic_save, check_choice, config_field, scheduled_lr
 from models.unet_pass import native_size, noised_unet_pass
 
-__all__ = ["ADAPTERS_DIR", "DPT_SEEDS", "DPTTrainConfig", "text_embeddings", "encode_images", "dpt_features",
-           "features_at", "block_shapes", "new_adapter", "positive_tokens", "itm_scores", "itm_scores_clean", "itm_scores_at",
-           "itm_contrast_at", "contrast_log_prob",
-           "ground_boxes", "make_batch", "train_dpt", "evaluate_rec", "rec_accuracy", "evaluate_itm_pairs", "export_adapter",
-           "adapter_dir_for", "tuned_dir_for", "find_adapter", "tuned_pipe", "find_tuned"]
+__all__ = ["ADAPTERS_DIR", "DPT_SEEDS", "DPTTrainConfig", "text_embeddings", "encode_images",
+           "dpt_features", "features_at", "block_shapes", "new_adapter", "positive_tokens", "itm_scores",
+           "itm_scores_clean", "itm_pass", "fuse_denoise", "itm_scores_at", "itm_contrast_at",
+           "contrast_log_prob", "ground_boxes", "make_batch", "train_dpt", "evaluate_rec", "rec_accuracy",
+           "evaluate_itm_pairs", "itm_pair_readings", "pair_accuracy", "export_adapter", "adapter_dir_for",
+           "tuned_dir_for", "find_adapter", "tuned_pipe", "find_tuned"]
 
 DPT_SEEDS = {"train": 50_000, "validation": 50_001, "test": 50_002}
 
@@ -113,11 +114,18 @@ def dpt_features(pipe, latents: torch.Tensor, captions: Sequence[str], t: int, b
     Returns:
         one tensor per block `[K, C_b, h_b, w_b]` float32 on the UNet's device.
     """
+    return _features_and_errors(pipe, latents, captions, t, blocks, noise, noise_seed, grad)[0]
+
+
+def _features_and_errors(pipe, latents, captions, t, blocks, noise=None, noise_seed=0, grad=False
+                         ) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """`dpt_features` and each row's denoising error of the same UNet call (`PassResult.errors`, `[K]` float32
+    on the CPU, detached)."""
     nz = None if noise is None else noise.reshape(1, *noise.shape[-3:])
     res = noised_unet_pass(pipe, latents, list(captions), [int(t)], noise_seed=noise_seed, traced=False,
                            features=list(blocks), noise=nz, grad=grad)
     dev = pipe.unet.device
-    return [res.features[b][:, 0].to(dev) for b in blocks]
+    return [res.features[b][:, 0].to(dev) for b in blocks], res.errors[:, 0]
 
 
 def features_at(pipe, z_t: torch.Tensor, captions: Sequence[str], t: int, blocks: Sequence[str],
@@ -169,12 +177,29 @@ def itm_scores_clean(pipe, adapter: DPTAdapter, latent: torch.Tensor, captions: 
                      noise_seed: int = 0) -> torch.Tensor:
     """`itm_scores` keeping the graph when grad is enabled (w.r.t. the clean latent `[1, C, h, w]`, noised at the
     adapter's t with the noise of `noise_seed`): `[K]` on the UNet's device."""
+    return itm_pass(pipe, adapter, latent, captions, t, noise_seed)[0]
+
+
+def itm_pass(pipe, adapter: DPTAdapter, latent: torch.Tensor, captions: Sequence[str], t: int | None = None,
+             noise_seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """One UNet call (K rows) at the adapter's t: the adapter's s(z, y) `[K]` (graph kept when grad is enabled, on
+    the UNet's device) and each caption's denoising error of that same call (the model's prediction space, as the
+    `denoise` scorer reads it) `[K]` float32 on the CPU."""
     t = adapter.config.t if t is None else t
-    feats = dpt_features(pipe, latent, captions, t, adapter.config.blocks, noise_seed=noise_seed,
-                         grad=torch.is_grad_enabled())
+    feats, errors = _features_and_errors(pipe, latent, captions, t, adapter.config.blocks, noise_seed=noise_seed,
+                                         grad=torch.is_grad_enabled())
     out = adapter(feats, torch.full((len(captions),), t, device=feats[0].device))
     pooled, _, _ = text_embeddings(pipe, captions)
-    return itm_score(out.match, pooled)
+    return itm_score(out.match, pooled), errors
+
+
+def fuse_denoise(scores: torch.Tensor, errors: torch.Tensor, weight: float) -> torch.Tensor:
+    """The adapter's scores `[K]` minus `weight` x each caption's denoising error relative to the K captions' mean
+    error (the same call's errors `[K]`; relative, so one weight serves images of any contrast): `[K]` float32 on
+    the CPU. A caption's fused score depends on the other candidates, as a softmax's does; the ranking is what
+    it is for."""
+    e = errors.float().cpu()
+    return scores.detach().float().cpu() - float(weight) * e / e.mean().clamp_min(1e-12)
 
 
 def itm_scores_at(pipe, adapter: DPTAdapter, z_t: torch.Tensor, caption: str | Sequence[str], t: int
@@ -515,17 +540,35 @@ def rec_accuracy(kinds: Sequence[str], ious: Sequence[float]) -> dict:
     return {"overall": {"k": sum(d["k"] for d in by_kind.values()), "n": len(ious)}, "by_kind": by_kind}
 
 
-def evaluate_itm_pairs(pipe, adapter: DPTAdapter, scenes: Sequence[world.Scene], t: int | None = None) -> dict:
-    """Hard-negative text accuracy: per scene and negative type, s(image, caption) > s(image, negative).
+def evaluate_itm_pairs(pipe, adapter: DPTAdapter, scenes: Sequence[world.Scene], t: int | None = None,
+                       denoise_weight: float = 0.0) -> dict:
+    """Hard-negative text accuracy: per scene and negative type, s(image, caption) > s(image, negative)
+    (`denoise_weight` > 0: the scores fused with the same call's denoising errors, `fuse_denoise`).
 
     Returns: {"overall": {"k", "n"}, "by_type": {type: {"k", "n"}}}.
     """
-    by: dict[str, dict] = {}
+    return pair_accuracy(itm_pair_readings(pipe, adapter, scenes, t), denoise_weight)
+
+
+def itm_pair_readings(pipe, adapter: DPTAdapter, scenes: Sequence[world.Scene], t: int | None = None) -> list[dict]:
+    """Per scene, one UNet call on its caption and its hard negatives (`world.negatives`, rng 0): {"types":
+    ["true", negative types...], "scores": [1 + n] adapter scores, "errors": [1 + n] denoising errors}."""
+    rows = []
     for s in scenes:
         negs = world.negatives(s, np.random.default_rng(0))
-        caps = [s.caption] + list(negs.values())
-        sc = itm_scores(pipe, adapter, encode_images(pipe, [world.render(s)]), caps, t)
-        for j, key in enumerate(negs, start=1):
+        with torch.no_grad():
+            sc, err = itm_pass(pipe, adapter, encode_images(pipe, [world.render(s)]), [s.caption, *negs.values()], t)
+        rows.append({"types": ["true", *negs], "scores": sc.float().cpu().tolist(), "errors": err.tolist()})
+    return rows
+
+
+def pair_accuracy(readings: Sequence[dict], denoise_weight: float = 0.0) -> dict:
+    """`evaluate_itm_pairs`'s counts from `itm_pair_readings` (the true caption beats each negative), the scores
+    fused with the denoising errors at `denoise_weight` (0: the adapter alone)."""
+    by: dict[str, dict] = {}
+    for r in readings:
+        sc = fuse_denoise(torch.tensor(r["scores"]), torch.tensor(r["errors"]), denoise_weight)
+        for j, key in enumerate(r["types"][1:], start=1):
             d = by.setdefault(key, {"k": 0, "n": 0})
             d["k"] += int(sc[0] > sc[j])
             d["n"] += 1
