@@ -153,8 +153,12 @@ def cmd_fuse_val(a, pipe) -> None:
         rows.append(row)
         print(w, row["itm"], {k: v for k, v in row["train_splits"].items()}, flush=True)
     chosen = weight_rule(weights, [r["itm"]["k"] for r in rows])
+    alone = tdpt.pair_accuracy([{**r, "scores": [0.0] * len(r["scores"])} for r in readings], 1.0)
+    print("denoising error alone", rate(alone["overall"]), flush=True)
     out = {"command": " ".join(sys.argv), "seed": tdpt.DPT_SEEDS["validation"], "n_scenes": a.n_itm,
            "adapter": str(tdpt.tuned_dir_for(pipe)), "rows": rows,
+           "denoise_alone": {"itm": rate(alone["overall"]),
+                             "itm_by_type": {k: rate(v) for k, v in alone["by_type"].items()}},
            "chosen": {"weight": chosen, "rule": "max pair accuracy (validation); ties: the weight nearest the "
                                                    "geometric centre of the longest tied run (bench.dpt_eval.weight_rule)"}}
     OUT.mkdir(parents=True, exist_ok=True)

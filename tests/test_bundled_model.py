@@ -135,3 +135,31 @@ class TestPlainTwin:
         assert img.shape == (1, 64, 64, 3) and torch.isfinite(torch.from_numpy(img)).all()
         size = sum(p.stat().st_size for p in self.PLAIN.rglob("*") if p.is_file())
         assert size <= 50 * 2**20 and not list(self.PLAIN.rglob("*.bin"))
+
+
+class TestShippedFusedScorer:
+    """The shipped stage-2 DPT adapter carries the dpt_fused weight chosen on validation, and the scorer reads
+    the bundled model's hard negatives with it (validation: 411 / 411 pairs; docs/dpt.md, session 14)."""
+
+    def test_weight_is_the_validation_choice(self):
+        import json
+
+        from models.training.dpt import tuned_dir_for
+
+        chosen = json.loads((Path(__file__).resolve().parent.parent / "docs/measurements/dpt/fuse_validation.json")
+                            .read_text())["chosen"]["weight"]
+        cfg = json.loads((tuned_dir_for(load_pipeline(device="cpu")) / "config.json").read_text())
+        assert cfg["fused_denoise_weight"] == chosen
+
+    def test_reads_validation_hard_negatives(self, bundled):
+        import numpy as np
+
+        from interp.scorers import get_scorer
+        from models.training import dpt as tdpt
+
+        fused = get_scorer("dpt_fused")
+        for scene in world.sample_dataset(tdpt.DPT_SEEDS["validation"], 8, exclude_compositional=False):
+            caps = [scene.caption, *world.negatives(scene, np.random.default_rng(0)).values()]
+            res = fused.score(bundled, world.render(scene), caps)
+            assert res.unet_calls == 1 and res.unet_evals == len(caps)
+            assert res.scores[0] > max(res.scores[1:]), (scene.caption, res.scores)

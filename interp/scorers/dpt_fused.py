@@ -15,6 +15,8 @@ import math
 from pathlib import Path
 from typing import Sequence
 
+import torch
+
 from models.limits import validate_captions
 from models.training.dpt import fuse_denoise, itm_pass
 from models.unet_pass import encode_image
@@ -59,11 +61,12 @@ class DPTFusedScorer(DPTTunedScorer):
         pipe, adapter = self._reader(pipe)
         w = self._weight(adapter)
         t = adapter.config.t if self.t is None else int(self.t)
-        s, err = itm_pass(pipe, adapter, encode_image(pipe, image), caps, t, noise_seed=options.noise_seed)
+        with torch.no_grad():
+            s, err = itm_pass(pipe, adapter, encode_image(pipe, image), caps, t, noise_seed=options.noise_seed)
         fused = fuse_denoise(s, err, w)
         return ScoreResult(self.name, caps, [float(v) for v in fused], unet_calls=1, unet_evals=len(caps),
                            extra={"t": t, "adapter": str(self.adapter_dir or "shipped"), "denoise_weight": w,
-                                  "adapter_scores": s.detach().float().cpu().tolist(), "denoise_errors": err.tolist()})
+                                  "adapter_scores": s.float().cpu().tolist(), "denoise_errors": err.tolist()})
 
     def _weight(self, adapter) -> float:
         if self.denoise_weight is not None:
