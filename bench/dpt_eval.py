@@ -194,7 +194,7 @@ def cmd_selfcorr(a, pipe) -> None:
         (OUT / a.out).write_text(json.dumps(res, indent=1))  # after every setting: a stopped sweep keeps its rows
 
     grid = [(o, r, rd, float(e)) for o in a.objectives.split(",") for r in a.readings.split(",")
-            for rd in a.reads.split(",") for e in a.etas.split(",")]
+            for rd in a.reads.split(",") for e in a.etas.split(",") if e]
     if not a.skip_base:
         record("base", generate_images(pipe, prompts, seeds), steps)
     for objective, reading, read, eta in grid:
