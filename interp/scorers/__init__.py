@@ -2,7 +2,7 @@
 and the matching report all read.
 
     >>> from interp.scorers import get_scorer, scorer_names
-    >>> scorer_names()                     # ('auto', 'structure', 'denoise', 'denoise_norm', 'lse', 'discffusion', ...)
+    >>> scorer_names()                     # ('auto', 'dpt_fused', 'dpt_lora', 'dpt', 'structure', 'denoise', ...)
     >>> res = get_scorer("auto").score(pipe, image, captions, MatchOptions())   # a ScoreResult
 
 Adding a scorer: a file in this folder with a `Scorer` subclass (see `base.py`), and one line in `_REGISTRY`.
@@ -22,12 +22,13 @@ from interp.scorers.structure import StructureScorer
 __all__ = ["DEFAULT_SCORER", "DEFAULT_TIMESTEPS", "MatchOptions", "PassSpec", "ScoreResult", "Scorer", "get_scorer",
            "scorer_names", "scorers"]
 
-# name -> factory; the order is the order users see (best measured first: docs/measurements/matching_scorers_*)
+# name -> factory; the order is the order users see (auto first: it serves any model; then best measured first:
+# docs/dpt.md, docs/measurements/matching_scorers_*)
 _REGISTRY = {
     "auto": RoutedScorer,
-    "dpt": DPTScorer,  # needs a trained adapter (assets/adapters/<model>-dpt; docs/dpt.md)
-    "dpt_lora": DPTTunedScorer,  # stage 2: adapter + LoRA (assets/adapters/<model>-dpt-lora; docs/dpt.md)
     "dpt_fused": DPTFusedScorer,  # dpt_lora + the same call's denoising error (weight chosen on validation)
+    "dpt_lora": DPTTunedScorer,  # stage 2: adapter + LoRA (assets/adapters/<model>-dpt-lora; docs/dpt.md)
+    "dpt": DPTScorer,  # needs a trained adapter (assets/adapters/<model>-dpt; docs/dpt.md)
     "structure": StructureScorer,
     "denoise": DenoiseScorer,
     "denoise_norm": DenoiseNormScorer,
