@@ -21,7 +21,7 @@ from pathlib import Path
 import gradio as gr
 from PIL import Image
 
-from interp.figures import breakdown_plotly, heads_plotly, structure_plotly
+from interp.figures import breakdown_plotly, fused_terms_plotly, heads_plotly, structure_plotly
 from interp.figures_text import timeline_plotly
 from interp.heatmaps import colorbar, overlay
 from interp.scorers import DEFAULT_SCORER, ScoreResult, scorers
@@ -263,7 +263,15 @@ def _figure(res: ScoreResult, order: list[str]):
     if res.structure and len(fallback) == len(res.structure):
         return (breakdown_plotly(fallback, order), "Every caption fell back to LSE (nothing to bind): its layer x "
                 "timestep breakdown.")
+    if (res.extra or {}).get("terms"):
+        return (fused_terms_plotly(res.extra["terms"], order), "The fused score's two readings of the same UNet call: "
+                f"the DPT adapter's match score and minus {res.extra['denoise_weight']:g} x the caption's denoising "
+                "error relative to the candidates' mean (the weight chosen on validation).")
     used = res.routed_to or res.scorer
+    if used.startswith("dpt"):
+        return None, (f"No breakdown: the **{used}** score is the DPT adapter's match score, one number per caption "
+                      "(max cosine over its matching queries). Choose **dpt_fused** to see it beside the denoising "
+                      "error, **lse** for a layer x timestep breakdown.")
     return None, (f"No layer x timestep breakdown: the **{used}** score is one number per caption and timestep "
                   "(the denoising error of the whole image), not a sum over layers. Choose **lse** for a breakdown, "
                   "**head_weighted** for heads, **structure** for its terms.")

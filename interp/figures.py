@@ -26,7 +26,7 @@ from plotly.subplots import make_subplots
 from .head_atlas import atlas_grid
 from .heatmaps import overlay
 
-__all__ = ["CLASS_COLORS", "class_color", "atlas_figure", "atlas_plotly", "breakdown_plotly", "heads_plotly",
+__all__ = ["CLASS_COLORS", "class_color", "atlas_figure", "atlas_plotly", "breakdown_plotly", "fused_terms_plotly", "heads_plotly",
            "structure_plotly", "word_map_sheet", "sample_grid"]
 
 # one hue per word class (colorblind-friendly Okabe-Ito)
@@ -231,6 +231,24 @@ def structure_plotly(structure: dict, captions: Sequence[str] | None = None):
                      go.Bar(name="relation direction", x=short, y=relation)])
     fig.update_layout(barmode="group", height=320, margin=dict(l=10, r=10, t=40, b=10),
                       title="Structure terms per caption (empty bars: the caption fell back to LSE)")
+    return fig
+
+
+def fused_terms_plotly(terms: dict, captions: Sequence[str] | None = None):
+    """The dpt_fused score's two readings per caption as grouped bars: the adapter's match score and the denoising
+    term (-w x relative error), with their sum marked; `terms`: {caption: {"adapter", "denoise"}}."""
+    caps = list(captions or terms)
+    if not caps:
+        raise ValueError("no fused terms to plot")
+    short = [c if len(c) < 40 else c[:37] + "..." for c in caps]
+    adapter = [terms[c]["adapter"] for c in caps]
+    denoise = [terms[c]["denoise"] for c in caps]
+    fig = go.Figure([go.Bar(name="adapter match score", x=short, y=adapter),
+                     go.Bar(name="- w x relative denoising error", x=short, y=denoise),
+                     go.Scatter(name="fused score (sum)", x=short, y=[a + d for a, d in zip(adapter, denoise)],
+                                mode="markers", marker=dict(size=12, symbol="diamond", color="black"))])
+    fig.update_layout(barmode="group", height=320, margin=dict(l=10, r=10, t=40, b=10),
+                      title="Two readings of one UNet call per caption (higher = better match)")
     return fig
 
 

@@ -101,6 +101,19 @@ class TestMatchTab:
                                          "300", None, False)
         assert fig is None and "No layer x timestep breakdown" in about and "denoise" in about
 
+    def test_dpt_fused_shows_its_two_readings(self):
+        """dpt_fused on the bundled model: one UNet call, a figure of the adapter score and the denoising term per
+        caption whose sum is the ranked score, and the validation weight named; dpt says it has no breakdown."""
+        caps = "a red circle left of a blue square\na blue circle left of a red square"
+        table, fig, cost, about, *_ = app.match(self._img(), caps, "shapes-v1", "dpt_fused", "300", None, False)
+        assert table[0][1] == caps.splitlines()[0] and "in 1 batched calls" in cost
+        assert [t.name for t in fig.data] == ["adapter match score", "- w x relative denoising error",
+                                              "fused score (sum)"]
+        sums = dict(zip(fig.data[2].x, fig.data[2].y))
+        assert all(abs(sums[c] - v) < 1e-4 for _, c, v in table) and "minus 0.5 x" in about
+        _, fig, _, about, *_ = app.match(self._img(), caps, "shapes-v1", "dpt", "300", None, False)
+        assert fig is None and "DPT adapter's match score" in about
+
     def test_scorer_dropdown_is_the_registry(self):
         """The dropdown offers every registered scorer (by name), labelled by the scorer."""
         from interp.scorers import scorer_names

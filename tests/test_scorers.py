@@ -129,6 +129,8 @@ class TestDPTFused:
         assert np.allclose(res.extra["denoise_errors"], err, rtol=1e-5)
         want = np.array(lora.scores) - 0.7 * err / err.mean()
         assert np.allclose(res.scores, want, atol=1e-5)
+        terms = res.extra["terms"]  # the two readings the app draws, summing to the score
+        assert all(abs(terms[c]["adapter"] + terms[c]["denoise"] - v) < 1e-6 for c, v in zip(CAPTIONS, res.scores))
 
     def test_weight_zero_is_dpt_lora_and_a_huge_weight_ranks_by_the_error(self, tiny_pipe, image, dpt_lora_dir):
         lora = get_scorer("dpt_lora", adapter_dir=dpt_lora_dir).score(tiny_pipe, image, CAPTIONS, OPTS)

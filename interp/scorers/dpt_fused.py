@@ -64,9 +64,11 @@ class DPTFusedScorer(DPTTunedScorer):
         with torch.no_grad():
             s, err = itm_pass(pipe, adapter, encode_image(pipe, image), caps, t, noise_seed=options.noise_seed)
         fused = fuse_denoise(s, err, w)
+        s = s.float().cpu()
+        terms = {c: {"adapter": float(a), "denoise": float(f - a)} for c, a, f in zip(caps, s, fused)}
         return ScoreResult(self.name, caps, [float(v) for v in fused], unet_calls=1, unet_evals=len(caps),
                            extra={"t": t, "adapter": str(self.adapter_dir or "shipped"), "denoise_weight": w,
-                                  "adapter_scores": s.float().cpu().tolist(), "denoise_errors": err.tolist()})
+                                  "adapter_scores": s.tolist(), "denoise_errors": err.tolist(), "terms": terms})
 
     def _weight(self, adapter) -> float:
         if self.denoise_weight is not None:
