@@ -28,7 +28,7 @@ from interp.scorers import DEFAULT_SCORER, ScoreResult, scorers
 from interp.tasks import export, inputs
 from interp.tasks.self_correction import OBJECTIVES, READINGS, READS
 from interp.tasks.workbench import SCHEDULERS, TraceCache, model_view, slice_choices, slice_overlays, step_frame, word_choices
-from models.limits import (DEFAULT_CORRECTION_ETA, MAX_ATLAS_SCENES, MAX_CORRECTION_ETA, MAX_GUIDANCE, MAX_STEPS,
+from models.limits import (DEFAULT_CORRECTION_ETA, MAX_ATLAS_SCENES, MAX_BEST_OF, MAX_CORRECTION_ETA, MAX_GUIDANCE, MAX_STEPS,
                            parse_numbers, user_message)
 from models.loading import ModelLoadError, bundled_models, model_defaults, resolve_model_id
 from models.shapes import world
@@ -563,6 +563,26 @@ def self_correction(prompt: str, model: str = "shapes-v1", seed: float = 0, step
     return v.image, v.plain, v.boxed, v.figure, v.strip, {"headers": v.headers, "data": v.rows}, note
 
 
+@GPU
+def best_of(prompt: str, model: str = "shapes-v1", seed: float = 0, steps: float = 25, guidance: float = 3.0,
+            n: float = 2, lora: bool = False):
+    """Best of N, the alternative to self-correction: N plain samples (the first at `seed`), each with the DPT
+    adapter's score, the kept one marked; `lora`: the DPT-tuned model and its own adapter."""
+    with _shown("best-of"):
+        _cap(steps, "max_steps", "steps")
+        _, info = inputs.best_of_generation(_model(model), prompt, seed=seed, n=n, steps=steps, guidance=guidance,
+                                            lora=bool(lora))
+    k = info["index"]
+    gallery = [(im.resize((192, 192), resample=0) if im.width < 192 else im,
+                f"seed {sd}: s = {sc:.3f}" + (" (kept)" if i == k else ""))
+               for i, (im, sd, sc) in enumerate(zip(info["images"], info["seeds"], info["scores"]))]
+    note = (f"Best of {len(info['seeds'])}: kept seed {info['seed']} (DPT score {info['scores'][k]:.3f}); the first "
+            f"sample is the plain sampler at seed {info['seeds'][0]}. {info['unet_calls']} UNet calls, no backward "
+            "passes" + (", from the DPT-tuned model." if lora else ".") + " On the bundled model's test prompts best "
+            "of 2 counts 0.93 against the plain 0.74 (docs/dpt.md).")
+    return gallery, note
+
+
 # ----------------------------------------------------------------------------------------------
 # Image -> text (D-DiT)
 # ----------------------------------------------------------------------------------------------
@@ -1075,6 +1095,19 @@ def build_demo() -> gr.Blocks:
                                  api_name="self_correction", concurrency_id=MODEL)
                 ev.success(_ok, None, sc_status, api_name=False)
                 ev.failure(_status("self-correction"), None, sc_status, api_name=False)
+                gr.Markdown("**Best of N**, the alternative a user would pick at about the same cost: N plain samples "
+                            "(the first at the seed above), the adapter keeps the one it scores highest. Uses the "
+                            "prompt, seed, steps, guidance and model above.")
+                with gr.Row():
+                    bo_n = gr.Number(value=2, precision=0, label=f"N (2..{MAX_BEST_OF})", elem_id="dpt-bestof-n")
+                    bo_go = gr.Button("Best of N", elem_id="dpt-bestof-go")
+                bo_status = gr.Markdown(elem_id="dpt-bestof-status")
+                bo_gallery = _gallery("Samples with their DPT score", "dpt-bestof", 4)
+                bo_note = gr.Markdown(elem_id="dpt-bestof-note")
+                ev = bo_go.click(best_of, [sc_prompt, model, sc_seed, sc_steps, sc_guidance, bo_n, sc_lora],
+                                 [bo_gallery, bo_note], api_name="best_of", concurrency_id=MODEL)
+                ev.success(_ok, None, bo_status, api_name=False)
+                ev.failure(_status("best-of"), None, bo_status, api_name=False)
 
             # ---------------- Image -> text (D-DiT) ----------------
             with gr.Tab("Image → text", id="ddit-tab", elem_id="ddit-tab"):

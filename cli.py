@@ -60,6 +60,7 @@ from interp.tasks.text_diffusion import ORDERS, answer_question, caption_image, 
 from models.adapters.dpt import REC_HEADS
 from models.limits import (
     DEFAULT_CORRECTION_ETA,
+    MAX_BEST_OF,
     MAX_CORRECTION_ETA,
     MAX_GUIDANCE,
     MAX_PER_KIND,
@@ -131,6 +132,17 @@ def _cmd_generate(a: argparse.Namespace) -> int:
         raise ValueError("--trajectory-out needs --self-correct")
     if a.step_range is not None and not a.self_correct:
         raise ValueError("--step-range needs --self-correct")
+    if a.best_of is not None:
+        if a.self_correct:
+            raise ValueError("--best-of and --self-correct are two ways to steer: choose one")
+        image, info = inputs.best_of_generation(a.model, a.prompt, seed=a.seed, n=a.best_of, steps=a.steps,
+                                                guidance=a.guidance, lora=a.lora)
+        image.save(a.out)
+        if a.json:
+            print(json.dumps({"out": a.out, "prompt": a.prompt, "model": a.model or "bundled", "lora": a.lora,
+                              "best_of": len(info["seeds"]), "seed": info["seed"], "seeds": info["seeds"],
+                              "scores": info["scores"], "unet_calls": info["unet_calls"], "size": list(image.size)}))
+        return 0
     if a.self_correct:
         if a.trajectory_out:
             _check_out_dir(a.trajectory_out)  # its parent folder must exist; the folder is made
@@ -485,6 +497,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "latent at the adapter's t; docs/dpt.md)")
     g.add_argument("--step-range", dest="step_range", default=None, metavar="START:STOP",
                    help="the sampling steps to correct, 0-based, STOP excluded (e.g. 0:8; default: all)")
+    g.add_argument("--best-of", dest="best_of", default=None, metavar="N",
+                   help=f"draw N samples (2..{MAX_BEST_OF}; the first at --seed) and keep the one the DPT adapter "
+                        "scores highest (docs/dpt.md: best of 2 meets the generation goal)")
     g.add_argument("--lora", action="store_true",
                    help="generate with the DPT-tuned model (stage 2: its LoRA on a copy of the UNet; with "
                         "--self-correct, steered by its own stage-2 adapter)")

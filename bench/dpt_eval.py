@@ -174,7 +174,7 @@ def cmd_fuse_val(a, pipe) -> None:
 
 def cmd_selfcorr(a, pipe) -> None:
     from interp.tasks.generation_eval import NOISE_SEEDS, eval_prompts
-    from interp.tasks.self_correction import best_of_n, generate_self_corrected
+    from interp.tasks.self_correction import best_of_n, best_of_seeds, generate_self_corrected
     from models.sampling import generate_images
     from models.shapes.checker import check
 
@@ -214,8 +214,7 @@ def cmd_selfcorr(a, pipe) -> None:
     if a.best_of:
         imgs = []
         for i, p in enumerate(prompts):
-            im, info = best_of_n(pipe, p, [seeds[i] + j * 1_000_003 if j else seeds[i] for j in range(a.best_of)],
-                                 adapter=ad)
+            im, info = best_of_n(pipe, p, best_of_seeds(seeds[i], a.best_of), adapter=ad)
             imgs.append(im)
         record(f"best_of_{a.best_of}", imgs, a.best_of * steps + a.best_of)
 

@@ -5,7 +5,7 @@
 
 `--base FILE`: the plain row of FILE (the same split, prompts and seeds) for files run with --skip-base.
 `--versus FILE`: compare every row with FILE's plain row instead of the file's own (e.g. the DPT-tuned model's rows
-against the base model's plain sampler).
+against the base model's plain sampler). `--versus FILE:ROW`: against another row of FILE (e.g. best of 2).
 """
 from __future__ import annotations
 
@@ -42,11 +42,12 @@ def summarise(path: str, base_file: str | None = None, versus: str | None = None
     out = [f"{path} ({d['model']}, split {d['split']}, n {d['n']})"]
     base = settings.get("base") or (json.load(open(base_file))["settings"]["base"] if base_file else None)
     if versus:
-        other = json.load(open(versus))
+        vfile, _, vrow = versus.partition(":")
+        other = json.load(open(vfile))
         if (other["split"], other["n"]) != (d["split"], d["n"]):
-            raise ValueError(f"{versus} holds other prompts than {path}")
-        base = other["settings"]["base"]
-        out[0] += f"; 'vs plain' is the plain row of {versus} ({other['model']})"
+            raise ValueError(f"{vfile} holds other prompts than {path}")
+        base = other["settings"][vrow or "base"]
+        out[0] += f"; 'vs plain' is the {vrow or 'plain'} row of {vfile} ({other['model']})"
     for name, v in settings.items():
         for kind in kinds_wanted:
             idx = [i for i, k in enumerate(kinds) if k == kind]

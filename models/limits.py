@@ -25,7 +25,7 @@ __all__ = ["MAX_STEPS", "MIN_GUIDANCE", "MAX_GUIDANCE", "MAX_SEED", "MIN_RANK_CA
            "CLOSED_VOCABULARY_MAX", "check_int", "check_float", "check_steps", "check_guidance", "check_seed",
            "check_eta", "check_timestep", "check_timesteps", "parse_numbers", "check_choice", "check_prompt",
            "check_fits", "validate_captions", "out_of_vocabulary", "known_words", "check_vocabulary", "read_image",
-           "check_image", "user_message", "check_step_range"]
+           "check_image", "user_message", "check_step_range", "MAX_BEST_OF", "check_best_of"]
 
 # --- limits (the app's widgets and the CLI's help read these) -------------------------------------
 MAX_STEPS = 100  # denoising steps of one generation
@@ -39,6 +39,7 @@ MAX_UPLOAD_BYTES = 20 * 2**20  # an image file
 MAX_ETA = 1.0  # DDIM eta in 0..1
 DEFAULT_CORRECTION_ETA = 0.5  # DPT self-correction step size (the paper's); docs/dpt.md: ~100 works on shapes-v1
 MAX_CORRECTION_ETA = 1000.0
+MAX_BEST_OF = 8  # samples of one best-of-N draw (N plain generations + N adapter readings)
 MAX_SCENES = 1000  # held-out scenes / prompts per evaluation run
 MAX_PER_KIND = 1000
 MAX_ATLAS_SCENES = 60  # held-out scenes of one head atlas in the app (one traced UNet call each)
@@ -122,6 +123,11 @@ def check_eta(value) -> float:
 def check_correction_eta(value) -> float:
     """The self-correction step size eta in 0..MAX_CORRECTION_ETA (0: the plain sampler)."""
     return check_float(value, "eta", 0.0, MAX_CORRECTION_ETA)
+
+
+def check_best_of(value) -> int:
+    """N of a best-of-N draw, 2..MAX_BEST_OF."""
+    return check_int(value, "best of N", 2, MAX_BEST_OF)
 
 
 def check_step_range(value, steps: int) -> tuple[int, int]:

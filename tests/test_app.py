@@ -545,6 +545,17 @@ class TestSelfCorrectionTab:
         assert fig.layout.annotations[0].text.startswith("log p(y | x0(z_t))")
         assert [v is None for v in fig.data[0].y] == [False, False, True]
 
+    def test_best_of_shows_every_sample_and_keeps_the_best(self):
+        """Best of N: N samples labelled with their DPT score, the highest one marked kept, the first at the seed;
+        a bad N is a gr.Error."""
+        gallery, note = app.best_of("two red circles", "shapes-v1", 7, 3, 3.0, 3, False)
+        scores = [float(label.split("s = ")[1].split()[0]) for _, label in gallery]
+        assert len(gallery) == 3 and gallery[0][1].startswith("seed 7:") and gallery[0][0].size == (192, 192)
+        assert [("(kept)" in label) for _, label in gallery] == [i == int(np.argmax(scores)) for i in range(3)]
+        assert "Best of 3" in note and "12 UNet calls" in note  # 3 samples x 3 steps + 3 adapter readings
+        with pytest.raises(gr.Error, match="best of N must be a whole number in 2..8"):
+            app.best_of("two red circles", "shapes-v1", 7, 3, 3.0, 20, False)
+
     def test_bad_step_range_is_a_gr_error(self):
         with pytest.raises(gr.Error, match="the corrected steps 2:1 are empty"):
             app.self_correction("a red circle", "shapes-v1", 0, 3, 3.0, 1.0, "noise_only", False, "score", "z_t",

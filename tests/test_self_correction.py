@@ -134,3 +134,10 @@ def test_x0_read_is_the_score_of_the_predicted_x0_and_rises(tiny_pipe, adapter):
     assert np.array_equal(np.asarray(plain), np.asarray(img))
     with pytest.raises(ValueError, match="unknown read"):
         generate_self_corrected(tiny_pipe, "a red circle", eta=0.1, steps=2, adapter=adapter, read="x1")
+
+
+def test_best_of_seeds_start_at_the_plain_seed_and_stay_in_range():
+    from interp.tasks.self_correction import best_of_seeds
+
+    assert best_of_seeds(5, 3) == [5, 1_000_008, 2_000_011]
+    assert best_of_seeds(2**32 - 1, 2) == [2**32 - 1, 1_000_002] and len(set(best_of_seeds(0, 8))) == 8

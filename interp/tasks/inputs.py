@@ -44,7 +44,8 @@ from interp.tasks.matching_eval import evaluate_matching as _evaluate_matching
 from interp.tasks.matching_report import GROUPS, noise_level_timesteps, run_report
 from interp.tasks.prompt_learning import apply_prompt, load_prompt
 from interp.tasks.prompt_learning import train_prompt as _train_prompt
-from interp.tasks.self_correction import OBJECTIVES, READINGS, READS, generate_self_corrected, prompt_negatives
+from interp.tasks.self_correction import (OBJECTIVES, READINGS, READS, best_of_n, best_of_seeds, generate_self_corrected,
+                                         prompt_negatives)
 from interp.tasks.text_diffusion import answer_question, caption_image, eval_scenes
 from models.limits import (
     DEFAULT_CORRECTION_ETA,
@@ -53,6 +54,7 @@ from models.limits import (
     MAX_SCENES,
     MAX_STEPS,
     MIN_RANK_CANDIDATES,
+    check_best_of,
     check_choice,
     check_correction_eta,
     check_fits,
@@ -76,7 +78,7 @@ from models.shapes import world
 from models.shapes.benchmarks import Benchmark, load_benchmark
 from models.training.dpt import find_adapter, find_tuned, tuned_dir_for
 
-__all__ = ["report_rows_from_json", "ATLAS_METRICS", "SPLITS", "Generation", "load_model", "generate_image", "traced_generation",
+__all__ = ["report_rows_from_json", "ATLAS_METRICS", "SPLITS", "Generation", "load_model", "generate_image", "best_of_generation", "traced_generation",
            "edited_generation", "any_word_map", "rank_images", "classify", "caption_word_maps",
            "matching_failures", "generation_failures", "HostedPolicy", "hosted_policy",
            "sample_grid", "evaluate_generation", "word_maps", "make_scorer", "attention_prompt", "match_options",
@@ -591,6 +593,17 @@ def self_corrected_generation(model: str | None, prompt: str, seed=0, steps=None
     return generate_self_corrected(pipe, prompt, seed=seed, eta=eta, steps=steps, guidance=guidance,
                                    reading=reading, adapter=adapter, callback=progress, objective=objective,
                                    read=read, step_range=step_range)
+
+
+def best_of_generation(model: str | None, prompt: str, seed=0, n=2, steps=None, guidance=None, lora: bool = False
+                       ) -> tuple[Image.Image, dict]:
+    """Best of N (CLI `generate --best-of N`, the app's Self-correction view): N plain samples, the first at `seed`
+    (`best_of_seeds`), and the one the DPT adapter scores highest kept; `lora`: the DPT-tuned model and its own
+    adapter. Returns (the chosen image, `best_of_n`'s info: seed, index, seeds, scores, images, unet_calls)."""
+    n = check_best_of(n)
+    pipe, prompt, seed, steps, guidance = _generation_inputs(model, prompt, seed, steps, guidance)
+    pipe, adapter = find_tuned(pipe) if lora else (pipe, find_adapter(pipe))  # no adapter: says how, before sampling
+    return best_of_n(pipe, prompt, best_of_seeds(seed, n), steps=steps, guidance=guidance, adapter=adapter)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -55,7 +55,7 @@ from models.training.dpt import (
 )
 from models.unet_pass import encode_image
 
-__all__ = ["READINGS", "OBJECTIVES", "READS", "Trajectory", "generate_self_corrected", "best_of_n", "prompt_negatives"]
+__all__ = ["READINGS", "OBJECTIVES", "READS", "Trajectory", "generate_self_corrected", "best_of_seeds", "best_of_n", "prompt_negatives"]
 
 READINGS: tuple[str, ...] = ("noise_only", "latent")
 Reading = Literal["noise_only", "latent"]
@@ -327,11 +327,18 @@ class _ObjectiveAt:
         return contrast_log_prob(adapter, s) if self.contrast else s[0]
 
 
+def best_of_seeds(seed: int, n: int) -> list[int]:
+    """The N seeds of a best-of-N draw: the plain sampler's own seed first, then seed + j x 1 000 003 (mod 2^32), so
+    best of N is paired with the plain image of the same seed."""
+    return [(int(seed) + j * 1_000_003) % 2**32 for j in range(int(n))]
+
+
 def best_of_n(pipe, prompt: str, seeds: Sequence[int], steps: int | None = None, guidance: float | None = None,
               adapter: DPTAdapter | None = None, noise_seed: int = 0) -> tuple[Image.Image, dict]:
     """Generate one image per seed with the plain sampler and keep the one the DPT adapter scores highest.
 
-    Returns: (the chosen image, {"seed", "scores" [N], "unet_calls" = N * steps + N}).
+    Returns: (the chosen image, {"seed", "index" (of the chosen one), "seeds" [N], "scores" [N], "images" [N] (PIL),
+    "unet_calls" = N * steps + N}).
     """
     adapter = adapter or find_adapter(pipe)
     seeds = list(seeds)
@@ -340,4 +347,5 @@ def best_of_n(pipe, prompt: str, seeds: Sequence[int], steps: int | None = None,
               for im in imgs]
     k = int(np.argmax(scores))
     st = steps or _defaults(pipe).steps
-    return imgs[k], {"seed": seeds[k], "scores": scores, "unet_calls": len(seeds) * st + len(seeds)}
+    return imgs[k], {"seed": seeds[k], "index": k, "seeds": seeds, "scores": scores, "images": imgs,
+                     "unet_calls": len(seeds) * st + len(seeds)}
