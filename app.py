@@ -1102,7 +1102,7 @@ def build_demo() -> gr.Blocks:
                     bo_n = gr.Number(value=2, precision=0, label=f"N (2..{MAX_BEST_OF})", elem_id="dpt-bestof-n")
                     bo_go = gr.Button("Best of N", elem_id="dpt-bestof-go")
                 bo_status = gr.Markdown(elem_id="dpt-bestof-status")
-                bo_gallery = _gallery("Samples with their DPT score", "dpt-bestof", 4)
+                bo_gallery = _gallery("Samples with their DPT score", "dpt-bestof", 8)
                 bo_note = gr.Markdown(elem_id="dpt-bestof-note")
                 ev = bo_go.click(best_of, [sc_prompt, model, sc_seed, sc_steps, sc_guidance, bo_n, sc_lora],
                                  [bo_gallery, bo_note], api_name="best_of", concurrency_id=MODEL)

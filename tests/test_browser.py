@@ -1,6 +1,6 @@
 """The app in headless Chromium (Playwright driving Debian's /usr/bin/chromium; .ci/run installs both).
 
-Opens every tab, runs its main action on the bundled model, waits for images and figures, presses play on the
+Opens the tabs, runs each one's main action on the bundled model, waits for images and figures, presses play on the
 timestep player and saves a screenshot of each tab (to DISCOLENS_SCREENSHOTS when set, e.g. docs/screenshots).
 """
 from __future__ import annotations
@@ -79,6 +79,23 @@ def test_every_tab_in_a_browser(server, tmp_path):
         expect(page.locator("#match-breakdown .js-plotly-plot")).to_be_visible(timeout=long)  # auto -> structure terms
         expect(page.locator("#match-winner-maps img").first).to_be_visible(timeout=long)
         _shot(page, out, "match")
+
+        # Self-correction (DPT): corrected beside plain, its trajectory; then best of N with every sample's score
+        page.get_by_role("tab", name="Self-correction").click()
+        page.locator("#dpt-prompt textarea").fill("two red circles")
+        page.locator("#dpt-steps input").fill("4")
+        page.locator("#dpt-eta input").fill("3")
+        page.locator("#dpt-go").click()
+        page.wait_for_function(LOADED, arg="#dpt-image img", timeout=long)
+        page.wait_for_function(LOADED, arg="#dpt-plain img", timeout=long)
+        expect(page.locator("#dpt-plot .js-plotly-plot")).to_be_visible(timeout=long)
+        expect(page.locator("#dpt-note")).to_contain_text("η = 3", timeout=long)
+        page.locator("#dpt-bestof-go").click()
+        expect(page.locator("#dpt-bestof img")).to_have_count(2, timeout=long)
+        expect(page.locator("#dpt-bestof-note")).to_contain_text("Best of 2: kept seed", timeout=long)
+        expect(page.locator("#dpt-status")).not_to_contain_text("Error")
+        expect(page.locator("#dpt-bestof-status")).not_to_contain_text("Error")
+        _shot(page, out, "self_correction")
 
         # Failures
         page.get_by_role("tab", name="Failures").click()
