@@ -28,8 +28,8 @@ from interp.scorers import DEFAULT_SCORER, ScoreResult, scorers
 from interp.tasks import export, inputs
 from interp.tasks.self_correction import OBJECTIVES, READINGS, READS
 from interp.tasks.workbench import SCHEDULERS, TraceCache, model_view, slice_choices, slice_overlays, step_frame, word_choices
-from models.limits import (DEFAULT_CORRECTION_ETA, MAX_ATLAS_SCENES, MAX_BEST_OF, MAX_CORRECTION_ETA, MAX_GUIDANCE, MAX_STEPS,
-                           parse_numbers, user_message)
+from models.limits import (DEFAULT_CORRECTION_ETA, MAX_ATLAS_SCENES, MAX_BEST_OF, MAX_CORRECTION_ETA, MAX_GUIDANCE,
+                           MAX_STEPS, parse_numbers, user_message)
 from models.loading import ModelLoadError, bundled_models, model_defaults, resolve_model_id
 from models.shapes import world
 

@@ -159,8 +159,9 @@ def cmd_fuse_val(a, pipe) -> None:
            "adapter": str(tdpt.tuned_dir_for(pipe)), "rows": rows,
            "denoise_alone": {"itm": rate(alone["overall"]),
                              "itm_by_type": {k: rate(v) for k, v in alone["by_type"].items()}},
-           "chosen": {"weight": chosen, "rule": "max pair accuracy (validation); ties: the weight nearest the "
-                                                   "geometric centre of the longest tied run (bench.dpt_eval.weight_rule)"}}
+           "chosen": {"weight": chosen,
+                      "rule": "max pair accuracy (validation); ties: the weight nearest the geometric centre of the "
+                              "longest tied run (bench.dpt_eval.weight_rule)"}}
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / a.out).write_text(json.dumps(out, indent=1))
     print("chosen", out["chosen"])

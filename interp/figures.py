@@ -26,8 +26,8 @@ from plotly.subplots import make_subplots
 from .head_atlas import atlas_grid
 from .heatmaps import overlay
 
-__all__ = ["CLASS_COLORS", "class_color", "atlas_figure", "atlas_plotly", "breakdown_plotly", "fused_terms_plotly", "heads_plotly",
-           "structure_plotly", "word_map_sheet", "sample_grid"]
+__all__ = ["CLASS_COLORS", "class_color", "atlas_figure", "atlas_plotly", "breakdown_plotly", "fused_terms_plotly",
+           "heads_plotly", "structure_plotly", "word_map_sheet", "sample_grid"]
 
 # one hue per word class (colorblind-friendly Okabe-Ito)
 CLASS_COLORS: dict[str, tuple[float, float, float]] = {

@@ -3,7 +3,8 @@ denoising error (relative to the candidates' mean error). The adapter reads one 
 output is the noise prediction of that very call, so the second signal costs nothing: still one UNet call per
 image, one batch row per caption.
 
-    >>> res = DPTFusedScorer().score(pipe, image, ["a red circle left of a blue square", "a blue circle left of a red square"])
+    >>> caps = ["a red circle left of a blue square", "a blue circle left of a red square"]
+    >>> res = DPTFusedScorer().score(pipe, image, caps)
     >>> res.ranking()[0], res.extra["denoise_weight"]
 
 The weight is the adapter's validation choice (`bench/dpt_eval.py fuse-val --write`, stored in its config as

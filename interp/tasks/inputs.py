@@ -44,8 +44,8 @@ from interp.tasks.matching_eval import evaluate_matching as _evaluate_matching
 from interp.tasks.matching_report import GROUPS, noise_level_timesteps, run_report
 from interp.tasks.prompt_learning import apply_prompt, load_prompt
 from interp.tasks.prompt_learning import train_prompt as _train_prompt
-from interp.tasks.self_correction import (OBJECTIVES, READINGS, READS, best_of_n, best_of_seeds, generate_self_corrected,
-                                         prompt_negatives)
+from interp.tasks.self_correction import (OBJECTIVES, READINGS, READS, best_of_n, best_of_seeds,
+                                         generate_self_corrected, prompt_negatives)
 from interp.tasks.text_diffusion import answer_question, caption_image, eval_scenes
 from models.limits import (
     DEFAULT_CORRECTION_ETA,
@@ -78,8 +78,8 @@ from models.shapes import world
 from models.shapes.benchmarks import Benchmark, load_benchmark
 from models.training.dpt import find_adapter, find_tuned, tuned_dir_for
 
-__all__ = ["report_rows_from_json", "ATLAS_METRICS", "SPLITS", "Generation", "load_model", "generate_image", "best_of_generation", "traced_generation",
-           "edited_generation", "any_word_map", "rank_images", "classify", "caption_word_maps",
+__all__ = ["report_rows_from_json", "ATLAS_METRICS", "SPLITS", "Generation", "load_model", "generate_image", "traced_generation",
+           "best_of_generation", "edited_generation", "any_word_map", "rank_images", "classify", "caption_word_maps",
            "matching_failures", "generation_failures", "HostedPolicy", "hosted_policy",
            "sample_grid", "evaluate_generation", "word_maps", "make_scorer", "attention_prompt", "match_options",
            "score_captions", "evaluate_matching", "report_matching", "train_prompt", "evaluate_grounding",

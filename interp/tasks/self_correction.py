@@ -55,7 +55,8 @@ from models.training.dpt import (
 )
 from models.unet_pass import encode_image
 
-__all__ = ["READINGS", "OBJECTIVES", "READS", "Trajectory", "generate_self_corrected", "best_of_seeds", "best_of_n", "prompt_negatives"]
+__all__ = ["READINGS", "OBJECTIVES", "READS", "Trajectory", "generate_self_corrected", "best_of_seeds", "best_of_n",
+           "prompt_negatives"]
 
 READINGS: tuple[str, ...] = ("noise_only", "latent")
 Reading = Literal["noise_only", "latent"]
