@@ -140,7 +140,7 @@ def cmd_fuse_val(a, pipe) -> None:
     tpipe, ad = tdpt.find_tuned(pipe)
     weights = [float(w) for w in a.weights.split(",")]
     scenes = world.sample_dataset(tdpt.DPT_SEEDS["validation"], a.n_itm, exclude_compositional=False)
-    readings = tdpt.itm_pair_readings(tpipe, ad, scenes)
+    readings = tdpt.itm_pair_readings(tpipe, ad, scenes, noise_seed=a.noise_seed)
     rows = []
     for w in weights:
         acc = tdpt.pair_accuracy(readings, w)
@@ -156,6 +156,7 @@ def cmd_fuse_val(a, pipe) -> None:
     alone = tdpt.pair_accuracy([{**r, "scores": [0.0] * len(r["scores"])} for r in readings], 1.0)
     print("denoising error alone", rate(alone["overall"]), flush=True)
     out = {"command": " ".join(sys.argv), "seed": tdpt.DPT_SEEDS["validation"], "n_scenes": a.n_itm,
+           "noise_seed": a.noise_seed,
            "adapter": str(tdpt.tuned_dir_for(pipe)), "rows": rows,
            "denoise_alone": {"itm": rate(alone["overall"]),
                              "itm_by_type": {k: rate(v) for k, v in alone["by_type"].items()}},
@@ -246,6 +247,7 @@ def main() -> None:
     f.add_argument("--n-itm", type=int, default=100)
     f.add_argument("--benchmarks", default="winoground,comvg,counting,refcocog", help="their train splits, reported")
     f.add_argument("--write", action="store_true", help="store the chosen weight in the shipped adapter's config")
+    f.add_argument("--noise-seed", type=int, default=0, help="the noise draw of the pass (the scorers' default: 0)")
     f.add_argument("--out", default="fuse_validation.json")
     s = sub.add_parser("selfcorr")
     s.add_argument("--split", default="validation")

@@ -550,14 +550,17 @@ def evaluate_itm_pairs(pipe, adapter: DPTAdapter, scenes: Sequence[world.Scene],
     return pair_accuracy(itm_pair_readings(pipe, adapter, scenes, t), denoise_weight)
 
 
-def itm_pair_readings(pipe, adapter: DPTAdapter, scenes: Sequence[world.Scene], t: int | None = None) -> list[dict]:
-    """Per scene, one UNet call on its caption and its hard negatives (`world.negatives`, rng 0): {"types":
-    ["true", negative types...], "scores": [1 + n] adapter scores, "errors": [1 + n] denoising errors}."""
+def itm_pair_readings(pipe, adapter: DPTAdapter, scenes: Sequence[world.Scene], t: int | None = None,
+                      noise_seed: int = 0) -> list[dict]:
+    """Per scene, one UNet call on its caption and its hard negatives (`world.negatives`, rng 0; the noise of
+    `noise_seed`): {"types": ["true", negative types...], "scores": [1 + n] adapter scores, "errors": [1 + n]
+    denoising errors}."""
     rows = []
     for s in scenes:
         negs = world.negatives(s, np.random.default_rng(0))
         with torch.no_grad():
-            sc, err = itm_pass(pipe, adapter, encode_images(pipe, [world.render(s)]), [s.caption, *negs.values()], t)
+            sc, err = itm_pass(pipe, adapter, encode_images(pipe, [world.render(s)]), [s.caption, *negs.values()], t,
+                               noise_seed)
         rows.append({"types": ["true", *negs], "scores": sc.float().cpu().tolist(), "errors": err.tolist()})
     return rows
 
