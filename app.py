@@ -263,7 +263,7 @@ def _figure(res: ScoreResult, order: list[str]):
     if res.structure and len(fallback) == len(res.structure):
         return (breakdown_plotly(fallback, order), "Every caption fell back to LSE (nothing to bind): its layer x "
                 "timestep breakdown.")
-    if (res.extra or {}).get("terms"):
+    if res.extra.get("terms"):
         return (fused_terms_plotly(res.extra["terms"], order), "The fused score's two readings of the same UNet call: "
                 f"the DPT adapter's match score and minus {res.extra['denoise_weight']:g} x the caption's denoising "
                 "error relative to the candidates' mean (the weight chosen on validation).")

@@ -10,6 +10,7 @@ benchmarks), self-correction on count prompts. Writes JSON under docs/measuremen
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import sys
@@ -67,10 +68,14 @@ def cmd_export(a, pipe) -> None:
     stage2 = (Path(a.snap) / "lora.safetensors").exists()
     d = tdpt.export_adapter(a.snap, tdpt.tuned_dir_for(pipe) if stage2 else tdpt.adapter_dir_for(pipe),
                             extra={"chosen_on": "validation seed 50001"})
-    cfg = json.loads((d / "config.json").read_text())
-    cfg["t"] = a.t
-    (d / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    set_config(d, t=a.t)
     print("exported to", d)
+
+
+def set_config(folder: Path, **values) -> None:
+    """Set keys of an exported adapter's config.json (a validation choice: its t, its fused weight)."""
+    f = Path(folder) / "config.json"
+    f.write_text(json.dumps({**json.loads(f.read_text()), **values}, indent=2) + "\n")
 
 
 def cmd_test(a, pipe) -> None:
@@ -81,10 +86,7 @@ def cmd_test(a, pipe) -> None:
 
     base = pipe
     a.tuned = a.tuned or a.fused
-    if a.tuned:  # stage 2: the tuned model and its adapter
-        pipe, ad = tdpt.find_tuned(pipe)
-    else:
-        ad = tdpt.find_adapter(pipe)
+    pipe, ad = tdpt.find_reader(pipe, a.tuned)  # stage 2: the tuned model and its adapter
     out: dict = {"command": " ".join(sys.argv), "seed": tdpt.DPT_SEEDS["test"], "t": ad.config.t,
                  "fused_denoise_weight": ad.config.fused_denoise_weight if a.fused else None,
                  "trained_steps": ad.config.trained_steps, "stage": ad.config.stage}
@@ -119,11 +121,7 @@ def weight_rule(weights: list[float], correct: list[int]) -> float:
     weights that reach it, and in it the weight nearest (in log) to the run's geometric centre (0 when the run
     starts at 0: the adapter alone is as good)."""
     best = max(correct)
-    runs, cur = [], []
-    for i, k in enumerate(correct):
-        cur = cur + [i] if k == best else []
-        if cur:
-            runs.append(list(cur))
+    runs = [[i for i, _ in g] for hit, g in itertools.groupby(enumerate(correct), key=lambda x: x[1] == best) if hit]
     run = max(runs, key=len)
     lo, hi = weights[run[0]], weights[run[-1]]
     if lo == 0:
@@ -167,11 +165,8 @@ def cmd_fuse_val(a, pipe) -> None:
     (OUT / a.out).write_text(json.dumps(out, indent=1))
     print("chosen", out["chosen"])
     if a.write:
-        cfg_file = tdpt.tuned_dir_for(pipe) / "config.json"
-        cfg = json.loads(cfg_file.read_text())
-        cfg["fused_denoise_weight"] = chosen
-        cfg_file.write_text(json.dumps(cfg, indent=2) + "\n")
-        print("written to", cfg_file)
+        set_config(tdpt.tuned_dir_for(pipe), fused_denoise_weight=chosen)
+        print("written to", tdpt.tuned_dir_for(pipe) / "config.json")
 
 
 def cmd_selfcorr(a, pipe) -> None:
@@ -182,7 +177,7 @@ def cmd_selfcorr(a, pipe) -> None:
 
     prompts = [c for k, c in eval_prompts(a.split, a.n) if k in a.kinds.split(",")]
     seeds = [NOISE_SEEDS[a.split] + i for i in range(len(prompts))]
-    pipe, ad = tdpt.find_tuned(pipe) if a.tuned else (pipe, tdpt.find_adapter(pipe))  # stage 2: all rows tuned
+    pipe, ad = tdpt.find_reader(pipe, a.tuned)  # stage 2: all rows tuned
     steps = pipe.discolens_defaults.steps
     res: dict = {"command": " ".join(sys.argv), "split": a.split, "n": len(prompts), "kinds": a.kinds, "steps": steps,
                  "model": "dpt-tuned (stage 2)" if a.tuned else "base", "settings": {}}
@@ -218,7 +213,7 @@ def cmd_selfcorr(a, pipe) -> None:
         for i, p in enumerate(prompts):
             im, info = best_of_n(pipe, p, best_of_seeds(seeds[i], a.best_of), adapter=ad)
             imgs.append(im)
-        record(f"best_of_{a.best_of}", imgs, a.best_of * steps + a.best_of)
+        record(f"best_of_{a.best_of}", imgs, info["unet_calls"])
 
 
 def main() -> None:

@@ -54,6 +54,11 @@ def _tint(rgb, intensity: float) -> np.ndarray:
     return (1 - a) * np.ones(3) + a * np.asarray(rgb, float)
 
 
+def _short(caption: str) -> str:
+    """A caption cut to 39 characters for a figure's titles and axes."""
+    return caption if len(caption) < 40 else caption[:37] + "..."
+
+
 def _classes_of(cells) -> list[str]:
     return list(dict.fromkeys(c["class"] for row in cells for c in row if c is not None))
 
@@ -156,7 +161,7 @@ def breakdown_plotly(breakdowns: dict, captions: Sequence[str] | None = None):
     caps = list(captions or breakdowns)
     if not caps:
         raise ValueError("no breakdowns to plot")
-    fig = make_subplots(rows=1, cols=len(caps), subplot_titles=[c if len(c) < 40 else c[:37] + "..." for c in caps],
+    fig = make_subplots(rows=1, cols=len(caps), subplot_titles=[_short(c) for c in caps],
                         shared_yaxes=True)
     lo = min(float(np.min(breakdowns[c].table)) for c in caps)
     hi = max(float(np.max(breakdowns[c].table)) for c in caps)
@@ -206,7 +211,7 @@ def heads_plotly(heads: dict, captions: Sequence[str] | None = None):
     finite = np.concatenate([t[np.isfinite(t)] for t in tables.values()] or [np.zeros(1)])
     lim = float(np.max(np.abs(finite))) if finite.size else 1.0
     fig = make_subplots(rows=1, cols=len(caps), shared_yaxes=True,
-                        subplot_titles=[c if len(c) < 40 else c[:37] + "..." for c in caps])
+                        subplot_titles=[_short(c) for c in caps])
     for i, c in enumerate(caps, start=1):
         t = tables[c]
         fig.add_trace(go.Heatmap(z=t, x=[str(h) for h in range(t.shape[1])], y=list(heads["layers"]),
@@ -224,7 +229,7 @@ def structure_plotly(structure: dict, captions: Sequence[str] | None = None):
     caps = list(captions or structure)
     if not caps:
         raise ValueError("no structure terms to plot")
-    short = [c if len(c) < 40 else c[:37] + "..." for c in caps]
+    short = [_short(c) for c in caps]
     binding = [structure[c].binding if structure[c].method == "structure" else None for c in caps]
     relation = [structure[c].relation if structure[c].method == "structure" else None for c in caps]
     fig = go.Figure([go.Bar(name="binding", x=short, y=binding),
@@ -240,7 +245,7 @@ def fused_terms_plotly(terms: dict, captions: Sequence[str] | None = None):
     caps = list(captions or terms)
     if not caps:
         raise ValueError("no fused terms to plot")
-    short = [c if len(c) < 40 else c[:37] + "..." for c in caps]
+    short = [_short(c) for c in caps]
     adapter = [terms[c]["adapter"] for c in caps]
     denoise = [terms[c]["denoise"] for c in caps]
     fig = go.Figure([go.Bar(name="adapter match score", x=short, y=adapter),

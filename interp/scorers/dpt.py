@@ -8,10 +8,12 @@ image (one batch row per caption) at the adapter's timestep.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
+
+import torch
 
 from models.limits import validate_captions
-from models.training.dpt import find_adapter, find_tuned, itm_scores
+from models.training.dpt import find_reader, itm_pass
 from models.unet_pass import encode_image
 
 from interp.scorers.base import MatchOptions, ScoreResult, Scorer
@@ -33,6 +35,7 @@ class DPTScorer(Scorer):
                    "against hard negatives (swapped roles and attributes, flipped relations, counts). One UNet "
                    "call per image; needs an adapter trained for the model (`train-dpt`).")
     shares_pass = False
+    tuned = False  # read the UNet through the stage-2 LoRA copy with its stage-2 adapter (`find_reader`)
 
     def __init__(self, adapter_dir: str | Path | None = None, t: int | None = None):
         self.adapter_dir = adapter_dir
@@ -46,15 +49,20 @@ class DPTScorer(Scorer):
             ValueError: bad captions; no adapter for the pipe's model (the message says how to train one).
         """
         caps = validate_captions(captions, min_count=1)
-        pipe, adapter = self._reader(pipe)
+        pipe, adapter = find_reader(pipe, self.tuned, self.adapter_dir)
+        combine = self._combiner(adapter)  # its checks run before the UNet call
         t = adapter.config.t if self.t is None else int(self.t)
-        s = itm_scores(pipe, adapter, encode_image(pipe, image), caps, t, noise_seed=options.noise_seed)
-        return ScoreResult(self.name, caps, [float(v) for v in s], unet_calls=1, unet_evals=len(caps),
-                           extra={"t": t, "adapter": str(self.adapter_dir or "shipped")})
+        with torch.no_grad():
+            s, err = itm_pass(pipe, adapter, encode_image(pipe, image), caps, t, noise_seed=options.noise_seed)
+        extra = {"t": t, "adapter": str(self.adapter_dir or "shipped")}
+        scores = combine(caps, s.float().cpu(), err, extra)
+        return ScoreResult(self.name, caps, [float(v) for v in scores], unet_calls=1, unet_evals=len(caps),
+                           extra=extra)
 
-    def _reader(self, pipe):
-        """(the pipeline whose UNet is read, the adapter)."""
-        return pipe, find_adapter(pipe, self.adapter_dir)
+    def _combiner(self, adapter) -> Callable[[list[str], torch.Tensor, torch.Tensor, dict], torch.Tensor]:
+        """How the call's two readings (adapter scores `[K]`, denoising errors `[K]`) become the K captions' scores,
+        adding what explains them to `extra`: here the adapter's scores alone."""
+        return lambda captions, s, errors, extra: s
 
 
 class DPTTunedScorer(DPTScorer):
@@ -66,6 +74,4 @@ class DPTTunedScorer(DPTScorer):
     description = ("DPT's stage 2: the adapter trained together with a rank-4 LoRA on the UNet's cross-attention "
                    "(and the denoising loss). One UNet call per image, through the tuned copy; needs a stage-2 "
                    "adapter (`train-dpt --stage 2`).")
-
-    def _reader(self, pipe):
-        return find_tuned(pipe, self.adapter_dir)
+    tuned = True

@@ -14,15 +14,11 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
-from models.limits import validate_captions
-from models.training.dpt import fuse_denoise, itm_pass
-from models.unet_pass import encode_image
+from models.training.dpt import fuse_denoise
 
-from interp.scorers.base import MatchOptions, ScoreResult
 from interp.scorers.dpt import DPTTunedScorer
 
 __all__ = ["DPTFusedScorer"]
@@ -51,25 +47,23 @@ class DPTFusedScorer(DPTTunedScorer):
             raise ValueError(f"denoise_weight must be a finite number >= 0, got {denoise_weight}")
         self.denoise_weight = denoise_weight
 
-    def score(self, pipe, image, captions: Sequence[str], options: MatchOptions = MatchOptions()) -> ScoreResult:
-        """Score `captions` against `image`: one UNet call (K rows) at the adapter's t, noise from
-        `options.noise_seed`.
+    def _combiner(self, adapter):
+        """The adapter's scores fused with the call's relative denoising errors at the weight; `extra` gains the
+        weight, both readings and each caption's two terms (the Match view draws them).
 
         Raises:
-            ValueError: bad captions; no stage-2 adapter, or one without a chosen weight (the message says how).
+            ValueError: an adapter without a chosen weight (the message says how), before any UNet call.
         """
-        caps = validate_captions(captions, min_count=1)
-        pipe, adapter = self._reader(pipe)
         w = self._weight(adapter)
-        t = adapter.config.t if self.t is None else int(self.t)
-        with torch.no_grad():
-            s, err = itm_pass(pipe, adapter, encode_image(pipe, image), caps, t, noise_seed=options.noise_seed)
-        fused = fuse_denoise(s, err, w)
-        s = s.float().cpu()
-        terms = {c: {"adapter": float(a), "denoise": float(f - a)} for c, a, f in zip(caps, s, fused)}
-        return ScoreResult(self.name, caps, [float(v) for v in fused], unet_calls=1, unet_evals=len(caps),
-                           extra={"t": t, "adapter": str(self.adapter_dir or "shipped"), "denoise_weight": w,
-                                  "adapter_scores": s.tolist(), "denoise_errors": err.tolist(), "terms": terms})
+
+        def combine(captions: list[str], s: torch.Tensor, errors: torch.Tensor, extra: dict) -> torch.Tensor:
+            fused = fuse_denoise(s, errors, w)
+            extra.update(denoise_weight=w, adapter_scores=s.tolist(), denoise_errors=errors.tolist(),
+                         terms={c: {"adapter": float(a), "denoise": float(f - a)}
+                                for c, a, f in zip(captions, s, fused)})
+            return fused
+
+        return combine
 
     def _weight(self, adapter) -> float:
         if self.denoise_weight is not None:

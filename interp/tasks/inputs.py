@@ -76,7 +76,7 @@ from models.loading import ModelDefaults, bundled_models, load_pipeline
 from models.sampling import generate_images
 from models.shapes import world
 from models.shapes.benchmarks import Benchmark, load_benchmark
-from models.training.dpt import find_adapter, find_tuned, tuned_dir_for
+from models.training.dpt import find_reader, find_tuned, tuned_dir_for
 
 __all__ = ["report_rows_from_json", "ATLAS_METRICS", "SPLITS", "Generation", "load_model", "generate_image", "traced_generation",
            "best_of_generation", "edited_generation", "any_word_map", "rank_images", "classify", "caption_word_maps",
@@ -588,8 +588,7 @@ def self_corrected_generation(model: str | None, prompt: str, seed=0, steps=None
         prompt_negatives(check_prompt(prompt))  # a prompt outside the world's grammar: one line, before loading
     pipe, prompt, seed, steps, guidance = _generation_inputs(model, prompt, seed, steps, guidance)
     step_range = check_step_range(step_range, steps or getattr(pipe, "discolens_defaults", ModelDefaults()).steps)
-    # no adapter: the message says how to train one, before any sampling
-    pipe, adapter = find_tuned(pipe) if lora else (pipe, find_adapter(pipe))
+    pipe, adapter = find_reader(pipe, lora)  # no adapter: the message says how to train one, before any sampling
     return generate_self_corrected(pipe, prompt, seed=seed, eta=eta, steps=steps, guidance=guidance,
                                    reading=reading, adapter=adapter, callback=progress, objective=objective,
                                    read=read, step_range=step_range)
@@ -602,7 +601,7 @@ def best_of_generation(model: str | None, prompt: str, seed=0, n=2, steps=None, 
     adapter. Returns (the chosen image, `best_of_n`'s info: seed, index, seeds, scores, images, unet_calls)."""
     n = check_best_of(n)
     pipe, prompt, seed, steps, guidance = _generation_inputs(model, prompt, seed, steps, guidance)
-    pipe, adapter = find_tuned(pipe) if lora else (pipe, find_adapter(pipe))  # no adapter: says how, before sampling
+    pipe, adapter = find_reader(pipe, lora)  # no adapter: says how, before sampling
     return best_of_n(pipe, prompt, best_of_seeds(seed, n), steps=steps, guidance=guidance, adapter=adapter)
 
 

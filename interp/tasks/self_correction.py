@@ -42,7 +42,7 @@ from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retri
 from PIL import Image
 from safetensors.numpy import load_file, save_file
 
-from models.limits import check_guidance, check_prompt, check_seed, check_steps
+from models.limits import check_choice, check_guidance, check_prompt, check_seed, check_steps
 from models.sampling import _defaults, generate_images
 from models.shapes import world
 from models.training.dpt import (
@@ -212,15 +212,12 @@ def generate_self_corrected(pipe, prompt: str, seed: int = 0, eta: float = 0.5, 
     """
     prompt = check_prompt(prompt, "prompt")
     seed = check_seed(seed)
-    if reading not in READINGS:
-        raise ValueError(f"unknown reading {reading!r}; choose one of {', '.join(READINGS)}")
+    check_choice(reading, READINGS, "reading")
     eta = float(eta)
     if not np.isfinite(eta) or eta < 0:
         raise ValueError(f"eta must be a number >= 0, got {eta}")
-    if objective not in OBJECTIVES:
-        raise ValueError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
-    if read not in READS:
-        raise ValueError(f"unknown read {read!r}; choose one of {', '.join(READS)}")
+    check_choice(objective, OBJECTIVES, "objective")
+    check_choice(read, READS, "read")
     negs: list[str] = []
     if objective == "contrast":
         negs = [check_prompt(n, "negative") for n in negatives] if negatives is not None else prompt_negatives(prompt)

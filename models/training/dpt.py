@@ -59,7 +59,7 @@ __all__ = ["ADAPTERS_DIR", "DPT_SEEDS", "DPTTrainConfig", "text_embeddings", "en
            "itm_scores_clean", "itm_pass", "fuse_denoise", "itm_scores_at", "itm_contrast_at",
            "contrast_log_prob", "ground_boxes", "make_batch", "train_dpt", "evaluate_rec", "rec_accuracy",
            "evaluate_itm_pairs", "itm_pair_readings", "pair_accuracy", "export_adapter", "adapter_dir_for",
-           "tuned_dir_for", "find_adapter", "tuned_pipe", "find_tuned"]
+           "tuned_dir_for", "find_adapter", "tuned_pipe", "find_tuned", "find_reader"]
 
 DPT_SEEDS = {"train": 50_000, "validation": 50_001, "test": 50_002}
 
@@ -668,3 +668,9 @@ def find_tuned(pipe, folder: str | Path | None = None) -> tuple[object, DPTAdapt
     d = Path(folder) if folder is not None else tuned_dir_for(pipe)
     tuned = tuned_pipe(pipe, d)
     return tuned, find_adapter(tuned, d)
+
+
+def find_reader(pipe, tuned: bool = False, folder: str | Path | None = None) -> tuple[object, DPTAdapter]:
+    """(the pipeline the adapter reads, the adapter): the pipe and its stage-1 adapter, or with `tuned` the LoRA-tuned
+    copy and its stage-2 adapter (`find_tuned`). Raises ValueError (how to train one) when there is none."""
+    return find_tuned(pipe, folder) if tuned else (pipe, find_adapter(pipe, folder))
